@@ -1,0 +1,74 @@
+"""MVTec-layout data: scanning, image loading, datasets, the continual-task DataModule, synthetic data.
+
+Names are imported lazily, so that `python -m moleflow.data.synthetic` neither loads torch/lightning
+nor triggers runpy's "found in sys.modules" warning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moleflow.data.datamodule import ContinualDataModule
+    from moleflow.data.datasets import SampleDataset
+    from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, load_mask, load_rgb
+    from moleflow.data.mvtec import (
+        MVTEC_CATEGORIES,
+        CategorySplit,
+        DatasetLayoutError,
+        Sample,
+        scan_categories,
+        scan_category,
+    )
+    from moleflow.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_mvtec
+
+_EXPORTS: dict[str, str] = {
+    "ContinualDataModule": "datamodule",
+    "SampleDataset": "datasets",
+    "IMAGENET_MEAN": "images",
+    "IMAGENET_STD": "images",
+    "ImageReadError": "images",
+    "load_mask": "images",
+    "load_rgb": "images",
+    "MVTEC_CATEGORIES": "mvtec",
+    "CategorySplit": "mvtec",
+    "DatasetLayoutError": "mvtec",
+    "Sample": "mvtec",
+    "scan_categories": "mvtec",
+    "scan_category": "mvtec",
+    "SYNTHETIC_CATEGORIES": "synthetic",
+    "generate_synthetic_mvtec": "synthetic",
+}
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MVTEC_CATEGORIES",
+    "SYNTHETIC_CATEGORIES",
+    "CategorySplit",
+    "ContinualDataModule",
+    "DatasetLayoutError",
+    "ImageReadError",
+    "Sample",
+    "SampleDataset",
+    "generate_synthetic_mvtec",
+    "load_mask",
+    "load_rgb",
+    "scan_categories",
+    "scan_category",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        msg = f"module {__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,0 +1,217 @@
+"""Scanning of an MVTec AD-style folder tree into train/test sample lists.
+
+The layout is checked up front (before any training) so that a missing folder or mask is reported
+with the path and the expected layout instead of failing hours into a run. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+MVTEC_CATEGORIES: tuple[str, ...] = (
+    "bottle",
+    "cable",
+    "capsule",
+    "carpet",
+    "grid",
+    "hazelnut",
+    "leather",
+    "metal_nut",
+    "pill",
+    "screw",
+    "tile",
+    "toothbrush",
+    "transistor",
+    "wood",
+    "zipper",
+)
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+"""Lower-case suffixes accepted as images (and masks); everything else in a folder is ignored."""
+
+GOOD = "good"
+MVTEC_URL = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
+
+EXPECTED_LAYOUT = (
+    "Expected layout:\n"
+    "  ROOT/CATEGORY/train/good/*.png\n"
+    "  ROOT/CATEGORY/test/<defect>/*.png            (test/good holds the normal test images)\n"
+    "  ROOT/CATEGORY/ground_truth/<defect>/<name>_mask.png\n"
+    f"MVTec AD comes from {MVTEC_URL} : download it by hand, extract it and point `data.root` at the "
+    "extracted folder. To run without it, use the generated data set (`data=generated`)."
+)
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A folder, category or mask of the MVTec-style layout is missing or empty."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a split.
+
+    Attributes:
+        image_path: Path of the image file.
+        label: 0 for normal, 1 for anomalous.
+        defect_type: Name of the test sub-folder ("good" for normal images).
+        mask_path: Ground-truth mask of an anomalous image; None for normal images.
+    """
+
+    image_path: Path
+    label: int
+    defect_type: str
+    mask_path: Path | None
+
+
+@dataclass(frozen=True)
+class CategorySplit:
+    """Train (normal only) and test samples of one category, i.e. one continual task."""
+
+    category: str
+    train: list[Sample]
+    test: list[Sample]
+
+
+def _layout_error(problem: str) -> DatasetLayoutError:
+    msg = f"{problem}\n{EXPECTED_LAYOUT}"
+    return DatasetLayoutError(msg)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _list_images(folder: Path) -> list[Path]:
+    """Image files of a folder sorted by name, so that sample order is deterministic."""
+    return sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: p.name)
+
+
+def _list_subfolders(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def present_categories(root: Path | str) -> list[str]:
+    """Names of the category folders under root (folders that contain a `train` folder)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return [p.name for p in _list_subfolders(root) if (p / "train").is_dir()]
+
+
+def _find_mask(mask_dir: Path, image: Path) -> Path | None:
+    """Mask of `image`: `<stem>_mask.<ext>` preferred, `<stem>.<ext>` accepted, any image extension."""
+    if not mask_dir.is_dir():
+        return None
+    by_name = {p.name.lower(): p for p in mask_dir.iterdir() if _is_image(p)}
+    stem = image.stem.lower()
+    suffixes = [".png", *sorted(IMAGE_EXTENSIONS - {".png"})]
+    for base in (f"{stem}_mask", stem):
+        for suffix in suffixes:
+            found = by_name.get(base + suffix)
+            if found is not None:
+                return found
+    return None
+
+
+def scan_category(root: Path | str, category: str) -> CategorySplit:
+    """Collect the train and test samples of one category and check that every mask is present.
+
+    Args:
+        root: Data-set root holding one folder per category.
+        category: Category folder name.
+
+    Returns:
+        The category's samples, each list sorted by folder then file name.
+
+    Raises:
+        DatasetLayoutError: A folder is missing or empty, or an anomalous image has no mask.
+    """
+    root = Path(root)
+    cat_dir = root / category
+    if not cat_dir.is_dir():
+        present = present_categories(root)
+        msg = (
+            f"Category '{category}' not found: {cat_dir} is not a folder. "
+            f"Categories present under {root}: {present or 'none'}."
+        )
+        raise _layout_error(msg)
+
+    train_dir = cat_dir / "train" / GOOD
+    if not train_dir.is_dir():
+        raise _layout_error(f"Missing training folder {train_dir} (normal training images of '{category}').")
+    train_images = _list_images(train_dir)
+    if not train_images:
+        msg = f"No training images in {train_dir}: it holds no files with extensions {sorted(IMAGE_EXTENSIONS)}."
+        raise _layout_error(msg)
+    train = [Sample(image_path=p, label=0, defect_type=GOOD, mask_path=None) for p in train_images]
+
+    test_dir = cat_dir / "test"
+    if not test_dir.is_dir():
+        raise _layout_error(f"Missing test folder {test_dir} for category '{category}'.")
+    test: list[Sample] = []
+    for defect_dir in _list_subfolders(test_dir):
+        defect = defect_dir.name
+        images = _list_images(defect_dir)
+        if defect == GOOD:
+            test.extend(Sample(image_path=p, label=0, defect_type=GOOD, mask_path=None) for p in images)
+            continue
+        mask_dir = cat_dir / "ground_truth" / defect
+        for image in images:
+            mask = _find_mask(mask_dir, image)
+            if mask is None:
+                msg = (
+                    f"Anomalous test image {image} has no ground-truth mask: expected "
+                    f"{mask_dir / (image.stem + '_mask.png')} (or the same name with another image "
+                    "extension, or without '_mask'). Add the mask or remove the image."
+                )
+                raise _layout_error(msg)
+            test.append(Sample(image_path=image, label=1, defect_type=defect, mask_path=mask))
+    if not test:
+        msg = (
+            f"No test images in {test_dir}: expected sub-folders such as {test_dir / GOOD} and "
+            f"{test_dir / '<defect>'} holding images."
+        )
+        raise _layout_error(msg)
+    return CategorySplit(category=category, train=train, test=test)
+
+
+def check_category_names(categories: Sequence[str]) -> list[str]:
+    """Reject an empty list, non-string names and duplicates (a task must not appear twice).
+
+    Returns:
+        The categories as a list, in the given order.
+    """
+    if isinstance(categories, str):
+        msg = f"categories must be a list of names, got the string {categories!r}; write [{categories!r}]."
+        raise TypeError(msg)
+    names = list(categories)
+    if not names:
+        msg = "categories is empty: give at least one category (one continual task each)."
+        raise ValueError(msg)
+    seen: set[str] = set()
+    for name in names:
+        if not isinstance(name, str) or not name:
+            msg = f"Category names must be non-empty strings, got {name!r} in {names}."
+            raise TypeError(msg)
+        if name in seen:
+            msg = f"Category '{name}' appears more than once in {names}: list each task once."
+            raise ValueError(msg)
+        seen.add(name)
+    return names
+
+
+def scan_categories(root: Path | str, categories: Sequence[str]) -> list[CategorySplit]:
+    """Scan several categories (the task sequence, in order) and validate all of them at once.
+
+    Raises:
+        DatasetLayoutError: root or a category is missing, or a category's layout is broken.
+        ValueError: A category is listed twice, or the list is empty.
+    """
+    names = check_category_names(categories)
+    root = Path(root)
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise _layout_error(f"Data-set root {root} {what}.")
+    return [scan_category(root, name) for name in names]

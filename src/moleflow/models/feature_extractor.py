@@ -1,0 +1,145 @@
+"""Frozen pretrained CNN -> patch features F (B, H, W, D) (method.md 2).
+
+For each chosen backbone layer: every location's k x k neighbourhood (channel-major (c, kh, kw)
+vector of C * k^2 values), pooled to D values by a parameter-free adaptive average over the
+vector, brought to the first layer's grid by bilinear resize; the layers are then averaged.
+Pooling before resizing gives the same result as the reverse order (both are linear, on different
+axes) and touches far less memory.
+
+Shapes at MAIN settings (224 px, wide_resnet50_2, layer2 + layer3, D = 768): layer2 (B, 512, 28, 28),
+layer3 (B, 1024, 14, 14) -> F (B, 28, 28, 768); router feature (B, 768).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
+
+
+class BackboneLoadError(RuntimeError):
+    """The backbone or its weights could not be built; the message says which options exist."""
+
+
+def _layer_indices(name: str, layers: Sequence[str | int]) -> list[int]:
+    """Map layer names (e.g. "layer2") or feature indices to timm ``out_indices``."""
+    if all(isinstance(layer, int) for layer in layers):
+        return [int(layer) for layer in layers]
+    with torch.device("meta"):
+        probe = timm.create_model(name, features_only=True, pretrained=False)
+    names = probe.feature_info.module_name()
+    indices = []
+    for layer in layers:
+        if isinstance(layer, int):
+            indices.append(layer)
+        elif layer in names:
+            indices.append(names.index(layer))
+        else:
+            msg = f"Backbone {name!r} has no feature layer {layer!r}; its feature layers are {names}."
+            raise ValueError(msg)
+    return indices
+
+
+def create_backbone(
+    name: str, layers: Sequence[str | int], pretrained: bool = True, weights: str | Path | None = None
+) -> nn.Module:
+    """Build a timm ``features_only`` model returning the chosen layers, with the chosen weights.
+
+    ``weights`` (a local file) wins over ``pretrained``; ``pretrained=True`` without a file needs
+    network access to the model hub; ``pretrained=False`` gives random weights (tests only).
+    """
+    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
+        msg = f"timm does not know the backbone {name!r} (model.backbone.name). Similar names: {close}."
+        raise BackboneLoadError(msg)
+    out_indices = _layer_indices(name, layers)
+    kwargs: dict = {"features_only": True, "out_indices": out_indices}
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            msg = f"model.backbone.weights={path} does not exist; give the path of a local {name} weights file."
+            raise BackboneLoadError(msg)
+        try:
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        except Exception as err:  # noqa: BLE001 - re-raised with the path and the fix
+            msg = f"Could not load backbone weights for {name} from {path}: {err}"
+            raise BackboneLoadError(msg) from err
+    if not pretrained:
+        log.warning("Backbone %s uses RANDOM weights (model.backbone.pretrained=false): for tests only.", name)
+        return timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as err:  # noqa: BLE001 - offline hub access fails in many ways
+        msg = (
+            f"Could not get pretrained weights for backbone {name!r} from the model hub "
+            f"({type(err).__name__}: {err}). Either run online once so timm can download and cache them, or point "
+            f"model.backbone.weights=PATH at a local weights file for {name}."
+        )
+        raise BackboneLoadError(msg) from err
+
+
+def neighbourhood_embedding(fmap: torch.Tensor, kernel: int, dim: int) -> torch.Tensor:
+    """fmap (B, C, h, w) -> (B, dim, h, w): k x k neighbourhood vectors pooled from C * k^2 to dim."""
+    b, c, h, w = fmap.shape
+    patches = F.unfold(fmap, kernel_size=kernel, padding=kernel // 2)  # (B, C * k^2, h * w), (c, kh, kw) order
+    pooled = F.adaptive_avg_pool1d(patches.transpose(1, 2).reshape(b * h * w, 1, c * kernel**2), dim)
+    return pooled.reshape(b, h, w, dim).permute(0, 3, 1, 2)
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen backbone + neighbourhood embedding. images (B, 3, S, S) -> F (B, H, W, D).
+
+    Always in eval mode with no gradients, whatever mode its parent is put in.
+    """
+
+    def __init__(
+        self,
+        name: str = "wide_resnet50_2",
+        layers: Sequence[str | int] = ("layer2", "layer3"),
+        embed_dim: int = 768,
+        neighbourhood: int = 3,
+        pretrained: bool = True,
+        weights: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.embed_dim = embed_dim
+        self.neighbourhood = neighbourhood
+        self.backbone = create_backbone(name, list(layers), pretrained=pretrained, weights=weights)
+        self.backbone.eval()
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.channels: list[int] = list(self.backbone.feature_info.channels())
+        self.reductions: list[int] = list(self.backbone.feature_info.reduction())
+
+    def train(self, mode: bool = True) -> FeatureExtractor:  # noqa: ARG002 - frozen: always eval
+        return super().train(False)
+
+    def grid_size(self, image_size: int) -> tuple[int, int]:
+        """Patch grid (H, W) for square images of ``image_size`` px."""
+        r = self.reductions[0]
+        return (-(-image_size // r), -(-image_size // r))
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.backbone(images)
+        target = maps[0].shape[-2:]
+        out = None
+        for fmap in maps:
+            emb = neighbourhood_embedding(fmap.float(), self.neighbourhood, self.embed_dim)
+            if emb.shape[-2:] != target:
+                emb = F.interpolate(emb, size=target, mode="bilinear", align_corners=False)
+            out = emb if out is None else out + emb
+        return (out / len(maps)).permute(0, 2, 3, 1).contiguous()
+
+
+def router_features(features: torch.Tensor) -> torch.Tensor:
+    """Global average of patch features: F (B, H, W, D) -> (B, D)."""
+    return features.mean(dim=(1, 2))

@@ -1,0 +1,232 @@
+"""The continual run: task after task, train on cached features, fit the router, evaluate all seen tasks.
+
+Per task t (method.md 1 and 5):
+1. add task t's expert/adapter and set what trains (before the optimizer is built);
+2. extract (once) and cache task t's training features;
+3. fit with a fresh Trainer (AdamP, cosine + warm-up, clipping);
+4. fit task t's routing prototype;
+5. evaluate tasks 0..t task-agnostically (and with oracle routing), update the R matrices;
+6. save a checkpoint and the metrics so far.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, TensorDataset
+
+from moleflow.evaluation.evaluate import ScoreConfig, evaluate_task
+from moleflow.evaluation.report import ContinualTracker, print_table, write_json_atomic
+from moleflow.training.builders import (
+    build_datamodule,
+    build_extractor,
+    build_loggers,
+    build_module,
+    build_trainer,
+    resolve_device,
+    to_dict,
+)
+from moleflow.training.checkpoint import save_checkpoint
+from moleflow.training.feature_cache import FeatureCache
+
+log = logging.getLogger(__name__)
+
+
+def _check_scoring(cfg: DictConfig, grid: tuple[int, int]) -> None:
+    patches = grid[0] * grid[1]
+    top_k = int(cfg.model.score.top_k)
+    if not 1 <= top_k <= patches:
+        msg = f"score_top_k={top_k} must be between 1 and the patches per image ({grid[0]}x{grid[1]}={patches})."
+        raise ValueError(msg)
+
+
+def _collapse_warnings(summary: dict[str, Any], skipped: dict[str, int]) -> list[str]:
+    """Plain-language warnings for degenerate results (deep flows may collapse: report, don't hide)."""
+    warnings = []
+    for name, row in summary["per_task"].items():
+        bad = row["nonfinite_scores"]["routed"]
+        if bad:
+            warnings.append(f"task {name}: {bad} non-finite patch scores were replaced (training diverged?)")
+        if skipped.get(name):
+            warnings.append(f"task {name}: {skipped[name]} training batches skipped for unusable loss")
+    auc = summary["final"]["routed"]["image_auroc"]
+    if isinstance(auc, float) and math.isfinite(auc) and auc < 0.6:
+        warnings.append(f"mean image AUROC {auc:.3f} is near chance: the flow may have collapsed")
+    return warnings
+
+
+def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run the whole continual study described by ``cfg``; returns the metrics.json payload."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    timings: dict[str, Any] = {"per_task": {}}
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    device = resolve_device(str(cfg.trainer.get("accelerator", "auto")))
+
+    t0 = time.time()
+    dm = build_datamodule(cfg.data)
+    extractor = build_extractor(cfg.model.backbone, int(cfg.model.flow.embed_dim)).to(device)
+    grid = extractor.grid_size(int(cfg.data.image_size))
+    _check_scoring(cfg, grid)
+    module = build_module(cfg.model)
+    timings["setup_s"] = time.time() - t0
+    train_cfg = cfg.training
+    cache = FeatureCache(
+        extractor,
+        device,
+        mode=str(train_cfg.feature_cache),
+        directory=train_cfg.get("feature_cache_dir"),
+        fingerprint={
+            "backbone": to_dict(cfg.model.backbone),
+            "d": cfg.model.flow.embed_dim,
+            "size": cfg.data.image_size,
+        },
+    )
+    score_cfg = ScoreConfig(
+        top_k=int(cfg.model.score.top_k),
+        pixel_sigma=float(cfg.model.score.pixel_sigma),
+        image_size=int(cfg.data.image_size),
+        batch_size=int(cfg.data.eval_batch_size),
+    )
+    names = dm.task_names
+    tracker = ContinualTracker(names)
+    loggers = build_loggers(cfg.get("logger"))
+    ckpt_dir = output_dir / "checkpoints"
+    payload: dict[str, Any] = {}
+    try:
+        for t, name in enumerate(names):
+            log.info("=== Task %d/%d: %s ===", t + 1, len(names), name)
+            times: dict[str, float] = {}
+            pl.seed_everything(int(cfg.seed) + t, workers=True, verbose=False)
+            dm.set_task(t)
+            module.start_task(name)
+
+            tic = time.time()
+            train_set = cache.get(f"{t:02d}_{name}/train", dm.train_dataloader, with_masks=False)
+            times["extract_train_s"] = time.time() - tic
+
+            tic = time.time()
+            batch = int(cfg.data.train_batch_size)
+            if len(train_set) < batch:
+                log.warning(
+                    "Task %s has %d training images < batch %d: using one smaller batch.",
+                    name,
+                    len(train_set),
+                    batch,
+                )
+            loader = DataLoader(
+                TensorDataset(train_set.features),
+                batch_size=min(batch, len(train_set)),
+                shuffle=True,
+                drop_last=True,
+                generator=torch.Generator().manual_seed(int(cfg.seed) + t),
+            )
+            trainer = build_trainer(cfg.trainer, int(train_cfg.epochs), loggers, output_dir, first_task=t == 0)
+            trainer.fit(module, train_dataloaders=loader)
+            times["fit_s"] = time.time() - tic
+
+            tic = time.time()
+            model = module.model.to(device).eval()
+            model.router.fit_task(t, train_set.router)
+            times["router_s"] = time.time() - tic
+
+            tic = time.time()
+            evaluations = []
+            for i in range(t + 1):
+                test_key = f"{i:02d}_{names[i]}/test"
+                test_set = cache.get(test_key, lambda i=i: dm.test_dataloader_for(i), with_masks=True)
+                evaluations.append(evaluate_task(model, test_set, i, names[i], t + 1, score_cfg, device))
+            tracker.record_round(t, evaluations)
+            del evaluations
+            times["evaluate_s"] = time.time() - tic
+
+            round_metrics = tracker.round_metrics(t)
+            for lg in loggers:
+                lg.log_metrics(round_metrics, step=t)
+            log.info(
+                "After task %s: mean image AUROC %.4f, pixel AUROC %.4f, routing %.4f",
+                name,
+                round_metrics["mean/image_auroc"],
+                round_metrics["mean/pixel_auroc"],
+                round_metrics["mean/routing_accuracy"],
+            )
+            timings["per_task"][name] = times
+            payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir)
+            tic = time.time()
+            save_checkpoint(ckpt_dir / f"task_{t:02d}_{name}.ckpt", module, {"summary": payload["final"]})
+            save_checkpoint(ckpt_dir / "last.ckpt", module, {"summary": payload["final"]})
+            times["checkpoint_s"] = time.time() - tic
+            write_json_atomic(output_dir / "metrics.json", payload)
+            module.model.cpu()
+
+        payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir)
+        payload["warnings"] = _collapse_warnings(payload, module.skipped_batches)
+        for w in payload["warnings"]:
+            log.warning(w)
+        table = print_table(payload, title=f"MoLE-Flow after {len(names)} tasks ({output_dir.name})")
+        (output_dir / "results_table.txt").write_text(table)
+        payload["status"] = "finished"
+        write_json_atomic(output_dir / "metrics.json", payload)
+        return payload
+    finally:
+        _finish_loggers(loggers)
+
+
+def _payload(
+    cfg: DictConfig,
+    overrides: list[str] | None,
+    tracker: ContinualTracker,
+    module: Any,
+    timings: dict[str, Any],
+    started: float,
+    output_dir: Path,
+) -> dict[str, Any]:
+    summary = tracker.summary()
+    counts = module.model.parameter_counts()
+    timings = dict(timings)
+    timings["total_s"] = time.time() - started
+    return {
+        "status": "running",
+        "run": {
+            "output_dir": str(output_dir),
+            "overrides": list(overrides or []),
+            "seed": int(cfg.seed),
+            "host": socket.gethostname(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "device": str(resolve_device(str(cfg.trainer.get("accelerator", "auto")))),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        },
+        "config": to_dict(cfg),
+        **summary,
+        "parameters": {
+            "total": counts["total"],
+            "shared": counts["shared"],
+            "per_task": dict(zip(tracker.task_names, counts["per_task"], strict=False)),
+        },
+        "health": {"skipped_batches": dict(module.skipped_batches)},
+        "timings": timings,
+    }
+
+
+def _finish_loggers(loggers: list) -> None:
+    """Close every logger; W&B needs an explicit finish or the next multirun job reuses this run."""
+    for lg in loggers:
+        try:
+            lg.finalize("success")
+        except Exception as err:  # noqa: BLE001 - closing must not mask the run's own error
+            log.warning("Closing logger %s failed: %s", type(lg).__name__, err)
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()

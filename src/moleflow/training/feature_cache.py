@@ -1,0 +1,141 @@
+"""Backbone features computed once per image and reused for every epoch and every evaluation.
+
+The backbone is frozen and there is no augmentation, so re-running it every epoch (as the
+reference implementation does) only costs time. A :class:`FeatureSet` holds one split of one task:
+features F (N, H, W, D) float32, router features (N, D), labels (N,) and, for test splits, masks
+(N, S, S) uint8. ``mode="memory"`` keeps sets in RAM; ``mode="disk"`` writes them as .npy files
+and memory-maps them (for datasets larger than RAM); ``mode="none"`` recomputes on every request
+(the reference behaviour, kept for benchmarks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from moleflow.models.feature_extractor import FeatureExtractor, router_features
+from moleflow.utils.progress import track
+
+log = logging.getLogger(__name__)
+CACHE_MODES = ("memory", "disk", "none")
+
+
+@dataclass
+class FeatureSet:
+    """Cached features of one split of one task."""
+
+    features: torch.Tensor  # (N, H, W, D) float32
+    router: torch.Tensor  # (N, D) float32: global average of features
+    labels: torch.Tensor  # (N,) int64: 0 normal, 1 anomalous
+    masks: torch.Tensor | None  # (N, S, S) uint8 ground truth at image size, None for training splits
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+@torch.no_grad()
+def extract_features(
+    extractor: FeatureExtractor, loader: DataLoader, device: torch.device, description: str, with_masks: bool
+) -> FeatureSet:
+    """Run the backbone once over ``loader`` (batches of dicts with image/mask/label)."""
+    feats, labels, masks = [], [], []
+    total = len(loader) if hasattr(loader, "__len__") else None
+    for batch in track(loader, description, total=total):
+        images = batch["image"].to(device, non_blocking=True)
+        feats.append(extractor(images).float().cpu())
+        labels.append(batch["label"].long().cpu())
+        if with_masks:
+            masks.append((batch["mask"][:, 0] > 0.5).to(torch.uint8).cpu())
+    features = torch.cat(feats)
+    return FeatureSet(
+        features=features,
+        router=router_features(features),
+        labels=torch.cat(labels),
+        masks=torch.cat(masks) if with_masks else None,
+    )
+
+
+class FeatureCache:
+    """Gets the FeatureSet of (task, split), extracting it on first use.
+
+    Args:
+        extractor: the frozen feature extractor.
+        device: where the backbone runs.
+        mode: "memory", "disk" or "none".
+        directory: folder for ``mode="disk"``.
+        fingerprint: anything that changes the features (backbone, layers, size, D); part of file names
+            so a shared cache folder never serves stale features.
+    """
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        device: torch.device,
+        mode: str = "memory",
+        directory: str | Path | None = None,
+        fingerprint: dict | None = None,
+    ) -> None:
+        if mode not in CACHE_MODES:
+            msg = f"training.feature_cache must be one of {CACHE_MODES}, got {mode!r}."
+            raise ValueError(msg)
+        if mode == "disk" and directory is None:
+            msg = "training.feature_cache=disk needs training.feature_cache_dir."
+            raise ValueError(msg)
+        self.extractor = extractor
+        self.device = device
+        self.mode = mode
+        self.directory = Path(directory) if directory is not None else None
+        digest = hashlib.sha1(json.dumps(fingerprint or {}, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        self.fingerprint = digest
+        self._memory: dict[str, FeatureSet] = {}
+        self.extractions = 0  # number of times a split was run through the backbone
+
+    def get(self, key: str, loader_fn: Callable[[], DataLoader], with_masks: bool) -> FeatureSet:
+        """FeatureSet for ``key`` (e.g. "03_carpet/test"); ``loader_fn`` builds the image loader if needed."""
+        if key in self._memory:
+            return self._memory[key]
+        if self.mode == "disk":
+            loaded = self._load(key)
+            if loaded is not None:
+                self._memory[key] = loaded
+                return loaded
+        fs = extract_features(self.extractor, loader_fn(), self.device, f"features {key}", with_masks)
+        self.extractions += 1
+        if self.mode == "memory":
+            self._memory[key] = fs
+        elif self.mode == "disk":
+            self._save(key, fs)
+            self._memory[key] = self._load(key)
+            return self._memory[key]
+        return fs
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        stem = f"{key.replace('/', '__')}__{self.fingerprint}"
+        assert self.directory is not None
+        return self.directory / f"{stem}.features.npy", self.directory / f"{stem}.meta.pt"
+
+    def _save(self, key: str, fs: FeatureSet) -> None:
+        feat_path, meta_path = self._paths(key)
+        feat_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = feat_path.with_suffix(".tmp.npy")
+        np.save(tmp, fs.features.numpy())
+        tmp.replace(feat_path)
+        tmp_meta = meta_path.with_suffix(".tmp")
+        torch.save({"router": fs.router, "labels": fs.labels, "masks": fs.masks}, tmp_meta)
+        tmp_meta.replace(meta_path)
+
+    def _load(self, key: str) -> FeatureSet | None:
+        feat_path, meta_path = self._paths(key)
+        if not (feat_path.is_file() and meta_path.is_file()):
+            return None
+        meta = torch.load(meta_path, weights_only=True)
+        features = torch.from_numpy(np.load(feat_path, mmap_mode="c"))
+        return FeatureSet(features=features, router=meta["router"], labels=meta["labels"], masks=meta["masks"])

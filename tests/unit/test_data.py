@@ -1,0 +1,379 @@
+"""Tests of the data layer: synthetic generator, layout scanning, image loading, datasets, DataModule."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from moleflow.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MVTEC_CATEGORIES,
+    SYNTHETIC_CATEGORIES,
+    ContinualDataModule,
+    DatasetLayoutError,
+    ImageReadError,
+    SampleDataset,
+    generate_synthetic_mvtec,
+    load_mask,
+    load_rgb,
+    scan_categories,
+    scan_category,
+)
+from moleflow.data.synthetic import MANIFEST_NAME, main
+
+CATS = list(SYNTHETIC_CATEGORIES[:3])
+SMALL = {"num_train": 3, "num_test_good": 2, "num_test_defect": 1, "image_size": 32}
+
+
+def _denormalise(image: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return image * std + mean
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def small_root(tmp_path: Path) -> Path:
+    """A tiny one-category tree that tests may damage."""
+    return generate_synthetic_mvtec(tmp_path / "small", categories=["stripes"], **SMALL)
+
+
+# ------------------------------------------------------------------------------------------ generator
+def test_mvtec_categories() -> None:
+    assert len(MVTEC_CATEGORIES) == 15
+    assert MVTEC_CATEGORIES[0] == "bottle" and MVTEC_CATEGORIES[-1] == "zipper"
+
+
+def test_generator_is_deterministic(tmp_path: Path) -> None:
+    a = _files(generate_synthetic_mvtec(tmp_path / "a", categories=CATS, **SMALL))
+    b = _files(generate_synthetic_mvtec(tmp_path / "b", categories=CATS, **SMALL))
+    assert a == b
+    c = _files(generate_synthetic_mvtec(tmp_path / "c", categories=CATS, seed=1, **SMALL))
+    assert c.keys() == a.keys()
+    assert c["stripes/train/good/000.png"] != a["stripes/train/good/000.png"]
+
+
+def test_generator_normal_images_vary(synthetic_root: Path) -> None:
+    images = [np.asarray(Image.open(p)) for p in sorted((synthetic_root / "stripes/train/good").glob("*.png"))]
+    assert len({img.tobytes() for img in images}) == len(images)
+
+
+def test_generator_masks_exact_and_visible(synthetic_root: Path) -> None:
+    for category in CATS:
+        for defect in ("scratch", "blob"):
+            images = sorted((synthetic_root / category / "test" / defect).glob("*.png"))
+            assert len(images) == 4
+            for image_path in images:
+                mask_path = synthetic_root / category / "ground_truth" / defect / f"{image_path.stem}_mask.png"
+                image = np.asarray(Image.open(image_path).convert("RGB")).astype(int)
+                raw_mask = np.asarray(Image.open(mask_path))
+                assert set(np.unique(raw_mask)) <= {0, 255}
+                mask = raw_mask > 0
+                assert mask.mean() >= 0.03, f"{mask_path} covers only {mask.mean():.3f} of the image"
+                # The defect is one flat colour exactly on the mask, and that colour is absent elsewhere.
+                colours = np.unique(image[mask], axis=0)
+                assert len(colours) == 1
+                same_outside = np.all(image[~mask] == colours[0], axis=-1).mean()
+                assert same_outside < 0.01
+                # Clearly visible: far from the mean normal colour of the image.
+                assert np.abs(colours[0] - image[~mask].mean(axis=0)).max() > 60
+
+
+def test_generator_categories_differ_in_colour(tmp_path: Path) -> None:
+    root = generate_synthetic_mvtec(tmp_path, categories=SYNTHETIC_CATEGORIES, **SMALL)
+    means = np.stack(
+        [np.asarray(Image.open(root / c / "train/good/000.png")).reshape(-1, 3).mean(0) for c in SYNTHETIC_CATEGORIES]
+    )
+    dists = np.linalg.norm(means[:, None] - means[None], axis=-1)
+    assert dists[~np.eye(len(means), dtype=bool)].min() > 40
+
+
+def test_generator_idempotent_and_regenerates(tmp_path: Path) -> None:
+    root = generate_synthetic_mvtec(tmp_path, categories=["stripes", "dots"], **SMALL)
+    manifest = json.loads((root / MANIFEST_NAME).read_text())
+    assert manifest["categories"] == ["stripes", "dots"] and manifest["complete"] is True
+    probe = root / "stripes/train/good/000.png"
+    stamp = probe.stat().st_mtime_ns
+    generate_synthetic_mvtec(tmp_path, categories=["stripes", "dots"], **SMALL)
+    assert probe.stat().st_mtime_ns == stamp
+
+    generate_synthetic_mvtec(tmp_path, categories=["checker"], **{**SMALL, "num_train": 2})
+    assert not (root / "stripes").exists() and not (root / "dots").exists()
+    assert len(list((root / "checker/train/good").glob("*.png"))) == 2
+
+
+def test_generator_refuses_foreign_folder_and_bad_args(tmp_path: Path) -> None:
+    (tmp_path / "stripes").mkdir()
+    with pytest.raises(FileExistsError, match="not written by the synthetic generator"):
+        generate_synthetic_mvtec(tmp_path, categories=["stripes"], **SMALL)
+    with pytest.raises(ValueError, match="Unknown synthetic categories.*bottle"):
+        generate_synthetic_mvtec(tmp_path / "x", categories=["bottle"])
+    with pytest.raises(ValueError, match="more than once"):
+        generate_synthetic_mvtec(tmp_path / "x", categories=["dots", "dots"])
+
+
+def test_generator_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    assert main([str(out), "--categories", "noise", "gradient", "--seed", "3", "--image-size", "32"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    split = scan_category(out, "gradient")
+    assert Image.open(split.train[0].image_path).size == (32, 32)
+
+
+# ------------------------------------------------------------------------------------------- scanning
+def test_scan_counts(synthetic_root: Path) -> None:
+    splits = scan_categories(synthetic_root, CATS)
+    assert [s.category for s in splits] == CATS
+    for split in splits:
+        assert len(split.train) == 12
+        assert all(s.label == 0 and s.mask_path is None and s.defect_type == "good" for s in split.train)
+        good = [s for s in split.test if s.label == 0]
+        bad = [s for s in split.test if s.label == 1]
+        assert len(good) == 4 and len(bad) == 8
+        assert all(s.mask_path is None and s.defect_type == "good" for s in good)
+        assert {s.defect_type for s in bad} == {"scratch", "blob"}
+        assert all(s.mask_path is not None and s.mask_path.is_file() for s in bad)
+        names = [s.image_path.name for s in split.train]
+        assert names == sorted(names)
+
+
+def test_missing_root(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DatasetLayoutError, match=re.escape(str(missing))) as info:
+        scan_categories(missing, ["bottle"])
+    text = str(info.value)
+    assert "mvtec.com" in text and "data=generated" in text and "ROOT/CATEGORY/train/good" in text
+
+
+def test_unknown_category_lists_present(synthetic_root: Path) -> None:
+    with pytest.raises(DatasetLayoutError, match=r"'bottle' not found.*present.*'checker', 'dots', 'stripes'"):
+        scan_categories(synthetic_root, ["stripes", "bottle"])
+    with pytest.raises(DatasetLayoutError) as info:
+        scan_categories(synthetic_root, ["bottle"])
+    assert all(c in str(info.value) for c in CATS)
+
+
+def test_duplicated_category(synthetic_root: Path) -> None:
+    with pytest.raises(ValueError, match="'stripes' appears more than once"):
+        scan_categories(synthetic_root, ["stripes", "dots", "stripes"])
+    with pytest.raises(ValueError, match="more than once"):
+        ContinualDataModule(synthetic_root, ["dots", "dots"])
+
+
+def test_empty_train_folder(small_root: Path) -> None:
+    train = small_root / "stripes/train/good"
+    for p in train.iterdir():
+        p.unlink()
+    (train / "readme.txt").write_text("not an image")
+    with pytest.raises(DatasetLayoutError, match=f"No training images in {re.escape(str(train))}"):
+        scan_category(small_root, "stripes")
+
+
+def test_defect_without_mask_names_image(small_root: Path) -> None:
+    shutil.rmtree(small_root / "stripes/ground_truth/scratch")
+    image = small_root / "stripes/test/scratch/000.png"
+    with pytest.raises(DatasetLayoutError, match=re.escape(str(image))) as info:
+        scan_category(small_root, "stripes")
+    assert "000_mask.png" in str(info.value)
+
+
+def test_missing_and_empty_test_folder(small_root: Path) -> None:
+    test_dir = small_root / "stripes/test"
+    for sub in test_dir.iterdir():
+        shutil.rmtree(sub)
+    with pytest.raises(DatasetLayoutError, match=f"No test images in {re.escape(str(test_dir))}"):
+        scan_category(small_root, "stripes")
+    test_dir.rmdir()
+    with pytest.raises(DatasetLayoutError, match=f"Missing test folder {re.escape(str(test_dir))}"):
+        scan_category(small_root, "stripes")
+
+
+def test_non_image_files_ignored(small_root: Path) -> None:
+    before = scan_category(small_root, "stripes")
+    for folder in ("train/good", "test/good", "test/scratch", "ground_truth/scratch"):
+        for name in ("notes.txt", ".DS_Store", "Thumbs.db"):
+            (small_root / "stripes" / folder / name).write_bytes(b"junk")
+    (small_root / "stripes/test/.ipynb_checkpoints").mkdir()
+    assert scan_category(small_root, "stripes") == before
+
+
+def test_mask_name_variants_and_upper_case(small_root: Path) -> None:
+    gt = small_root / "stripes/ground_truth"
+    (gt / "scratch/000_mask.png").rename(gt / "scratch/000.png")
+    Image.open(gt / "blob/000_mask.png").save(gt / "blob/000_mask.jpg", quality=95)
+    (gt / "blob/000_mask.png").unlink()
+    train = small_root / "stripes/train/good"
+    (train / "000.png").rename(train / "000.PNG")
+    split = scan_category(small_root, "stripes")
+    masks = {s.defect_type: s.mask_path for s in split.test if s.label == 1}
+    assert masks["scratch"] == gt / "scratch/000.png"
+    assert masks["blob"] == gt / "blob/000_mask.jpg"
+    assert split.train[0].image_path.name == "000.PNG"
+    # The JPEG mask is thresholded, so compression noise does not grow the defect.
+    png_like = np.asarray(Image.open(gt / "blob/000_mask.jpg").convert("L")) > 127
+    loaded = load_mask(masks["blob"], 32, expected_hw=(32, 32))
+    assert torch.equal(loaded[0] > 0, torch.from_numpy(png_like))
+
+
+# --------------------------------------------------------------------------------------------- images
+def test_dataset_shapes_dtypes_and_normalisation(synthetic_root: Path) -> None:
+    split = scan_category(synthetic_root, "checker")
+    ds = SampleDataset(split.test, image_size=64)
+    assert len(ds) == 12
+    for i in (0, len(ds) - 1):
+        item = ds[i]
+        assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
+        assert item["mask"].shape == (1, 64, 64) and item["mask"].dtype == torch.float32
+        assert item["label"].dtype == torch.int64 and item["label"].ndim == 0
+        assert item["index"].dtype == torch.int64 and int(item["index"]) == i
+        assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+        raw = torch.from_numpy(np.asarray(Image.open(split.test[i].image_path).convert("RGB")).copy())
+        expected = raw.permute(2, 0, 1).float() / 255
+        assert torch.allclose(_denormalise(item["image"]), expected, atol=1e-5)
+    good = ds[next(i for i, s in enumerate(ds.samples) if s.label == 0)]
+    bad_index = next(i for i, s in enumerate(ds.samples) if s.label == 1)
+    bad = ds[bad_index]
+    assert int(good["label"]) == 0 and good["mask"].sum() == 0
+    assert int(bad["label"]) == 1 and bad["mask"].mean() >= 0.03
+    # Resized masks stay binary and aligned with their images.
+    small = SampleDataset(split.test, image_size=40)[bad_index]
+    assert small["image"].shape == (3, 40, 40) and set(small["mask"].unique().tolist()) == {0.0, 1.0}
+    assert len(pickle.loads(pickle.dumps(ds))) == len(ds)
+
+
+@pytest.mark.parametrize(
+    ("mode", "size"),
+    [
+        ("L", (50, 30)),
+        ("LA", (64, 64)),
+        ("RGBA", (20, 90)),
+        ("P", (64, 64)),
+        ("I;16", (33, 47)),
+        ("RGB", (128, 96)),
+    ],
+)
+def test_load_rgb_modes_and_sizes(tmp_path: Path, mode: str, size: tuple[int, int]) -> None:
+    w, h = size
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    else:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+    path = tmp_path / "img.png"
+    img.save(path)
+    image, hw = load_rgb(path, 24)
+    assert image.shape == (3, 24, 24) and image.dtype == torch.float32
+    assert hw == (h, w)
+    if mode in ("L", "LA", "I;16"):
+        rgb = _denormalise(image)
+        assert torch.allclose(rgb[0], rgb[1], atol=1e-5) and torch.allclose(rgb[1], rgb[2], atol=1e-5)
+
+
+def test_load_rgb_16bit_scaled_not_clipped(tmp_path: Path) -> None:
+    values = np.array([[0, 16384], [32768, 65535]], dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode in ("I;16", "I")
+    image, _ = load_rgb(path, 2)
+    grey = _denormalise(image)[0]
+    expected = torch.tensor([[0, 64], [128, 255]], dtype=torch.float32) / 255
+    assert torch.allclose(grey, expected, atol=1 / 255 + 1e-5)
+
+
+def test_truncated_and_fake_images(small_root: Path) -> None:
+    path = small_root / "stripes/train/good/000.png"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match=re.escape(str(path)) + ".*re-extract"):
+        load_rgb(path, 32)
+    ds = ContinualDataModule(small_root, ["stripes"], image_size=32).train_dataset(0)
+    with pytest.raises(ImageReadError, match=re.escape(str(path))):
+        ds[0]
+    fake = small_root / "stripes/train/good/001.png"
+    fake.write_text("this is not a PNG")
+    with pytest.raises(ImageReadError, match=re.escape(str(fake))):
+        load_rgb(fake, 32)
+    with pytest.raises(FileNotFoundError, match="nothing.png"):
+        load_rgb(small_root / "nothing.png", 32)
+
+
+def test_mask_wrong_size_names_both_files(small_root: Path) -> None:
+    mask = small_root / "stripes/ground_truth/blob/000_mask.png"
+    image = small_root / "stripes/test/blob/000.png"
+    Image.new("L", (16, 20), 255).save(mask)
+    ds = SampleDataset(scan_category(small_root, "stripes").test, image_size=32)
+    index = next(i for i, s in enumerate(ds.samples) if s.image_path == image)
+    with pytest.raises(ValueError, match=re.escape(str(mask))) as info:
+        ds[index]
+    assert str(image) in str(info.value) and "(20, 16)" in str(info.value) and "(32, 32)" in str(info.value)
+
+
+def test_load_mask_binarises_then_resizes(tmp_path: Path) -> None:
+    arr = np.zeros((8, 8), dtype=np.uint8)
+    arr[:4, :4] = 1  # faint but non-zero: anomalous
+    arr[6:, 6:] = 200
+    path = tmp_path / "m.png"
+    Image.fromarray(arr).save(path)
+    mask = load_mask(path, 16, expected_hw=(8, 8))
+    assert mask.shape == (1, 16, 16) and mask.dtype == torch.float32
+    assert mask[0, :8, :8].eq(1).all() and mask[0, 12:, 12:].eq(1).all()
+    assert mask.sum() == 64 + 16
+
+
+# ----------------------------------------------------------------------------------------- datamodule
+def test_datamodule_tasks(synthetic_root: Path) -> None:
+    dm = ContinualDataModule(synthetic_root, CATS, image_size=32, train_batch_size=5, eval_batch_size=7)
+    dm.prepare_data()
+    dm.setup()
+    splits = dm.splits
+    dm.setup("fit")
+    assert dm.splits is splits  # scanned once
+    assert dm.num_tasks == 3 and dm.task_names == CATS and dm.current_task == 0
+
+    dm.set_task(1)
+    loader = dm.train_dataloader()
+    ds = loader.dataset
+    assert isinstance(ds, SampleDataset) and len(ds) == 12
+    assert all(s.label == 0 and s.image_path.parent == synthetic_root / CATS[1] / "train/good" for s in ds.samples)
+    batches = list(loader)
+    assert [len(b["label"]) for b in batches] == [5, 5, 2]  # no drop_last
+    assert torch.cat([b["index"] for b in batches]).tolist() == list(range(12))  # fixed order
+    assert all(b["label"].eq(0).all() and b["image"].shape[1:] == (3, 32, 32) for b in batches)
+
+    tests = dm.test_dataloader()
+    assert len(tests) == 2
+    assert [list(lt.dataset.samples) for lt in tests] == [dm.splits[0].test, dm.splits[1].test]
+    assert dm.test_dataloader_for(1).batch_size == 7
+    with pytest.raises(ValueError, match="has not been seen yet"):
+        dm.test_dataloader_for(2)
+    with pytest.raises(IndexError, match="out of range"):
+        dm.set_task(3)
+    with pytest.raises(IndexError, match="out of range"):
+        dm.test_dataset(-1)
+    dm.set_task(2)
+    assert len(dm.test_dataloader()) == 3
+
+
+def test_datamodule_validates_all_categories_early(synthetic_root: Path) -> None:
+    dm = ContinualDataModule(synthetic_root, ["stripes", "bottle"])
+    with pytest.raises(DatasetLayoutError, match="bottle"):
+        dm.setup()
+
+
+def test_datamodule_workers(synthetic_root: Path) -> None:
+    dm = ContinualDataModule(synthetic_root, CATS[:1], image_size=32, train_batch_size=6, num_workers=1)
+    loader = dm.train_dataloader()
+    assert loader.persistent_workers
+    assert sum(len(b["label"]) for b in loader) == 12

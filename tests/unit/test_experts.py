@@ -1,0 +1,130 @@
+"""Task-expert linears and the model's task lifecycle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moleflow.models.experts import TaskExpertLinear
+from moleflow.models.moleflow import MoLEFlowConfig, MoLEFlowModel
+
+
+def small_config(**kw) -> MoLEFlowConfig:
+    base = dict(embed_dim=16, ncl=2, hidden=16, lora_rank=4, scale_context_kernel=3, spatial_context_kernel=3)
+    base.update(kw)
+    return MoLEFlowConfig(**base)
+
+
+def _train_randomly(model: MoLEFlowModel, seed: int) -> None:
+    """Change every trainable parameter, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_new_expert_equals_base(mode: str) -> None:
+    layer = TaskExpertLinear(6, 5, mode=mode, rank=2)
+    x = torch.randn(4, 6)
+    before = layer(x, 1)
+    layer.add_expert(1)
+    assert torch.equal(layer(x, 1), before) if mode == "lora" else torch.allclose(layer(x, 1), before)
+
+
+def test_merged_weight_matches_forward() -> None:
+    layer = TaskExpertLinear(6, 5, mode="lora", rank=2, alpha=3.0)
+    layer.add_expert(0)
+    with torch.no_grad():
+        layer.experts["0"].B.normal_()
+        layer.experts["0"].bias.normal_()
+    x = torch.randn(4, 6)
+    w, b = layer.merged_weight(0)
+    assert torch.allclose(torch.nn.functional.linear(x, w, b), layer(x, 0), atol=1e-6)
+
+
+@pytest.mark.parametrize("expert_mode", ["lora", "full", "none"])
+def test_new_task_leaves_every_output_unchanged(expert_mode: str) -> None:
+    """Adding task 1 must not change task 0's outputs, and task 1 starts from task 0's shared solution."""
+    torch.manual_seed(0)
+    model = MoLEFlowModel(small_config(expert_mode=expert_mode))
+    model.add_task()
+    model.set_trainable(0)
+    _train_randomly(model, 0)
+    feats = torch.randn(2, 4, 4, 16)
+    z0, ld0 = model(feats, 0)
+    model.add_task()
+    z0_after, ld0_after = model(feats, 0)
+    assert torch.equal(z0, z0_after) and torch.equal(ld0, ld0_after)
+    # task 1's flow part is the base at init: with the same adapter it equals the base-only output
+    with torch.no_grad():
+        model.adapters["1"].load_state_dict(model.adapters["0"].state_dict())
+    if expert_mode == "none":
+        z1, _ = model(feats, 1)
+        assert torch.allclose(z1, z0)
+
+
+def test_trainable_sets_follow_the_method_table() -> None:
+    model = MoLEFlowModel(small_config(dia_blocks=1))
+    model.add_task()
+    names0 = set(model.set_trainable(0))
+    assert any(".base." in n for n in names0)
+    assert any(".experts.0." in n for n in names0)
+    assert any("scale_context" in n for n in names0)
+    assert any(n.startswith("mixers.") for n in names0)
+    assert any(n.startswith("adapters.0.") for n in names0)
+    assert any(n.startswith("dia.0.") for n in names0)
+    model.add_task()
+    names1 = set(model.set_trainable(1))
+    assert names1, "task 1 must train something"
+    for n in names1:
+        assert MoLEFlowModel.parameter_owner(n) == 1, n
+    assert any(".experts.1." in n for n in names1)
+    assert any(n.startswith("adapters.1.") for n in names1)
+    assert any(n.startswith("dia.1.") for n in names1)
+
+
+def test_parameter_counts_of_method_section_9() -> None:
+    cfg = MoLEFlowConfig()  # D = 768, NCL = 6, r = 64
+    model = MoLEFlowModel(cfg)
+    model.add_task()
+    subnet = model.flows["shared"].blocks[0].subnet
+    base = sum(p.numel() for layer in subnet.expert_linears() for p in layer.base.parameters())
+    assert base == 1_476_864
+    assert sum(p.numel() for p in subnet.scale_context.parameters()) == 9_985
+    assert sum(p.numel() for p in model.mixers["shared"].parameters()) == 7_681
+    counts = model.parameter_counts()
+    assert counts["per_task"] == [1_932_288]
+    assert counts["shared"] == 6 * (1_476_864 + 9_985) + 7_681  # about 8.92 M flow + mixer
+    small = MoLEFlowModel(MoLEFlowConfig(lora_rank=16))
+    small.add_task()
+    small.add_task()
+    assert small.parameter_counts()["per_task"] == [494_592, 494_592]
+    dia = MoLEFlowModel(MoLEFlowConfig(ncl=0, dia_blocks=1))
+    dia.add_task()
+    assert sum(p.numel() for p in dia.dia["0"].parameters()) == 887_040
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("ncl", -1), ("dia_blocks", -1), ("lora_rank", 0), ("expert_mode", "big"), ("embed_dim", 10)],
+)
+def test_bad_model_config_names_the_key(key: str, value) -> None:
+    with pytest.raises(ValueError, match=key):
+        MoLEFlowModel(small_config(**{key: value}))
+
+
+def test_routed_scoring_equals_per_task_scoring() -> None:
+    torch.manual_seed(0)
+    model = MoLEFlowModel(small_config())
+    for t in range(3):
+        model.add_task()
+        model.set_trainable(t)
+        _train_randomly(model, t)
+    feats = torch.randn(5, 4, 4, 16)
+    tasks = torch.tensor([2, 0, 2, 1, 0])
+    routed = model.nll_routed(feats, tasks)
+    for b in range(5):
+        single = model.nll(feats[b : b + 1], int(tasks[b]))[0][0]
+        assert torch.allclose(routed[b], single, atol=1e-4)
