@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job from a composed config (Hydra's runtime config set); returns metrics.json's payload."""
-    hc = HydraConfig.get()
-    return run_continual(cfg, output_dir=hc.runtime.output_dir, overrides=list(hc.overrides.task))
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return run_continual(cfg, output_dir=cfg.paths.output_dir, overrides=overrides)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

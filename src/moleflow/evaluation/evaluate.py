@@ -35,12 +35,15 @@ class TaskEvaluation:
 
     task: int
     name: str
+    labels: torch.Tensor  # (N,) int64: 0 normal, 1 anomalous
     routed_tasks: torch.Tensor  # (N,) int64
     route_distances: torch.Tensor  # (N,) float64 squared Mahalanobis distance to the chosen prototype
     oracle_image_scores: torch.Tensor  # (N,)
     routed_image_scores: torch.Tensor  # (N,)
     oracle_pixel_maps: torch.Tensor  # (N, S, S) float32
     routed_pixel_maps: torch.Tensor  # (N, S, S) float32
+    oracle_nll: torch.Tensor  # (N, H, W) raw patch NLL maps (non-finite values replaced)
+    routed_nll: torch.Tensor  # (N, H, W)
     oracle: TaskMetrics
     routed: TaskMetrics
     nonfinite_oracle: int  # patch scores that were NaN/inf and replaced
@@ -54,16 +57,16 @@ class TaskEvaluation:
 def _score_batches(
     model: MoLEFlowModel, features: torch.Tensor, tasks: torch.Tensor, cfg: ScoreConfig, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Image scores (N,), pixel maps (N, S, S), per-image non-finite patch counts (N,) of F (N, H, W, D)."""
-    scores, maps, nonfinite = [], [], []
+    """NLL maps (N, H, W), pixel maps (N, S, S), per-image non-finite patch counts (N,) of F (N, H, W, D)."""
+    nlls, maps, nonfinite = [], [], []
     for start in range(0, features.shape[0], cfg.batch_size):
         feats = features[start : start + cfg.batch_size].to(device)
         nll = model.nll_routed(feats, tasks[start : start + cfg.batch_size])
         nonfinite.append((~torch.isfinite(nll)).flatten(1).sum(dim=1).cpu())
         nll, _ = sanitize_nonfinite(nll.float())
-        scores.append(image_scores_topk(nll, cfg.top_k).cpu())
+        nlls.append(nll.cpu())
         maps.append(pixel_anomaly_map(nll, cfg.image_size, cfg.pixel_sigma).cpu())
-    return torch.cat(scores), torch.cat(maps), torch.cat(nonfinite)
+    return torch.cat(nlls), torch.cat(maps), torch.cat(nonfinite)
 
 
 @torch.no_grad()
@@ -82,13 +85,14 @@ def evaluate_task(
     routed, dist = model.router.route(test.router.to(device), num_seen)
     routed, dist = routed.cpu(), dist.cpu()
     oracle_tasks = torch.full((n,), task, dtype=torch.int64)
-    o_scores, o_maps, o_bad = _score_batches(model, test.features, oracle_tasks, cfg, device)
+    o_nll, o_maps, o_bad = _score_batches(model, test.features, oracle_tasks, cfg, device)
 
-    r_scores, r_maps, r_bad = o_scores.clone(), o_maps.clone(), o_bad.clone()
+    r_nll, r_maps, r_bad = o_nll.clone(), o_maps.clone(), o_bad.clone()
     wrong = (routed != task).nonzero(as_tuple=True)[0]
     if len(wrong):
-        w_scores, w_maps, w_bad = _score_batches(model, test.features[wrong], routed[wrong], cfg, device)
-        r_scores[wrong], r_maps[wrong], r_bad[wrong] = w_scores, w_maps, w_bad
+        w_nll, w_maps, w_bad = _score_batches(model, test.features[wrong], routed[wrong], cfg, device)
+        r_nll[wrong], r_maps[wrong], r_bad[wrong] = w_nll, w_maps, w_bad
+    o_scores, r_scores = image_scores_topk(o_nll, cfg.top_k), image_scores_topk(r_nll, cfg.top_k)
 
     masks = test.masks
     oracle = compute_task_metrics(o_scores, test.labels, o_maps, masks)
@@ -96,12 +100,15 @@ def evaluate_task(
     return TaskEvaluation(
         task=task,
         name=name,
+        labels=test.labels,
         routed_tasks=routed,
         route_distances=dist,
         oracle_image_scores=o_scores,
         routed_image_scores=r_scores,
         oracle_pixel_maps=o_maps,
         routed_pixel_maps=r_maps,
+        oracle_nll=o_nll,
+        routed_nll=r_nll,
         oracle=oracle,
         routed=routed_metrics,
         nonfinite_oracle=int(o_bad.sum()),

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 log = logging.getLogger(__name__)
+RANDOM_INIT_SEED = 0  # a random backbone must be the same function of the config in every process
 
 
 class BackboneLoadError(RuntimeError):
@@ -73,7 +74,9 @@ def create_backbone(
             raise BackboneLoadError(msg) from err
     if not pretrained:
         log.warning("Backbone %s uses RANDOM weights (model.backbone.pretrained=false): for tests only.", name)
-        return timm.create_model(name, pretrained=False, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)  # same random backbone in training, eval and predict
+            return timm.create_model(name, pretrained=False, **kwargs)
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as err:  # noqa: BLE001 - offline hub access fails in many ways

@@ -8,6 +8,7 @@ temporary file and renamed, so a kill while saving never leaves a broken checkpo
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,36 @@ def save_checkpoint(path: str | Path, module: MoLEFlowLitModule, extra: dict[str
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)
     return path
+
+
+def link_checkpoint(source: str | Path, link: str | Path) -> Path:
+    """Point ``link`` (e.g. last.ckpt) at ``source`` atomically: a hard link, or a copy where links fail."""
+    source, link = Path(source), Path(link)
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, link)
+    return link
+
+
+def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """The ``moleflow`` section of a checkpoint (task names, run config, results so far)."""
+    path = Path(path)
+    if not path.is_file():
+        msg = f"Checkpoint {path} does not exist."
+        raise FileNotFoundError(msg)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, EOFError, OSError) as err:
+        msg = f"Could not read checkpoint {path} (corrupt or truncated?): {err}"
+        raise RuntimeError(msg) from err
+    if "moleflow" not in checkpoint:
+        msg = f"{path} is not a moleflow checkpoint (no 'moleflow' section)."
+        raise ValueError(msg)
+    return checkpoint["moleflow"]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> MoLEFlowLitModule:

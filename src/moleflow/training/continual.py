@@ -35,7 +35,7 @@ from moleflow.training.builders import (
     resolve_device,
     to_dict,
 )
-from moleflow.training.checkpoint import save_checkpoint
+from moleflow.training.checkpoint import link_checkpoint, save_checkpoint
 from moleflow.training.feature_cache import FeatureCache
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
                 generator=torch.Generator().manual_seed(int(cfg.seed) + t),
             )
             trainer = build_trainer(cfg.trainer, int(train_cfg.epochs), loggers, output_dir, first_task=t == 0)
+            module.train()
             trainer.fit(module, train_dataloaders=loader)
             times["fit_s"] = time.time() - tic
 
@@ -163,8 +164,9 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             timings["per_task"][name] = times
             payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir)
             tic = time.time()
-            save_checkpoint(ckpt_dir / f"task_{t:02d}_{name}.ckpt", module, {"summary": payload["final"]})
-            save_checkpoint(ckpt_dir / "last.ckpt", module, {"summary": payload["final"]})
+            extra = {"summary": payload["final"], "run_config": payload["config"]}
+            task_ckpt = save_checkpoint(ckpt_dir / f"task_{t:02d}_{name}.ckpt", module, extra)
+            link_checkpoint(task_ckpt, ckpt_dir / "last.ckpt")
             times["checkpoint_s"] = time.time() - tic
             write_json_atomic(output_dir / "metrics.json", payload)
             module.model.cpu()

@@ -1,0 +1,36 @@
+# MoLE-Flow developer commands. `make test` installs what it needs into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The torch pair that installs on our CPU machines; users elsewhere may use any torch>=2.3.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test test-all lint train-generated train clean
+
+$(VENV)/.install-stamp: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e ".[dev,demo,anomalib]"
+	touch $@
+
+install: $(VENV)/.install-stamp  ## create .venv and install the package with its test and demo extras
+
+test: install  ## the fast test suite (what CI runs)
+	$(PY) -m pytest -q
+
+test-all: install  ## every test, the slow ones included
+	$(PY) -m pytest -q -m "slow or not slow"
+
+lint: install
+	$(VENV)/bin/ruff check src tests experiments
+	$(VENV)/bin/ruff format --check src tests experiments
+
+train-generated: install  ## the main job on generated data (tiny random backbone, about a minute)
+	$(PY) src/train.py experiment=generated_quick
+
+train: install  ## MAIN on MVTec AD: make train DATA=/path/to/mvtec_ad
+	$(PY) src/train.py data.root=$(DATA)
+
+clean:
+	rm -rf logs .pytest_cache .ruff_cache

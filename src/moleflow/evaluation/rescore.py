@@ -1,0 +1,77 @@
+"""Re-evaluate a trained run's checkpoint: all its tasks, task-agnostic, for several score settings.
+
+Evaluation-only settings (the image-score top-k, the pixel smoothing sigma) need no retraining:
+the NLL maps are computed once per task and every setting is scored from them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from moleflow.evaluation.anomaly_map import image_scores_topk
+from moleflow.evaluation.continual import routing_accuracy, routing_confusion
+from moleflow.evaluation.evaluate import ScoreConfig, TaskEvaluation, evaluate_task
+from moleflow.evaluation.metrics import METRIC_NAMES, binary_auroc, binary_average_precision
+from moleflow.training.builders import build_datamodule, build_extractor
+from moleflow.training.checkpoint import load_checkpoint, read_checkpoint_info
+from moleflow.training.feature_cache import FeatureCache
+
+log = logging.getLogger(__name__)
+
+
+def _row(evaluations: list[TaskEvaluation], top_k: int, names: list[str]) -> dict[str, Any]:
+    per_task: dict[str, Any] = {}
+    for ev in evaluations:
+        scores = image_scores_topk(ev.routed_nll, top_k)
+        per_task[ev.name] = {"routed": ev.routed.as_dict(), "routing_accuracy": ev.routing_accuracy}
+        per_task[ev.name]["routed"]["image_auroc"] = binary_auroc(scores, ev.labels)
+        per_task[ev.name]["routed"]["image_ap"] = binary_average_precision(scores, ev.labels)
+    means = {m: float(sum(per_task[n]["routed"][m] for n in names) / len(names)) for m in METRIC_NAMES}
+    true = torch.cat([torch.full_like(ev.routed_tasks, ev.task) for ev in evaluations])
+    pred = torch.cat([ev.routed_tasks for ev in evaluations])
+    confusion = routing_confusion(true.numpy(), pred.numpy(), len(names))
+    overall, _ = routing_accuracy(confusion)
+    return {"score_top_k": top_k, "final": {"routed": means}, "per_task": per_task, "routing_accuracy": overall}
+
+
+def rescore_checkpoint(
+    ckpt_path: str | Path,
+    top_ks: list[int],
+    data_root: str | None = None,
+    pixel_sigma: float | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Evaluate every task of the checkpoint on its test set, once per image-score top-k."""
+    info = read_checkpoint_info(ckpt_path)
+    if "run_config" not in info:
+        msg = f"{ckpt_path} holds no run configuration (made by an older moleflow); retrain to re-score it."
+        raise ValueError(msg)
+    run_cfg = OmegaConf.create(info["run_config"])
+    if data_root is not None:
+        run_cfg.data.root = data_root
+    run_cfg.data.generate = None  # never rewrite data during evaluation
+    module = load_checkpoint(ckpt_path, map_location=device)
+    names = list(module.task_names)
+    run_cfg.data.categories = names  # the checkpoint's tasks, in training order
+    dev = torch.device(device)
+    dm = build_datamodule(run_cfg.data)
+    dm.set_task(len(names) - 1)
+    cache = FeatureCache(build_extractor(run_cfg.model.backbone, int(run_cfg.model.flow.embed_dim)).to(dev), dev)
+    score = ScoreConfig(
+        top_k=int(top_ks[0]),
+        pixel_sigma=float(pixel_sigma if pixel_sigma is not None else run_cfg.model.score.pixel_sigma),
+        image_size=int(run_cfg.data.image_size),
+        batch_size=int(run_cfg.data.eval_batch_size),
+    )
+    model = module.model.to(dev).eval()
+    evaluations = []
+    for i, name in enumerate(names):
+        test = cache.get(f"{i:02d}_{name}/test", lambda i=i: dm.test_dataloader_for(i), with_masks=True)
+        evaluations.append(evaluate_task(model, test, i, name, len(names), score, dev))
+    rows = [_row(evaluations, int(k), names) for k in top_ks]
+    return {"checkpoint": str(ckpt_path), "tasks": names, "pixel_sigma": score.pixel_sigma, "rows": rows}

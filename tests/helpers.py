@@ -1,0 +1,41 @@
+"""Helpers shared by tests: composing the Hydra config as the CLI would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+# A tiny but complete run: generated data, random resnet10t, small flow, one epoch per task.
+TINY_OVERRIDES = [
+    "experiment=generated_quick",
+    "logger=none",
+    "trainer=cpu",
+    "trainer.model_summary=false",
+    "ncl=2",
+    "lora_rank=4",
+    "model.flow.embed_dim=32",
+    "model.flow.hidden=32",
+    "training.epochs=1",
+]
+
+
+def compose_config(overrides: list[str], output_dir: Path, data_dir: Path | None = None):
+    """Compose conf/train.yaml as Hydra would, with the runtime config set (for ``train(cfg)``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+        cfg.paths.output_dir = str(output_dir)
+        if data_dir is not None:
+            cfg.paths.data_dir = str(data_dir)
+    HydraConfig().set_config(cfg)
+    GlobalHydra.instance().clear()
+    return cfg
