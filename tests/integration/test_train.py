@@ -106,8 +106,9 @@ def test_score_top_k_larger_than_patch_count_rejected(tmp_path, synthetic_root) 
 
 def test_eval_rescores_checkpoint_like_training(tiny_run, tmp_path) -> None:
     """src/eval.py's re-scoring at the trained top-k reproduces the run's final numbers."""
-    from eval import evaluate
     from omegaconf import OmegaConf
+
+    from eval import evaluate
 
     _, out, payload = tiny_run
     cfg = OmegaConf.create(

@@ -1,0 +1,75 @@
+"""Loggers (CSV, W&B offline) receive per-task keys; the disk feature cache gives the same features."""
+
+from __future__ import annotations
+
+import torch
+
+from moleflow.models.feature_extractor import FeatureExtractor
+from moleflow.training.builders import build_datamodule
+from moleflow.training.feature_cache import FeatureCache
+from tests.helpers import TINY_OVERRIDES, compose_config
+
+
+def _one_task(tmp_path, synthetic_root, logger: str):
+    from train import train
+
+    overrides = [
+        *TINY_OVERRIDES,
+        f"logger={logger}",
+        f"data.root={synthetic_root}",
+        "data.generate=null",
+        "data.categories=[stripes]",
+    ]
+    cfg = compose_config(overrides, tmp_path)
+    return train(cfg)
+
+
+def test_csv_logger_gets_per_task_metric_keys(tmp_path, synthetic_root) -> None:
+    _one_task(tmp_path, synthetic_root, "csv")
+    files = list(tmp_path.glob("csv/**/metrics.csv"))
+    assert files
+    header = files[0].read_text().splitlines()[0]
+    assert "task/stripes/image_auroc" in header and "task/stripes/train_loss_epoch" in header
+
+
+def test_wandb_logs_offline_and_finishes(tmp_path, synthetic_root, monkeypatch) -> None:
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _one_task(tmp_path, synthetic_root, "wandb")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert wandb.run is None  # finished, so a next multirun job starts a new run
+
+
+def test_disk_cache_matches_memory_cache(tmp_path, synthetic_root) -> None:
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.create(
+        {
+            "root": str(synthetic_root),
+            "categories": ["stripes"],
+            "image_size": 64,
+            "train_batch_size": 4,
+            "eval_batch_size": 8,
+            "num_workers": 0,
+            "generate": None,
+        }
+    )
+    dm = build_datamodule(data)
+    dm.set_task(0)
+    extractor = FeatureExtractor("resnet10t", ("layer2", "layer3"), embed_dim=16, pretrained=False)
+    memory = FeatureCache(extractor, torch.device("cpu"), mode="memory")
+    disk = FeatureCache(extractor, torch.device("cpu"), mode="disk", directory=tmp_path, fingerprint={"a": 1})
+    a = memory.get("t/test", lambda: dm.test_dataloader_for(0), with_masks=True)
+    b = disk.get("t/test", lambda: dm.test_dataloader_for(0), with_masks=True)
+    reopened = FeatureCache(extractor, torch.device("cpu"), mode="disk", directory=tmp_path, fingerprint={"a": 1})
+    c = reopened.get("t/test", lambda: dm.test_dataloader_for(0), with_masks=True)
+    assert reopened.extractions == 0  # served from the files, no backbone run
+    for fs in (b, c):
+        assert torch.equal(fs.features, a.features) and torch.equal(fs.masks, a.masks)
+        assert torch.equal(fs.labels, a.labels)
+    # the cache reuses features: a second request runs no backbone
+    memory.get("t/test", lambda: dm.test_dataloader_for(0), with_masks=True)
+    assert memory.extractions == 1
