@@ -1,4 +1,4 @@
-"""MVTec-layout data: scanning, image loading, datasets, the continual-task DataModule, synthetic data.
+"""Data: MVTec-layout, ELPV and user-folder task sources, image loading, datasets, the DataModule, synthetic data.
 
 Names are imported lazily, so that `python -m moleflow.data.synthetic` neither loads torch/lightning
 nor triggers runpy's "found in sys.modules" warning.
@@ -10,8 +10,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from moleflow.data.datamodule import ContinualDataModule
+    from moleflow.data.datamodule import DATA_SOURCES, ContinualDataModule
     from moleflow.data.datasets import SampleDataset
+    from moleflow.data.elpv import ELPV_TASKS, elpv_counts, elpv_labels_csv, elpv_splits
+    from moleflow.data.folder import FOLDER_LAYOUTS, folder_splits
     from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, load_mask, load_rgb
     from moleflow.data.mvtec import (
         MVTEC_CATEGORIES,
@@ -25,7 +27,14 @@ if TYPE_CHECKING:
 
 _EXPORTS: dict[str, str] = {
     "ContinualDataModule": "datamodule",
+    "DATA_SOURCES": "datamodule",
     "SampleDataset": "datasets",
+    "ELPV_TASKS": "elpv",
+    "elpv_counts": "elpv",
+    "elpv_labels_csv": "elpv",
+    "elpv_splits": "elpv",
+    "FOLDER_LAYOUTS": "folder",
+    "folder_splits": "folder",
     "IMAGENET_MEAN": "images",
     "IMAGENET_STD": "images",
     "ImageReadError": "images",
@@ -42,6 +51,9 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "DATA_SOURCES",
+    "ELPV_TASKS",
+    "FOLDER_LAYOUTS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MVTEC_CATEGORIES",
@@ -52,6 +64,10 @@ __all__ = [
     "ImageReadError",
     "Sample",
     "SampleDataset",
+    "elpv_counts",
+    "elpv_labels_csv",
+    "elpv_splits",
+    "folder_splits",
     "generate_synthetic_mvtec",
     "load_mask",
     "load_rgb",

@@ -1,16 +1,23 @@
-"""LightningDataModule that serves one MVTec-style category per continual task."""
+"""LightningDataModule that serves one category (MVTec layout, ELPV cell type or user folder) per continual task."""
 
 from __future__ import annotations
 
+import inspect
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from moleflow.data.datasets import SampleDataset
+from moleflow.data.elpv import ELPV_TASKS, elpv_splits
+from moleflow.data.folder import folder_splits
 from moleflow.data.mvtec import CategorySplit, check_category_names, scan_categories
+
+DATA_SOURCES: tuple[str, ...] = ("mvtec", "elpv", "folder")
+"""Task sources: an MVTec AD-style tree, the ELPV package data, a user's own folders."""
 
 
 def _positive_int(name: str, value: int, minimum: int = 1) -> int:
@@ -20,6 +27,19 @@ def _positive_int(name: str, value: int, minimum: int = 1) -> int:
     return value
 
 
+def _keyword_options(func: Callable[..., Any], positional: set[str]) -> list[str]:
+    return [name for name in inspect.signature(func).parameters if name not in positional]
+
+
+def _source_option_names(source: str) -> list[str]:
+    """Options a source accepts in `source_options` (its reader's keyword arguments)."""
+    if source == "elpv":
+        return _keyword_options(elpv_splits, {"tasks"})
+    if source == "folder":
+        return _keyword_options(folder_splits, {"root", "categories"})
+    return []
+
+
 class ContinualDataModule(pl.LightningDataModule):
     """Task t = categories[t]: train on its normal images, test on the test sets of tasks 0..t.
 
@@ -27,28 +47,50 @@ class ContinualDataModule(pl.LightningDataModule):
     broken layout is reported before any training starts.
 
     Args:
-        root: Data-set root holding one folder per category.
-        categories: Task sequence (category folder names, in order, no duplicates).
+        root: Data-set root holding one folder per category. Ignored by source="elpv" (the data
+            comes from the installed `elpv-dataset` package, or `source_options["labels_csv"]`),
+            where it may be None.
+        categories: Task sequence (category folder names, or ELPV cell types "mono"/"poly"; in
+            order, no duplicates). None means all: both cell types for "elpv", every sub-folder of
+            root (sorted) for "folder"; "mvtec" needs an explicit list.
         image_size: Side S of the square images.
         train_batch_size: Batch size of the training loader.
         eval_batch_size: Batch size of the test loaders.
         num_workers: DataLoader worker processes (0 loads in the main process).
         pin_memory: Pin host memory (useful with a GPU).
+        source: "mvtec" (`scan_categories`), "elpv" (`elpv_splits`) or "folder" (`folder_splits`).
+        source_options: Keyword arguments of the source's reader, e.g. {"max_train_per_task": 64}
+            for "elpv" or {"layout": "normal_abnormal", "seed": 1} for "folder"; none for "mvtec".
     """
 
     def __init__(
         self,
-        root: str | Path,
-        categories: Sequence[str],
+        root: str | Path | None,
+        categories: Sequence[str] | None,
         image_size: int = 224,
         train_batch_size: int = 16,
         eval_batch_size: int = 32,
         num_workers: int = 0,
         pin_memory: bool = False,
+        source: str = "mvtec",
+        source_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.root = Path(root)
-        self._categories = check_category_names(categories)
+        if source not in DATA_SOURCES:
+            msg = f"Unknown data source {source!r}: use one of {list(DATA_SOURCES)}."
+            raise ValueError(msg)
+        self.source = source
+        self.source_options = self._check_options(source, source_options)
+        if root is None and source != "elpv":
+            msg = f"root is required for source={source!r}: give the folder holding one sub-folder per category."
+            raise ValueError(msg)
+        self.root = Path(root) if root is not None else None
+        if categories is None and source == "mvtec":
+            msg = "categories is required for source='mvtec': list the category folders in task order, e.g. ['bottle']."
+            raise ValueError(msg)
+        if categories is None and source == "elpv":
+            categories = ELPV_TASKS
+        self._categories = check_category_names(categories) if categories is not None else None
         self.image_size = _positive_int("image_size", image_size)
         self.train_batch_size = _positive_int("train_batch_size", train_batch_size)
         self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
@@ -66,18 +108,44 @@ class ContinualDataModule(pl.LightningDataModule):
         """Scan all categories once; later calls do nothing."""
         self._scan()
 
+    @staticmethod
+    def _check_options(source: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Reject options the source's reader does not take, before any scanning."""
+        if options is None:
+            return {}
+        if not isinstance(options, Mapping):
+            msg = f"source_options must be a mapping of option names to values, got {type(options).__name__}."
+            raise TypeError(msg)
+        accepted = _source_option_names(source)
+        unknown = sorted(str(k) for k in options if k not in accepted)
+        if unknown:
+            msg = f"source_options {unknown} are not accepted by source={source!r}; accepted: {accepted or 'none'}."
+            raise ValueError(msg)
+        return dict(options)
+
     def _scan(self) -> list[CategorySplit]:
         if self._splits is None:
-            self._splits = scan_categories(self.root, self._categories)
+            if self.source == "mvtec":
+                splits = scan_categories(self.root, self._categories)
+            elif self.source == "elpv":
+                splits = elpv_splits(tasks=self._categories, **self.source_options)
+            else:
+                splits = folder_splits(self.root, self._categories, **self.source_options)
+            self._splits = splits
+            if self._categories is None:
+                self._categories = [s.category for s in splits]
         return self._splits
 
     # ------------------------------------------------------------------------------------- tasks
     @property
     def num_tasks(self) -> int:
-        return len(self._categories)
+        return len(self.task_names)
 
     @property
     def task_names(self) -> list[str]:
+        """Task names in order (for source="folder" with categories=None, known after scanning)."""
+        if self._categories is None:
+            self._scan()
         return list(self._categories)
 
     @property
@@ -107,10 +175,14 @@ class ContinualDataModule(pl.LightningDataModule):
         split = self.splits[self._check_task(t)]
         return SampleDataset(split.train, self.image_size, with_masks=False)
 
+    def has_masks(self, t: int) -> bool:
+        """Whether task t has pixel ground truth (False for ELPV and mask-less folders: skip pixel metrics)."""
+        return self.splits[self._check_task(t)].has_masks
+
     def test_dataset(self, t: int) -> SampleDataset:
-        """Test images (normal and anomalous, with masks) of task t."""
+        """Test images (normal and anomalous) of task t, with masks if it has them (all-zero masks otherwise)."""
         split = self.splits[self._check_task(t)]
-        return SampleDataset(split.test, self.image_size, with_masks=True)
+        return SampleDataset(split.test, self.image_size, with_masks=split.has_masks)
 
     # ------------------------------------------------------------------------------------ loaders
     def _loader(self, dataset: SampleDataset, batch_size: int, shuffle: bool) -> DataLoader:

@@ -67,11 +67,16 @@ class Sample:
 
 @dataclass(frozen=True)
 class CategorySplit:
-    """Train (normal only) and test samples of one category, i.e. one continual task."""
+    """Train (normal only) and test samples of one category, i.e. one continual task.
+
+    `has_masks` is False for sources without pixel ground truth (e.g. ELPV), so that evaluation
+    skips pixel metrics instead of scoring against all-zero masks.
+    """
 
     category: str
     train: list[Sample]
     test: list[Sample]
+    has_masks: bool = True
 
 
 def _layout_error(problem: str) -> DatasetLayoutError:

@@ -48,6 +48,7 @@ class TaskEvaluation:
     routed: TaskMetrics
     nonfinite_oracle: int  # patch scores that were NaN/inf and replaced
     nonfinite_routed: int
+    has_masks: bool = True  # False: image-level labels only, pixel metrics are not available (NaN)
 
     @property
     def routing_accuracy(self) -> float:
@@ -78,8 +79,13 @@ def evaluate_task(
     num_seen: int,
     cfg: ScoreConfig,
     device: torch.device,
+    has_masks: bool = True,
 ) -> TaskEvaluation:
-    """Route, score and measure ``test`` (the test set of ``task``) with the first ``num_seen`` tasks."""
+    """Route, score and measure ``test`` (the test set of ``task``) with the first ``num_seen`` tasks.
+
+    With ``has_masks=False`` (a data set with image-level labels only) the pixel metrics are NaN,
+    reported as "not available", never computed against empty masks.
+    """
     model.eval()
     n = len(test)
     routed, dist = model.router.route(test.router.to(device), num_seen)
@@ -94,9 +100,10 @@ def evaluate_task(
         r_nll[wrong], r_maps[wrong], r_bad[wrong] = w_nll, w_maps, w_bad
     o_scores, r_scores = image_scores_topk(o_nll, cfg.top_k), image_scores_topk(r_nll, cfg.top_k)
 
-    masks = test.masks
-    oracle = compute_task_metrics(o_scores, test.labels, o_maps, masks)
-    routed_metrics = compute_task_metrics(r_scores, test.labels, r_maps, masks)
+    masks = test.masks if has_masks else None
+    pixel = (o_maps, r_maps) if masks is not None else (None, None)
+    oracle = compute_task_metrics(o_scores, test.labels, pixel[0], masks)
+    routed_metrics = compute_task_metrics(r_scores, test.labels, pixel[1], masks)
     return TaskEvaluation(
         task=task,
         name=name,
@@ -113,4 +120,5 @@ def evaluate_task(
         routed=routed_metrics,
         nonfinite_oracle=int(o_bad.sum()),
         nonfinite_routed=int(r_bad.sum()),
+        has_masks=has_masks,
     )

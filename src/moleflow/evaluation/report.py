@@ -72,6 +72,7 @@ class ContinualTracker:
         self.routing = ResultMatrix(t)
         self.nonfinite = {mode: [0] * t for mode in MODES}
         self.num_test_images = [0] * t
+        self.has_masks = [True] * t
         self.confusion: np.ndarray | None = None
         self.last_task = -1
 
@@ -86,6 +87,7 @@ class ContinualTracker:
             self.nonfinite["oracle"][ev.task] = ev.nonfinite_oracle
             self.nonfinite["routed"][ev.task] = ev.nonfinite_routed
             self.num_test_images[ev.task] = len(ev.routed_tasks)
+            self.has_masks[ev.task] = ev.has_masks
         true = torch.cat([torch.full_like(ev.routed_tasks, ev.task) for ev in evaluations])
         pred = torch.cat([ev.routed_tasks for ev in evaluations])
         self.confusion = routing_confusion(true.numpy(), pred.numpy(), after_task + 1)
@@ -123,6 +125,7 @@ class ContinualTracker:
             }
             per_task[name]["routing_accuracy"] = float(self.routing.as_array()[last, i])
             per_task[name]["num_test_images"] = self.num_test_images[i]
+            per_task[name]["pixel_metrics_available"] = self.has_masks[i]
             per_task[name]["nonfinite_scores"] = {mode: self.nonfinite[mode][i] for mode in MODES}
         forgetting = {
             mode: {
@@ -189,3 +192,28 @@ def print_table(summary: dict[str, Any], title: str = "MoLE-Flow results") -> st
         recorder = Console(record=True, width=120, file=sink)
         recorder.print(table)
         return recorder.export_text()
+
+
+def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The results table as plain rows (percent, None where not available), for W&B and CSV."""
+    columns = ["task", *[h for _, h in TABLE_COLUMNS], "Rt Acc"]
+
+    def pct(v: float | None) -> float | None:
+        return None if v is None or not math.isfinite(v) else round(100 * v, 2)
+
+    rows = [
+        [name, *[pct(row["routed"][k]) for k, _ in TABLE_COLUMNS], pct(row["routing_accuracy"])]
+        for name, row in summary["per_task"].items()
+    ]
+    rows.append(
+        ["mean", *[pct(summary["final"]["routed"][k]) for k, _ in TABLE_COLUMNS], pct(summary["routing"]["accuracy"])]
+    )
+    return columns, rows
+
+
+def log_results_table(loggers: list[Any], summary: dict[str, Any]) -> None:
+    """Send the final table to every logger that takes tables (W&B)."""
+    columns, rows = table_rows(summary)
+    for lg in loggers:
+        if hasattr(lg, "log_table"):
+            lg.log_table(key="results", columns=columns, data=rows)

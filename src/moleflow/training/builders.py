@@ -42,14 +42,17 @@ def build_datamodule(data_cfg: DictConfig) -> ContinualDataModule:
     gen = data_cfg.get("generate")
     if gen:
         generate_synthetic_mvtec(root=data_cfg.root, categories=list(data_cfg.categories), **to_dict(gen))
+    categories = data_cfg.get("categories")
     dm = ContinualDataModule(
         root=data_cfg.root,
-        categories=list(data_cfg.categories),
+        categories=list(categories) if categories is not None else None,
         image_size=int(data_cfg.image_size),
         train_batch_size=int(data_cfg.train_batch_size),
         eval_batch_size=int(data_cfg.eval_batch_size),
         num_workers=int(data_cfg.num_workers),
         pin_memory=bool(data_cfg.get("pin_memory", False)),
+        source=str(data_cfg.get("source", "mvtec")),
+        source_options=to_dict(data_cfg.get("source_options")),
     )
     dm.setup()
     return dm

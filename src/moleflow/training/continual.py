@@ -25,7 +25,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
 from moleflow.evaluation.evaluate import ScoreConfig, evaluate_task
-from moleflow.evaluation.report import ContinualTracker, print_table, write_json_atomic
+from moleflow.evaluation.figures import write_figures
+from moleflow.evaluation.report import ContinualTracker, log_results_table, print_table, write_json_atomic
 from moleflow.training.builders import (
     build_datamodule,
     build_extractor,
@@ -146,9 +147,10 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             for i in range(t + 1):
                 test_key = f"{i:02d}_{names[i]}/test"
                 test_set = cache.get(test_key, lambda i=i: dm.test_dataloader_for(i), with_masks=True)
-                evaluations.append(evaluate_task(model, test_set, i, names[i], t + 1, score_cfg, device))
+                evaluations.append(
+                    evaluate_task(model, test_set, i, names[i], t + 1, score_cfg, device, dm.has_masks(i))
+                )
             tracker.record_round(t, evaluations)
-            del evaluations
             times["evaluate_s"] = time.time() - tic
 
             round_metrics = tracker.round_metrics(t)
@@ -171,10 +173,17 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             write_json_atomic(output_dir / "metrics.json", payload)
             module.model.cpu()
 
+        tic = time.time()
         payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir)
+        if cfg.get("report", {}).get("figures", True) and names:
+            payload["figures"] = write_figures(
+                output_dir, dm, evaluations, names, tracker.confusion, int(cfg.report.overlays_per_task), loggers
+            )
+        timings["figures_s"] = time.time() - tic
         payload["warnings"] = _collapse_warnings(payload, module.skipped_batches)
         for w in payload["warnings"]:
             log.warning(w)
+        log_results_table(loggers, payload)
         table = print_table(payload, title=f"MoLE-Flow after {len(names)} tasks ({output_dir.name})")
         (output_dir / "results_table.txt").write_text(table)
         payload["status"] = "finished"

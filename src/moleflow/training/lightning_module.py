@@ -95,7 +95,9 @@ class MoLEFlowLitModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.model.parameters(), self.optim_cfg)
-        warmup = self.optim_cfg.warmup_epochs if self.current_task > 0 else 0
+        # tasks after the first adapt a trained shared flow: warm up; a separated flow starts fresh like task 0
+        adapting = self.current_task > 0 and self.model.config.base_sharing != "separate"
+        warmup = self.optim_cfg.warmup_epochs if adapting else 0
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         scheduler = build_scheduler(optimizer, epochs, warmup, self.optim_cfg.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
