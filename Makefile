@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 # The torch pair that installs on our CPU machines; users elsewhere may use any torch>=2.3.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-all lint train-generated train clean
+.PHONY: install test test-all lint demo train-generated train clean
 
 $(VENV)/.install-stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test-all: install  ## every test, the slow ones included
 lint: install
 	$(VENV)/bin/ruff check src tests experiments
 	$(VENV)/bin/ruff format --check src tests experiments
+
+demo: install  ## the main job: MoLE-Flow on real solar-cell images, pretrained backbone, offline (~15 min on 2 CPUs)
+	$(PY) src/train.py experiment=demo
 
 train-generated: install  ## the main job on generated data (tiny random backbone, about a minute)
 	$(PY) src/train.py experiment=generated_quick

