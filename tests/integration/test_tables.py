@@ -221,7 +221,6 @@ def test_specs_match_the_experiment_configs_and_reference_deltas() -> None:
             assert [float(v) for v in swept] == [float(k) for k in keys], name
 
 
-@pytest.mark.slow
 def test_real_multirun_end_to_end(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     cmd = [
@@ -239,6 +238,7 @@ def test_real_multirun_end_to_end(tmp_path: Path) -> None:
         f"paths.data_dir={tmp_path / 'data'}",
     ]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    assert len(list(sweep.glob("*/metrics.json"))) == 2  # one per job
     out = tmp_path / "tables"
     tables = [sys.executable, "experiments/make_tables.py", str(sweep), "--table", "table3_2_depth", "--out", str(out)]
     done = subprocess.run(tables, cwd=ROOT, check=True, capture_output=True, text=True, timeout=120)
