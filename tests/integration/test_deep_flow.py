@@ -30,3 +30,17 @@ def test_diverging_training_is_reported_with_a_warning(tmp_path, synthetic_root)
     assert metrics["warnings"], "a collapse must come with a warning"
     text = " ".join(metrics["warnings"])
     assert any(word in text for word in ("skipped", "non-finite", "chance"))
+
+
+def test_task_that_cannot_train_is_marked_diverged_and_the_run_goes_on(tmp_path, synthetic_root) -> None:
+    """Every batch above the loss guard: the task trains nothing, is marked diverged, the run finishes."""
+    payload = _run(tmp_path, synthetic_root, ["model.loss.max_loss=0", "logger=csv"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert payload["status"] == "finished"
+    for name in ("stripes", "dots"):
+        assert "could not train" in metrics["per_task"][name]["diverged"]
+        assert metrics["health"]["skipped_batches"][name] == metrics["health"]["attempted_batches"][name] > 0
+    assert any("diverged" in w for w in metrics["warnings"])
+    assert "(diverged)" in (tmp_path / "results_table.txt").read_text()
+    header = next(tmp_path.glob("csv/**/metrics.csv")).read_text().splitlines()[0]
+    assert "task/stripes/diverged" in header

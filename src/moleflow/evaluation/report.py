@@ -75,6 +75,15 @@ class ContinualTracker:
         self.has_masks = [True] * t
         self.confusion: np.ndarray | None = None
         self.last_task = -1
+        self.diverged: dict[str, str] = {}  # task name -> why it is marked as diverged
+
+    def mark_diverged(self, task: int, reason: str) -> bool:
+        """Mark a task as diverged (once); returns True the first time, so the caller warns once."""
+        name = self.task_names[task]
+        if name in self.diverged:
+            return False
+        self.diverged[name] = reason
+        return True
 
     def record_round(self, after_task: int, evaluations: list[TaskEvaluation]) -> None:
         """Store the evaluations of tasks 0..after_task made after training ``after_task``."""
@@ -105,6 +114,7 @@ class ContinualTracker:
                 "has_masks": self.has_masks,
                 "confusion": self.confusion,
                 "last_task": self.last_task,
+                "diverged": self.diverged,
             }
         )
 
@@ -123,6 +133,7 @@ class ContinualTracker:
         self.has_masks[:n] = state["has_masks"][:n]
         self.confusion = None if state["confusion"] is None else np.asarray(state["confusion"], dtype=np.int64)
         self.last_task = int(state["last_task"])
+        self.diverged = dict(state.get("diverged", {}))
 
     def round_metrics(self, after_task: int) -> dict[str, float]:
         """Flat per-task metric keys for loggers, e.g. ``task/bottle/image_auroc`` (routed)."""
@@ -134,6 +145,7 @@ class ContinualTracker:
                 for m in METRIC_NAMES:
                     out[f"task/{name}/{m}{suffix}"] = float(self.matrices[mode][m].as_array()[after_task, i])
             out[f"task/{name}/routing_accuracy"] = float(self.routing.as_array()[after_task, i])
+            out[f"task/{name}/diverged"] = float(name in self.diverged)
         for mode in MODES:
             suffix = "" if mode == "routed" else "_oracle"
             for m in METRIC_NAMES:
@@ -157,6 +169,7 @@ class ContinualTracker:
             per_task[name]["routing_accuracy"] = float(self.routing.as_array()[last, i])
             per_task[name]["num_test_images"] = self.num_test_images[i]
             per_task[name]["pixel_metrics_available"] = self.has_masks[i]
+            per_task[name]["diverged"] = self.diverged.get(name)  # None, or the reason
             per_task[name]["nonfinite_scores"] = {mode: self.nonfinite[mode][i] for mode in MODES}
         forgetting = {
             mode: {
@@ -207,7 +220,8 @@ def results_table(summary: dict[str, Any], title: str = "MoLE-Flow results") -> 
         table.add_column(header, justify="right")
     table.add_column("Rt Acc", justify="right")
     for name, row in summary["per_task"].items():
-        table.add_row(name, *[_pct(row["routed"][k]) for k, _ in TABLE_COLUMNS], _pct(row["routing_accuracy"]))
+        label = f"{name} (diverged)" if row.get("diverged") else name
+        table.add_row(label, *[_pct(row["routed"][k]) for k, _ in TABLE_COLUMNS], _pct(row["routing_accuracy"]))
     table.add_section()
     table.add_row(
         "mean",
@@ -239,7 +253,11 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         return None if v is None or not math.isfinite(v) else round(100 * v, 2)
 
     rows = [
-        [name, *[pct(row["routed"][k]) for k, _ in TABLE_COLUMNS], pct(row["routing_accuracy"])]
+        [
+            f"{name} (diverged)" if row.get("diverged") else name,
+            *[pct(row["routed"][k]) for k, _ in TABLE_COLUMNS],
+            pct(row["routing_accuracy"]),
+        ]
         for name, row in summary["per_task"].items()
     ]
     rows.append(

@@ -52,10 +52,24 @@ def _check_scoring(cfg: DictConfig, grid: tuple[int, int]) -> None:
         raise ValueError(msg)
 
 
+def _check_divergence(tracker: ContinualTracker, module: Any, t: int, name: str, own: Any) -> None:
+    """Mark task t as diverged if it could not train or its own test scores were non-finite; warn once."""
+    attempted, skipped = module.attempted_batches.get(name, 0), module.skipped_batches.get(name, 0)
+    reason = None
+    if attempted == 0 or skipped == attempted:
+        reason = f"could not train: {skipped} of {attempted} training batches skipped (NaN, inf or exploding loss)"
+    elif own.nonfinite_oracle:
+        reason = f"{own.nonfinite_oracle} non-finite patch scores on its own test set"
+    if reason and tracker.mark_diverged(t, reason):
+        log.warning("Task %s DIVERGED: %s. The run goes on; the task is marked in metrics.json.", name, reason)
+
+
 def _collapse_warnings(summary: dict[str, Any], skipped: dict[str, int]) -> list[str]:
     """Plain-language warnings for degenerate results (deep flows may collapse: report, don't hide)."""
     warnings = []
     for name, row in summary["per_task"].items():
+        if row.get("diverged"):
+            warnings.append(f"task {name} diverged: {row['diverged']}")
         bad = row["nonfinite_scores"]["routed"]
         if bad:
             warnings.append(f"task {name}: {bad} non-finite patch scores were replaced (training diverged?)")
@@ -172,6 +186,7 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
                     evaluate_task(model, test_set, i, names[i], t + 1, score_cfg, device, dm.has_masks(i))
                 )
             tracker.record_round(t, evaluations)
+            _check_divergence(tracker, module, t, name, evaluations[t])
             times["evaluate_s"] = time.time() - tic
 
             round_metrics = tracker.round_metrics(t)
@@ -274,7 +289,11 @@ def _payload(
             "shared": counts["shared"],
             "per_task": dict(zip(tracker.task_names, counts["per_task"], strict=False)),
         },
-        "health": {"skipped_batches": dict(module.skipped_batches)},
+        "health": {
+            "skipped_batches": dict(module.skipped_batches),
+            "attempted_batches": dict(module.attempted_batches),
+            "diverged": dict(tracker.diverged),
+        },
         "timings": timings,
     }
 

@@ -46,6 +46,7 @@ class MoLEFlowLitModule(pl.LightningModule):
         self.task_names: list[str] = []
         self.current_task = -1
         self.skipped_batches: dict[str, int] = {}
+        self.attempted_batches: dict[str, int] = {}  # to tell "some batches skipped" from "task never trained"
         for name in task_names or []:
             self.add_task(name)
 
@@ -54,6 +55,7 @@ class MoLEFlowLitModule(pl.LightningModule):
         task = self.model.add_task()
         self.task_names.append(name)
         self.skipped_batches.setdefault(name, 0)
+        self.attempted_batches.setdefault(name, 0)
         return task
 
     def start_task(self, name: str) -> int:
@@ -70,6 +72,7 @@ class MoLEFlowLitModule(pl.LightningModule):
     # --------------------------------------------------------------------------------- training
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
         features = batch[0]  # (B, H, W, D)
+        self.attempted_batches[self.task_name] += 1
         nll, logdet = self.model.nll(features, self.current_task)
         loss, parts = moleflow_loss(nll, logdet, self.loss_cfg)
         if is_unusable_loss(loss, self.loss_cfg.max_loss):
@@ -107,6 +110,7 @@ class MoLEFlowLitModule(pl.LightningModule):
         checkpoint["moleflow"] = {
             "task_names": list(self.task_names),
             "skipped_batches": dict(self.skipped_batches),
+            "attempted_batches": dict(self.attempted_batches),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -116,3 +120,4 @@ class MoLEFlowLitModule(pl.LightningModule):
             self.add_task(name)
         self.model.router.resize(len(self.task_names))
         self.skipped_batches.update(info.get("skipped_batches", {}))
+        self.attempted_batches.update(info.get("attempted_batches", {}))
