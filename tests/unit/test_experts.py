@@ -128,3 +128,23 @@ def test_routed_scoring_equals_per_task_scoring() -> None:
     for b in range(5):
         single = model.nll(feats[b : b + 1], int(tasks[b]))[0][0]
         assert torch.allclose(routed[b], single, atol=1e-4)
+
+
+@pytest.mark.parametrize("expert_mode", ["lora", "full", "none"])
+def test_merged_experts_give_the_same_scores(expert_mode: str) -> None:
+    """Inference with experts folded into the base weights equals the three-matmul path (float rounding)."""
+    torch.manual_seed(0)
+    model = MoLEFlowModel(small_config(expert_mode=expert_mode, dia_blocks=1))
+    for t in range(3):
+        model.add_task()
+        model.set_trainable(t)
+        _train_randomly(model, t)
+    feats = torch.randn(4, 4, 4, 16)
+    tasks = torch.tensor([0, 2, 1, 2])
+    with torch.no_grad():
+        plain = model.nll_routed(feats, tasks)
+        with model.merged_experts():
+            merged = model.nll_routed(feats, tasks)
+        again = model.nll_routed(feats, tasks)
+    assert torch.allclose(merged, plain, rtol=1e-5, atol=1e-3)
+    assert torch.equal(again, plain)  # leaving the context restores the exact training path

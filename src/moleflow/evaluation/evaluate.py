@@ -66,7 +66,8 @@ def _score_batches(
         nonfinite.append((~torch.isfinite(nll)).flatten(1).sum(dim=1).cpu())
         nll, _ = sanitize_nonfinite(nll.float())
         nlls.append(nll.cpu())
-        maps.append(pixel_anomaly_map(nll, cfg.image_size, cfg.pixel_sigma).cpu())
+        with torch.autocast(feats.device.type, enabled=False):  # maps and metrics always in float32
+            maps.append(pixel_anomaly_map(nll, cfg.image_size, cfg.pixel_sigma).cpu())
     return torch.cat(nlls), torch.cat(maps), torch.cat(nonfinite)
 
 

@@ -85,6 +85,8 @@ class TaskExpertLinear(nn.Module):
         self.rank = rank
         self.alpha = alpha
         self.experts = nn.ModuleDict()
+        # inference only: task -> (weight, bias) with the expert folded in (see MoLEFlowModel.merged_experts)
+        self.merged: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def add_expert(self, task: int) -> None:
         """Create task's expert (no-op in mode "none"). Its output equals the base's at creation."""
@@ -98,6 +100,11 @@ class TaskExpertLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
         """x (N, in) -> (N, out), through the base and task's expert (if it has one)."""
+        if self.merged is not None:
+            if task not in self.merged:
+                self.merged[task] = tuple(t.detach() for t in self.merged_weight(task))
+            weight, bias = self.merged[task]
+            return F.linear(x, weight, bias)
         expert = self.experts[str(task)] if str(task) in self.experts else None
         if expert is None:
             return self.base(x)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import timm
@@ -126,6 +127,16 @@ class FeatureExtractor(nn.Module):
             p.requires_grad_(False)
         self.channels: list[int] = list(self.backbone.feature_info.channels())
         self.reductions: list[int] = list(self.backbone.feature_info.reduction())
+        self.images_seen = 0  # images run through the backbone (benchmarks and tests count the work)
+        self.channels_last = False
+        self.amp_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 for mixed precision on GPU
+
+    def configure_runtime(self, channels_last: bool = False, amp_dtype: torch.dtype | None = None) -> None:
+        """GPU speed options: channels_last memory layout and autocast dtype for the backbone."""
+        self.channels_last = channels_last
+        self.amp_dtype = amp_dtype
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> FeatureExtractor:  # noqa: ARG002 - frozen: always eval
         return super().train(False)
@@ -137,7 +148,12 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        maps = self.backbone(images)
+        self.images_seen += images.shape[0]
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        amp = torch.autocast(images.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        with amp:
+            maps = self.backbone(images)
         target = maps[0].shape[-2:]
         out = None
         for fmap in maps:

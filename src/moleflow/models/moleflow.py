@@ -10,6 +10,8 @@ Shapes: F (B, H, W, D) patch features; z (B, H, W, D); log-det and NLL maps (B, 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -19,7 +21,7 @@ from torch import nn
 from moleflow.models.adapters import WhiteningAdapter
 from moleflow.models.coupling import CouplingFlow
 from moleflow.models.dia import DIA
-from moleflow.models.experts import EXPERT_MODES
+from moleflow.models.experts import EXPERT_MODES, TaskExpertLinear
 from moleflow.models.mixer import SpatialContextMixer
 from moleflow.models.positional import positional_encoding_2d
 from moleflow.models.router import PrototypeRouter
@@ -239,6 +241,25 @@ class MoLEFlowModel(nn.Module):
             idx = (tasks == task).nonzero(as_tuple=True)[0].to(features.device)
             out[idx] = self.nll(features[idx], int(task))[0]
         return out
+
+    @contextmanager
+    def merged_experts(self, enabled: bool = True) -> Iterator[None]:
+        """Inference with every task's expert folded into its base weights (W + (alpha / r) B A).
+
+        One matmul per linear instead of three: the same function up to float rounding (tested). Only
+        for frozen weights: the merged copies are taken once per task and dropped on exit.
+        """
+        layers = [m for m in self.modules() if isinstance(m, TaskExpertLinear)]
+        if not enabled:
+            yield
+            return
+        for layer in layers:
+            layer.merged = {}
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.merged = None
 
     def inverse(self, z: torch.Tensor, task: int) -> torch.Tensor:
         """Inverse of the flow part (after the mixer): z (B, H, W, D) -> mixer output (B, H, W, D)."""

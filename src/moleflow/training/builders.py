@@ -87,11 +87,16 @@ def build_loggers(logger_cfg: DictConfig | None) -> list:
 
 
 def build_trainer(
-    trainer_cfg: DictConfig, epochs: int, loggers: list, output_dir: Path, first_task: bool
+    trainer_cfg: DictConfig,
+    epochs: int,
+    loggers: list,
+    output_dir: Path,
+    first_task: bool,
+    extra_callbacks: list | None = None,
 ) -> pl.Trainer:
     """A fresh Trainer for one task (a finished Trainer would silently train nothing on a second fit)."""
     t = to_dict(trainer_cfg)
-    callbacks: list = [RichProgressBar(leave=True)]
+    callbacks: list = [RichProgressBar(leave=True), *(extra_callbacks or [])]
     if first_task and t.pop("model_summary", True):
         callbacks.append(RichModelSummary(max_depth=3))
     t.pop("model_summary", None)

@@ -17,6 +17,8 @@ import math
 import platform
 import socket
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,72 @@ def _check_scoring(cfg: DictConfig, grid: tuple[int, int]) -> None:
     if not 1 <= top_k <= patches:
         msg = f"score_top_k={top_k} must be between 1 and the patches per image ({grid[0]}x{grid[1]}={patches})."
         raise ValueError(msg)
+
+
+def _amp_dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "null", "none", "fp32", "32"):
+        return None
+    if name in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if name in ("fp16", "float16", "16"):
+        return torch.float16
+    msg = f"runtime.amp must be null, bf16 or fp16, got {name!r}."
+    raise ValueError(msg)
+
+
+def _evaluate_seen(
+    model: Any, cache: FeatureCache, dm: Any, names: list[str], t: int, score_cfg: ScoreConfig, device: torch.device
+) -> list[Any]:
+    """Evaluate the test sets of tasks 0..t, task-agnostically (routing over t + 1 prototypes)."""
+    evaluations = []
+    for i in range(t + 1):
+        test_set = cache.get(f"{i:02d}_{names[i]}/test", lambda i=i: dm.test_dataloader_for(i), with_masks=True)
+        evaluations.append(evaluate_task(model, test_set, i, names[i], t + 1, score_cfg, device, dm.has_masks(i)))
+    return evaluations
+
+
+class _ReextractEachEpoch(pl.Callback):
+    """Replace the training features before every epoch after the first (``training.feature_cache=none``)."""
+
+    def __init__(self, dataset: TensorDataset, extract: Callable[[], torch.Tensor]) -> None:
+        self.dataset = dataset
+        self.extract = extract
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch > 0:
+            self.dataset.tensors = (self.extract(),)
+
+
+def _fit_task(
+    cfg: DictConfig,
+    module: Any,
+    features: torch.Tensor,
+    t: int,
+    name: str,
+    loggers: list,
+    output_dir: Path,
+    refresh: Callable[[], torch.Tensor] | None,
+) -> None:
+    """Train task t on its features (N, H, W, D) with a fresh Trainer: shuffled, drop_last, seeded."""
+    batch = int(cfg.data.train_batch_size)
+    if len(features) < batch:
+        log.warning("Task %s has %d training images < batch %d: one smaller batch.", name, len(features), batch)
+    dataset = TensorDataset(features)
+    loader = DataLoader(
+        dataset,
+        batch_size=min(batch, len(features)),
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(int(cfg.seed) + t),
+        pin_memory=torch.cuda.is_available() and bool(cfg.data.get("pin_memory", False)),
+    )
+    callbacks = [_ReextractEachEpoch(dataset, refresh)] if refresh is not None else []
+    trainer = build_trainer(cfg.trainer, int(cfg.training.epochs), loggers, output_dir, t == 0, callbacks)
+    module.train()
+    trainer.fit(module, train_dataloaders=loader)
+    if trainer.interrupted:  # Lightning swallows Ctrl-C; an unfinished task must not be saved as done
+        msg = f"Training of task {name} was interrupted; rerun with resume=true to continue."
+        raise KeyboardInterrupt(msg)
 
 
 def _check_divergence(tracker: ContinualTracker, module: Any, t: int, name: str, own: Any) -> None:
@@ -93,6 +161,9 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
     t0 = time.time()
     dm = build_datamodule(cfg.data)
     extractor = build_extractor(cfg.model.backbone, int(cfg.model.flow.embed_dim)).to(device)
+    runtime = cfg.get("runtime") or {}
+    amp_dtype = _amp_dtype(runtime.get("amp"))
+    extractor.configure_runtime(channels_last=bool(runtime.get("channels_last", False)), amp_dtype=amp_dtype)
     grid = extractor.grid_size(int(cfg.data.image_size))
     _check_scoring(cfg, grid)
     names = dm.task_names
@@ -109,6 +180,9 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
         output_dir = point.run_dir
     else:
         module = build_module(cfg.model)
+    if runtime.get("compile", False):
+        for flow in module.model.flows.values():
+            flow.forward = torch.compile(flow.forward)  # per instance: state_dict keys stay the same
     timings["setup_s"] = time.time() - t0
     train_cfg = cfg.training
     cache = FeatureCache(
@@ -149,27 +223,14 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             times["extract_train_s"] = time.time() - tic
 
             tic = time.time()
-            batch = int(cfg.data.train_batch_size)
-            if len(train_set) < batch:
-                log.warning(
-                    "Task %s has %d training images < batch %d: using one smaller batch.",
-                    name,
-                    len(train_set),
-                    batch,
-                )
-            loader = DataLoader(
-                TensorDataset(train_set.features),
-                batch_size=min(batch, len(train_set)),
-                shuffle=True,
-                drop_last=True,
-                generator=torch.Generator().manual_seed(int(cfg.seed) + t),
-            )
-            trainer = build_trainer(cfg.trainer, int(train_cfg.epochs), loggers, output_dir, first_task=t == 0)
-            module.train()
-            trainer.fit(module, train_dataloaders=loader)
-            if trainer.interrupted:  # Lightning swallows Ctrl-C; an unfinished task must not be saved as done
-                msg = f"Training of task {name} was interrupted; rerun with resume=true to continue."
-                raise KeyboardInterrupt(msg)
+            train_key = f"{t:02d}_{name}/train"
+            refresh = None
+            if cache.mode == "none":  # reference pipeline: the backbone runs again before every epoch
+
+                def refresh(train_key: str = train_key) -> torch.Tensor:
+                    return cache.get(train_key, dm.train_dataloader, with_masks=False).features
+
+            _fit_task(cfg, module, train_set.features, t, name, loggers, output_dir, refresh)
             times["fit_s"] = time.time() - tic
 
             tic = time.time()
@@ -178,13 +239,9 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             times["router_s"] = time.time() - tic
 
             tic = time.time()
-            evaluations = []
-            for i in range(t + 1):
-                test_key = f"{i:02d}_{names[i]}/test"
-                test_set = cache.get(test_key, lambda i=i: dm.test_dataloader_for(i), with_masks=True)
-                evaluations.append(
-                    evaluate_task(model, test_set, i, names[i], t + 1, score_cfg, device, dm.has_masks(i))
-                )
+            amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+            with model.merged_experts(bool(runtime.get("merge_experts", True))), amp:
+                evaluations = _evaluate_seen(model, cache, dm, names, t, score_cfg, device)
             tracker.record_round(t, evaluations)
             _check_divergence(tracker, module, t, name, evaluations[t])
             times["evaluate_s"] = time.time() - tic
@@ -200,7 +257,7 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
                 round_metrics["mean/routing_accuracy"],
             )
             timings["per_task"][name] = times
-            payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir)
+            payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir, extractor.images_seen)
             tic = time.time()
             extra = {
                 "summary": payload["final"],
@@ -215,7 +272,7 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             module.model.cpu()
 
         tic = time.time()
-        payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir)
+        payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir, extractor.images_seen)
         if cfg.get("report", {}).get("figures", True) and evaluations:
             payload["figures"] = write_figures(
                 output_dir, dm, evaluations, names, tracker.confusion, int(cfg.report.overlays_per_task), loggers
@@ -263,6 +320,7 @@ def _payload(
     timings: dict[str, Any],
     started: float,
     output_dir: Path,
+    extractor_images: int = 0,
 ) -> dict[str, Any]:
     summary = tracker.summary()
     counts = module.model.parameter_counts()
@@ -294,6 +352,7 @@ def _payload(
             "attempted_batches": dict(module.attempted_batches),
             "diverged": dict(tracker.diverged),
         },
+        "work": {"backbone_images": extractor_images, "feature_cache": str(cfg.training.feature_cache)},
         "timings": timings,
     }
 

@@ -47,6 +47,7 @@ class MoLEFlowLitModule(pl.LightningModule):
         self.current_task = -1
         self.skipped_batches: dict[str, int] = {}
         self.attempted_batches: dict[str, int] = {}  # to tell "some batches skipped" from "task never trained"
+        self.loss_history: dict[str, list[float]] = {}  # every training step's loss (cheap; tests compare runs)
         for name in task_names or []:
             self.add_task(name)
 
@@ -56,6 +57,7 @@ class MoLEFlowLitModule(pl.LightningModule):
         self.task_names.append(name)
         self.skipped_batches.setdefault(name, 0)
         self.attempted_batches.setdefault(name, 0)
+        self.loss_history.setdefault(name, [])
         return task
 
     def start_task(self, name: str) -> int:
@@ -87,6 +89,7 @@ class MoLEFlowLitModule(pl.LightningModule):
                 self.skipped_batches[self.task_name],
             )
             return None
+        self.loss_history[self.task_name].append(float(loss.detach()))
         key = f"task/{self.task_name}"
         self.log(f"{key}/train_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True)
         self.log(f"{key}/nll_mean", parts["nll_mean"], on_step=False, on_epoch=True)
@@ -111,6 +114,7 @@ class MoLEFlowLitModule(pl.LightningModule):
             "task_names": list(self.task_names),
             "skipped_batches": dict(self.skipped_batches),
             "attempted_batches": dict(self.attempted_batches),
+            "loss_history": {k: list(v) for k, v in self.loss_history.items()},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -121,3 +125,4 @@ class MoLEFlowLitModule(pl.LightningModule):
         self.model.router.resize(len(self.task_names))
         self.skipped_batches.update(info.get("skipped_batches", {}))
         self.attempted_batches.update(info.get("attempted_batches", {}))
+        self.loss_history.update(info.get("loss_history", {}))
