@@ -1,0 +1,51 @@
+"""Cluster sweeps through Hydra launchers: joblib (local parallel) and submitit (SLURM)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import CONF_DIR, compose_config
+
+ROOT = CONF_DIR.parent
+TINY = [
+    "experiment=generated_quick",
+    "logger=none",
+    "training.epochs=1",
+    "model.flow.embed_dim=32",
+    "model.flow.hidden=32",
+    "lora_rank=4",
+    "data.categories=[stripes,dots]",
+]
+
+
+def _multirun(tmp_path, launcher: list[str]) -> list:
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "src/train.py", "-m", *TINY, "ncl=2,4", *launcher]
+    cmd += [f"hydra.sweep.dir={sweep}", f"paths.data_dir={tmp_path / 'data'}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return sorted(sweep.glob("*/metrics.json"))
+
+
+def test_joblib_launcher_runs_two_jobs_in_parallel(tmp_path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    files = _multirun(tmp_path, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])
+    assert len(files) == 2
+
+
+def test_slurm_launcher_config_composes(tmp_path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = compose_config(["experiment=table1_core_ablation", "hydra/launcher=slurm"], tmp_path)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.gpus_per_node == 1 and launcher.timeout_min > 0 and launcher.mem_gb > 0
+
+
+@pytest.mark.slow
+def test_submitit_local_executor_stands_in_for_slurm(tmp_path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    files = _multirun(tmp_path, ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"])
+    assert len(files) == 2
