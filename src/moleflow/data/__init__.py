@@ -1,4 +1,4 @@
-"""Data: MVTec-layout, ELPV and user-folder task sources, image loading, datasets, the DataModule, synthetic data.
+"""Data: MVTec-layout, ELPV, VisA and user-folder sources, task grouping, images, datasets, DataModule, synthetic data.
 
 Names are imported lazily, so that `python -m moleflow.data.synthetic` neither loads torch/lightning
 nor triggers runpy's "found in sys.modules" warning.
@@ -10,10 +10,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from moleflow.data.datamodule import DATA_SOURCES, ContinualDataModule
+    from moleflow.data.datamodule import DATA_SOURCES, MPDD_CATEGORIES, ContinualDataModule
     from moleflow.data.datasets import SampleDataset
     from moleflow.data.elpv import ELPV_TASKS, elpv_counts, elpv_labels_csv, elpv_splits
     from moleflow.data.folder import FOLDER_LAYOUTS, folder_splits
+    from moleflow.data.grouping import group_splits, parse_scenario
     from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, load_mask, load_rgb
     from moleflow.data.mvtec import (
         MVTEC_CATEGORIES,
@@ -24,10 +25,12 @@ if TYPE_CHECKING:
         scan_category,
     )
     from moleflow.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_mvtec
+    from moleflow.data.visa import VISA_CATEGORIES, visa_splits
 
 _EXPORTS: dict[str, str] = {
     "ContinualDataModule": "datamodule",
     "DATA_SOURCES": "datamodule",
+    "MPDD_CATEGORIES": "datamodule",
     "SampleDataset": "datasets",
     "ELPV_TASKS": "elpv",
     "elpv_counts": "elpv",
@@ -35,6 +38,8 @@ _EXPORTS: dict[str, str] = {
     "elpv_splits": "elpv",
     "FOLDER_LAYOUTS": "folder",
     "folder_splits": "folder",
+    "group_splits": "grouping",
+    "parse_scenario": "grouping",
     "IMAGENET_MEAN": "images",
     "IMAGENET_STD": "images",
     "ImageReadError": "images",
@@ -48,6 +53,8 @@ _EXPORTS: dict[str, str] = {
     "scan_category": "mvtec",
     "SYNTHETIC_CATEGORIES": "synthetic",
     "generate_synthetic_mvtec": "synthetic",
+    "VISA_CATEGORIES": "visa",
+    "visa_splits": "visa",
 }
 
 __all__ = [
@@ -56,8 +63,10 @@ __all__ = [
     "FOLDER_LAYOUTS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MPDD_CATEGORIES",
     "MVTEC_CATEGORIES",
     "SYNTHETIC_CATEGORIES",
+    "VISA_CATEGORIES",
     "CategorySplit",
     "ContinualDataModule",
     "DatasetLayoutError",
@@ -69,10 +78,13 @@ __all__ = [
     "elpv_splits",
     "folder_splits",
     "generate_synthetic_mvtec",
+    "group_splits",
     "load_mask",
     "load_rgb",
+    "parse_scenario",
     "scan_categories",
     "scan_category",
+    "visa_splits",
 ]
 
 

@@ -1,4 +1,7 @@
-"""LightningDataModule that serves one category (MVTec layout, ELPV cell type or user folder) per continual task."""
+"""LightningDataModule that serves continual tasks: one category each, or several (a task-grouping scenario).
+
+Sources: MVTec layout (MVTec AD, MPDD, generated data), ELPV cell types, VisA's split file, user folders.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +17,43 @@ from torch.utils.data import DataLoader
 from moleflow.data.datasets import SampleDataset
 from moleflow.data.elpv import ELPV_TASKS, elpv_splits
 from moleflow.data.folder import folder_splits
-from moleflow.data.mvtec import CategorySplit, check_category_names, scan_categories
+from moleflow.data.grouping import group_name, group_splits, parse_scenario
+from moleflow.data.mvtec import (
+    EXPECTED_LAYOUT,
+    CategorySplit,
+    DatasetLayoutError,
+    check_category_names,
+    scan_categories,
+)
+from moleflow.data.visa import visa_splits
 
-DATA_SOURCES: tuple[str, ...] = ("mvtec", "elpv", "folder")
-"""Task sources: an MVTec AD-style tree, the ELPV package data, a user's own folders."""
+DATA_SOURCES: tuple[str, ...] = ("mvtec", "elpv", "folder", "visa")
+"""Task sources: an MVTec AD-style tree, the ELPV package data, a user's own folders, VisA's split file."""
+
+MPDD_CATEGORIES: tuple[str, ...] = (
+    "bracket_black",
+    "bracket_brown",
+    "bracket_white",
+    "connector",
+    "metal_plate",
+    "tubes",
+)
+MPDD_URL = "https://github.com/stepanje/MPDD"
+
+MVTEC_LAYOUT_LINES = (
+    "Expected layout (MVTec AD layout):\n"
+    "  ROOT/CATEGORY/train/good/*.png\n"
+    "  ROOT/CATEGORY/test/<defect>/*.png            (test/good holds the normal test images)\n"
+    "  ROOT/CATEGORY/ground_truth/<defect>/<name>_mask.png"
+)
+
+DOWNLOAD_HINTS: dict[str, str] = {
+    "mpdd": (
+        f"MPDD (Metal Parts Defect Detection) comes from {MPDD_URL} : download it by hand, extract it and "
+        "point `data.root` at the folder holding its category folders (bracket_black, ..., tubes)."
+    ),
+}
+"""Where a data set in MVTec layout other than MVTec AD comes from, keyed by `dataset_name` (data.name)."""
 
 
 def _positive_int(name: str, value: int, minimum: int = 1) -> int:
@@ -37,14 +73,28 @@ def _source_option_names(source: str) -> list[str]:
         return _keyword_options(elpv_splits, {"tasks"})
     if source == "folder":
         return _keyword_options(folder_splits, {"root", "categories"})
+    if source == "visa":
+        return _keyword_options(visa_splits, {"root", "categories"})
     return []
 
 
+def _with_download_hint(err: DatasetLayoutError, hint: str) -> DatasetLayoutError:
+    """The MVTec reader's error with MVTec AD's download note replaced by the data set's own."""
+    text = str(err)
+    if not text.endswith(EXPECTED_LAYOUT):
+        return err
+    problem = text[: -len(EXPECTED_LAYOUT)].rstrip("\n")
+    msg = f"{problem}\n{MVTEC_LAYOUT_LINES}\n{hint}"
+    return DatasetLayoutError(msg)
+
+
 class ContinualDataModule(pl.LightningDataModule):
-    """Task t = categories[t]: train on its normal images, test on the test sets of tasks 0..t.
+    """Task t = categories[t] (or the t-th group of `task_groups`): train on its normal images, test on tasks 0..t.
 
     All categories are scanned once, on the first `prepare_data`/`setup` (or first use), so that a
-    broken layout is reported before any training starts.
+    broken layout is reported before any training starts. With `task_groups`, task names, indices and
+    loaders refer to the grouped tasks; `task_categories` and `test_sample_categories` give the
+    categories inside a task, for metrics per category.
 
     Args:
         root: Data-set root holding one folder per category. Ignored by source="elpv" (the data
@@ -58,9 +108,15 @@ class ContinualDataModule(pl.LightningDataModule):
         eval_batch_size: Batch size of the test loaders.
         num_workers: DataLoader worker processes (0 loads in the main process).
         pin_memory: Pin host memory (useful with a GPU).
-        source: "mvtec" (`scan_categories`), "elpv" (`elpv_splits`) or "folder" (`folder_splits`).
+        source: "mvtec" (`scan_categories`), "elpv" (`elpv_splits`), "folder" (`folder_splits`) or
+            "visa" (`visa_splits`).
         source_options: Keyword arguments of the source's reader, e.g. {"max_train_per_task": 64}
-            for "elpv" or {"layout": "normal_abnormal", "seed": 1} for "folder"; none for "mvtec".
+            for "elpv", {"layout": "normal_abnormal", "seed": 1} for "folder" or {"split_csv": ...}
+            for "visa"; none for "mvtec".
+        task_groups: Scenario grouping the categories into tasks (`parse_scenario`): None (one
+            category per task), "10-5", "14-1", "3x5", ... or a list of lists of category names.
+        dataset_name: Name of the data set (data.name); for MVTec-layout data sets other than MVTec AD
+            (e.g. "mpdd") layout errors say where that data set comes from instead of MVTec AD.
     """
 
     def __init__(
@@ -74,6 +130,8 @@ class ContinualDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         source: str = "mvtec",
         source_options: Mapping[str, Any] | None = None,
+        task_groups: str | Sequence[Sequence[str]] | None = None,
+        dataset_name: str | None = None,
     ) -> None:
         super().__init__()
         if source not in DATA_SOURCES:
@@ -91,12 +149,20 @@ class ContinualDataModule(pl.LightningDataModule):
         if categories is None and source == "elpv":
             categories = ELPV_TASKS
         self._categories = check_category_names(categories) if categories is not None else None
+        self._task_groups = task_groups
+        # Parsed now when the categories are known (fail before scanning), else after scanning.
+        self._groups = parse_scenario(task_groups, self._categories) if self._categories is not None else None
+        if dataset_name is not None and not isinstance(dataset_name, str):
+            msg = f"dataset_name must be a string such as 'mpdd' (data.name) or None, got {dataset_name!r}."
+            raise TypeError(msg)
+        self.dataset_name = dataset_name
         self.image_size = _positive_int("image_size", image_size)
         self.train_batch_size = _positive_int("train_batch_size", train_batch_size)
         self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
         self.num_workers = _positive_int("num_workers", num_workers, minimum=0)
         self.pin_memory = bool(pin_memory)
         self.current_task = 0
+        self._category_splits: list[CategorySplit] | None = None
         self._splits: list[CategorySplit] | None = None
 
     # ----------------------------------------------------------------------------------- scanning
@@ -123,17 +189,30 @@ class ContinualDataModule(pl.LightningDataModule):
             raise ValueError(msg)
         return dict(options)
 
+    def _read_source(self) -> list[CategorySplit]:
+        """One split per category, from the configured source."""
+        if self.source == "mvtec":
+            hint = DOWNLOAD_HINTS.get((self.dataset_name or "").lower())
+            try:
+                return scan_categories(self.root, self._categories)
+            except DatasetLayoutError as err:
+                if hint is None:
+                    raise
+                raise _with_download_hint(err, hint) from None
+        if self.source == "elpv":
+            return elpv_splits(tasks=self._categories, **self.source_options)
+        if self.source == "visa":
+            return visa_splits(self.root, self._categories, **self.source_options)
+        return folder_splits(self.root, self._categories, **self.source_options)
+
     def _scan(self) -> list[CategorySplit]:
         if self._splits is None:
-            if self.source == "mvtec":
-                splits = scan_categories(self.root, self._categories)
-            elif self.source == "elpv":
-                splits = elpv_splits(tasks=self._categories, **self.source_options)
-            else:
-                splits = folder_splits(self.root, self._categories, **self.source_options)
-            self._splits = splits
-            if self._categories is None:
-                self._categories = [s.category for s in splits]
+            splits = self._read_source()
+            categories = [s.category for s in splits]
+            groups = self._groups if self._groups is not None else parse_scenario(self._task_groups, categories)
+            grouped = group_splits(splits, groups)
+            self._categories, self._groups = categories, groups
+            self._category_splits, self._splits = splits, grouped
         return self._splits
 
     # ------------------------------------------------------------------------------------- tasks
@@ -143,15 +222,48 @@ class ContinualDataModule(pl.LightningDataModule):
 
     @property
     def task_names(self) -> list[str]:
-        """Task names in order (for source="folder" with categories=None, known after scanning)."""
+        """Task names in order: the category, or "a+b+..." for a grouped task (scans first if categories=None)."""
+        return [group_name(group) for group in self._task_groups_list()]
+
+    @property
+    def categories(self) -> list[str]:
+        """All categories in order (as many as tasks unless `task_groups` groups them)."""
         if self._categories is None:
             self._scan()
         return list(self._categories)
 
     @property
     def splits(self) -> list[CategorySplit]:
-        """Scanned splits, one per task in order (scans on first access)."""
+        """Scanned splits, one per task in order (grouped tasks merged; scans on first access)."""
         return self._scan()
+
+    @property
+    def category_splits(self) -> list[CategorySplit]:
+        """Scanned splits, one per category in order (before grouping)."""
+        self._scan()
+        return list(self._category_splits)
+
+    def _task_groups_list(self) -> list[list[str]]:
+        if self._groups is None:
+            self._scan()
+        return self._groups
+
+    def task_categories(self, t: int) -> list[str]:
+        """Categories of task t, in order (one unless `task_groups` groups several)."""
+        return list(self._task_groups_list()[self._check_task(t)])
+
+    def _sample_categories(self, t: int, which: str) -> list[str]:
+        t = self._check_task(t)
+        by_name = {s.category: s for s in self.category_splits}
+        return [name for name in self.task_categories(t) for _ in getattr(by_name[name], which)]
+
+    def test_sample_categories(self, t: int) -> list[str]:
+        """Category of every test sample of task t, in test-loader order (for metrics per category)."""
+        return self._sample_categories(t, "test")
+
+    def train_sample_categories(self, t: int) -> list[str]:
+        """Category of every training sample of task t, in (unshuffled) train-loader order."""
+        return self._sample_categories(t, "train")
 
     def _check_task(self, t: int) -> int:
         if isinstance(t, bool):

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from moleflow.data.datamodule import ContinualDataModule
 from moleflow.data.synthetic import generate_synthetic_mvtec
@@ -26,6 +26,11 @@ def to_dict(cfg: DictConfig | dict | None) -> dict[str, Any]:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return dict(cfg)
+
+
+def to_dict_or_value(value: Any) -> Any:
+    """Plain Python for a config node (lists of lists stay lists), scalars unchanged."""
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
 
 
 def resolve_device(accelerator: str) -> torch.device:
@@ -53,6 +58,8 @@ def build_datamodule(data_cfg: DictConfig) -> ContinualDataModule:
         pin_memory=bool(data_cfg.get("pin_memory", False)),
         source=str(data_cfg.get("source", "mvtec")),
         source_options=to_dict(data_cfg.get("source_options")),
+        task_groups=to_dict_or_value(data_cfg.get("task_groups")),
+        dataset_name=data_cfg.get("name"),
     )
     dm.setup()
     return dm
@@ -96,6 +103,10 @@ def build_trainer(
 ) -> pl.Trainer:
     """A fresh Trainer for one task (a finished Trainer would silently train nothing on a second fit)."""
     t = to_dict(trainer_cfg)
+    if "spawn" in str(t.get("strategy", "")):
+        # spawned workers receive the model and features through shared memory; the file-descriptor
+        # strategy fails on some hosts ("unable to resize file"), the file-system one works everywhere
+        torch.multiprocessing.set_sharing_strategy("file_system")
     callbacks: list = [RichProgressBar(leave=True), *(extra_callbacks or [])]
     if first_task and t.pop("model_summary", True):
         callbacks.append(RichModelSummary(max_depth=3))

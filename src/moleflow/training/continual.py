@@ -100,6 +100,9 @@ def _fit_task(
 ) -> None:
     """Train task t on its features (N, H, W, D) with a fresh Trainer: shuffled, drop_last, seeded."""
     batch = int(cfg.data.train_batch_size)
+    devices = cfg.trainer.get("devices", 1)
+    if "ddp" in str(cfg.trainer.get("strategy", "")) and isinstance(devices, int) and devices > 1:
+        batch = max(1, batch // devices)  # per-device batch: the global batch stays data.train_batch_size
     if len(features) < batch:
         log.warning("Task %s has %d training images < batch %d: one smaller batch.", name, len(features), batch)
     dataset = TensorDataset(features)

@@ -12,12 +12,27 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
 
 from moleflow.models.moleflow import MoLEFlowConfig, MoLEFlowModel
 from moleflow.training.losses import LossConfig, is_unusable_loss, moleflow_loss
 from moleflow.training.optim import OptimConfig, build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
+
+
+class BatchCounters(nn.Module):
+    """[attempted, skipped] training batches per task, kept as buffers.
+
+    Buffers travel with the state dict: the counts survive checkpoints and come back from the
+    worker processes of a DDP-spawn run, where plain attributes would be lost.
+    """
+
+    def add(self, task: int) -> None:
+        self.register_buffer(f"task_{task}", torch.zeros(2, dtype=torch.long))
+
+    def get(self, task: int) -> torch.Tensor:
+        return getattr(self, f"task_{task}")
 
 
 class MoLEFlowLitModule(pl.LightningModule):
@@ -45,8 +60,7 @@ class MoLEFlowLitModule(pl.LightningModule):
         self.optim_cfg = OptimConfig(**(optimizer or {}))
         self.task_names: list[str] = []
         self.current_task = -1
-        self.skipped_batches: dict[str, int] = {}
-        self.attempted_batches: dict[str, int] = {}  # to tell "some batches skipped" from "task never trained"
+        self.counters = BatchCounters()
         self.loss_history: dict[str, list[float]] = {}  # every training step's loss (cheap; tests compare runs)
         for name in task_names or []:
             self.add_task(name)
@@ -55,8 +69,7 @@ class MoLEFlowLitModule(pl.LightningModule):
     def add_task(self, name: str) -> int:
         task = self.model.add_task()
         self.task_names.append(name)
-        self.skipped_batches.setdefault(name, 0)
-        self.attempted_batches.setdefault(name, 0)
+        self.counters.add(task)
         self.loss_history.setdefault(name, [])
         return task
 
@@ -71,14 +84,25 @@ class MoLEFlowLitModule(pl.LightningModule):
     def task_name(self) -> str:
         return self.task_names[self.current_task]
 
+    @property
+    def attempted_batches(self) -> dict[str, int]:
+        """Training batches each task has seen (to tell "some skipped" from "never trained")."""
+        return {n: int(self.counters.get(i)[0]) for i, n in enumerate(self.task_names)}
+
+    @property
+    def skipped_batches(self) -> dict[str, int]:
+        """Training batches each task skipped because the loss was NaN, infinite or exploding."""
+        return {n: int(self.counters.get(i)[1]) for i, n in enumerate(self.task_names)}
+
     # --------------------------------------------------------------------------------- training
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
         features = batch[0]  # (B, H, W, D)
-        self.attempted_batches[self.task_name] += 1
+        counts = self.counters.get(self.current_task)  # [attempted, skipped], a buffer
+        counts[0] += 1
         nll, logdet = self.model.nll(features, self.current_task)
         loss, parts = moleflow_loss(nll, logdet, self.loss_cfg)
         if is_unusable_loss(loss, self.loss_cfg.max_loss):
-            self.skipped_batches[self.task_name] += 1
+            counts[1] += 1
             log.warning(
                 "Task %s, epoch %d, batch %d: loss %s unusable (NaN, inf or > %g); batch skipped (%d so far).",
                 self.task_name,
@@ -86,8 +110,12 @@ class MoLEFlowLitModule(pl.LightningModule):
                 batch_idx,
                 float(loss.detach()),
                 self.loss_cfg.max_loss,
-                self.skipped_batches[self.task_name],
+                int(counts[1]),
             )
+            if (
+                self._trainer is not None and self.trainer.world_size > 1
+            ):  # every DDP rank must back-propagate: a zero, finite loss
+                return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             return None
         self.loss_history[self.task_name].append(float(loss.detach()))
         key = f"task/{self.task_name}"
@@ -97,7 +125,7 @@ class MoLEFlowLitModule(pl.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self.log(f"task/{self.task_name}/skipped_batches", float(self.skipped_batches[self.task_name]))
+        self.log(f"task/{self.task_name}/skipped_batches", float(self.counters.get(self.current_task)[1]))
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.model.parameters(), self.optim_cfg)
@@ -112,8 +140,6 @@ class MoLEFlowLitModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["moleflow"] = {
             "task_names": list(self.task_names),
-            "skipped_batches": dict(self.skipped_batches),
-            "attempted_batches": dict(self.attempted_batches),
             "loss_history": {k: list(v) for k, v in self.loss_history.items()},
         }
 
@@ -123,6 +149,4 @@ class MoLEFlowLitModule(pl.LightningModule):
         for name in info.get("task_names", [])[len(self.task_names) :]:
             self.add_task(name)
         self.model.router.resize(len(self.task_names))
-        self.skipped_batches.update(info.get("skipped_batches", {}))
-        self.attempted_batches.update(info.get("attempted_batches", {}))
         self.loss_history.update(info.get("loss_history", {}))
