@@ -123,3 +123,29 @@ def evaluate_task(
         nonfinite_routed=int(r_bad.sum()),
         has_masks=has_masks,
     )
+
+
+def category_breakdown(ev: TaskEvaluation, categories: list[str], masks: torch.Tensor | None) -> dict[str, dict]:
+    """Metrics per category inside a task that groups several categories (routed scores).
+
+    ``categories``: the category of each test image, in test order; ``masks`` (N, S, S) or None.
+    Routing accuracy per category is the share of its images sent to this task's expert.
+    """
+    out: dict[str, dict] = {}
+    labels = ev.labels
+    for name in dict.fromkeys(categories):
+        idx = torch.tensor([i for i, c in enumerate(categories) if c == name])
+        pixel_masks = masks[idx] if (masks is not None and ev.has_masks) else None
+        metrics = compute_task_metrics(
+            ev.routed_image_scores[idx],
+            labels[idx],
+            ev.routed_pixel_maps[idx] if pixel_masks is not None else None,
+            pixel_masks,
+        )
+        out[name] = {
+            "task": ev.name,
+            "routed": metrics.as_dict(),
+            "routing_accuracy": float((ev.routed_tasks[idx] == ev.task).double().mean()),
+            "num_test_images": len(idx),
+        }
+    return out

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
-from moleflow.evaluation.evaluate import ScoreConfig, evaluate_task
+from moleflow.evaluation.evaluate import ScoreConfig, category_breakdown, evaluate_task
 from moleflow.evaluation.figures import write_figures
 from moleflow.evaluation.report import ContinualTracker, log_results_table, print_table, write_json_atomic
 from moleflow.training.builders import (
@@ -276,6 +276,14 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
 
         tic = time.time()
         payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir, extractor.images_seen)
+        if any(len(dm.task_categories(i)) > 1 for i in range(len(names))) and evaluations:
+            payload["per_category"] = {}
+            for ev in evaluations:  # the last round: every task, after the last task
+                loader = lambda t=ev.task: dm.test_dataloader_for(t)  # noqa: E731 - only used if not cached
+                test_set = cache.get(f"{ev.task:02d}_{ev.name}/test", loader, with_masks=True)
+                payload["per_category"].update(
+                    category_breakdown(ev, dm.test_sample_categories(ev.task), test_set.masks)
+                )
         if cfg.get("report", {}).get("figures", True) and evaluations:
             payload["figures"] = write_figures(
                 output_dir, dm, evaluations, names, tracker.confusion, int(cfg.report.overlays_per_task), loggers
