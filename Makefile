@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 # The torch pair that installs on our CPU machines; users elsewhere may use any torch>=2.3.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-all lint demo train-generated train clean
+.PHONY: install test test-all lint demo train-generated train bench clean
 
 $(VENV)/.install-stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,3 +37,6 @@ train: install  ## MAIN on MVTec AD: make train DATA=/path/to/mvtec_ad
 
 clean:
 	rm -rf logs .pytest_cache .ruff_cache
+
+bench: install  ## performance benchmark (issue 8): logs/bench/<time>/bench.{json,md}; BENCH_ARGS=--quick for a short try
+	$(PY) experiments/bench.py $(BENCH_ARGS)

@@ -1,0 +1,649 @@
+"""Using a trained model: ``MoLEFlowDetector.load(ckpt).predict(images)``.
+
+The detector rebuilds the backbone from the run's configuration (a checkpoint holds no backbone
+weights), routes every image to its nearest task (Mahalanobis distance to the task prototypes),
+scores it with that task's expert, and turns the score into a verdict with per-task thresholds:
+
+* ``normal`` / ``defective``: image score above the routed task's score threshold;
+* ``unknown category``: the image's routing distance exceeds *every* task's route threshold, so it is
+  not forced onto the nearest task (its score against the nearest task is still reported).
+
+Thresholds come from a calibration (see :mod:`moleflow.inference.calibration`) stored in the
+checkpoint. ``calibrate(save=True)`` writes a *new* checkpoint next to the original,
+``<name>.calibrated.ckpt``, atomically, instead of rewriting the run's own files: the training
+checkpoints (and the ``last.ckpt`` hard link a resumed run updates) stay untouched, and the calibrated
+copy is a complete checkpoint that loads wherever the original does. Loading the original finds its
+calibrated copy automatically when the copy was made from exactly that file (content hash).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from moleflow.inference.calibration import (
+    MIN_ROUTE_IMAGES,
+    SOURCE_HELD_OUT,
+    SOURCE_TRAINING,
+    Calibration,
+    TaskCalibration,
+    calibrated_path,
+    check_rate,
+    cross_validated_distances,
+    f1_report,
+    file_sha256,
+    fpr_threshold,
+    read_calibration,
+    tail_threshold,
+    write_calibrated_checkpoint,
+)
+from moleflow.inference.inputs import LoadedImage, scan_images, to_model_inputs, try_load
+from moleflow.inference.scoring import image_scores, score_maps
+from moleflow.models.feature_extractor import FeatureExtractor, router_features
+from moleflow.models.moleflow import MoLEFlowModel
+from moleflow.utils.progress import track
+
+log = logging.getLogger(__name__)
+
+VERDICT_NORMAL = "normal"
+VERDICT_DEFECTIVE = "defective"
+VERDICT_UNKNOWN = "unknown category"
+DEFAULT_FPR = 0.01
+DEFAULT_UNKNOWN_RATE = 0.01
+DEFAULT_BATCH = 16
+
+
+class CalibrationDataError(FileNotFoundError):
+    """The images needed for calibration (training or test images of the run) cannot be found."""
+
+
+@dataclass
+class Prediction:
+    """The detector's answer for one image.
+
+    Attributes:
+        task: name of the routed (nearest) task. When ``is_unknown`` it is only the nearest known task.
+        task_index: its index in the checkpoint's task order.
+        routing_distance: squared Mahalanobis distance to that task's prototype.
+        score: image score (mean of the top-k patch NLLs under the routed task's expert).
+        threshold: the routed task's score threshold (None when not calibrated).
+        is_defective: ``score > threshold`` for an image of a known category (False when unknown).
+        is_unknown: the routing distance to every task exceeds that task's route threshold.
+        anomaly_map: (S, S) pixel anomaly map at the model's input size (NLL, smoothed).
+        route_threshold: the routed task's unknown-category threshold (None: never unknown).
+        source: the file path, or a description of an in-memory image.
+        original_size: (H, W) of the image before resizing (None for tensors).
+        nonfinite_patches: patch NLLs that were NaN/inf and replaced (non-zero: the model diverged).
+    """
+
+    task: str
+    task_index: int
+    routing_distance: float
+    score: float
+    threshold: float | None
+    is_defective: bool
+    is_unknown: bool
+    anomaly_map: torch.Tensor
+    route_threshold: float | None = None
+    source: str = ""
+    original_size: tuple[int, int] | None = None
+    nonfinite_patches: int = 0
+
+    @property
+    def verdict(self) -> str:
+        """ "normal", "defective" or "unknown category"."""
+        if self.is_unknown:
+            return VERDICT_UNKNOWN
+        return VERDICT_DEFECTIVE if self.is_defective else VERDICT_NORMAL
+
+    def as_dict(self) -> dict[str, Any]:
+        """Everything but the map, JSON-ready (inf thresholds as None)."""
+
+        def finite(v: float | None) -> float | None:
+            return None if v is None or not math.isfinite(v) else float(v)
+
+        return {
+            "source": self.source,
+            "verdict": self.verdict,
+            "task": self.task,
+            "task_index": self.task_index,
+            "routing_distance": self.routing_distance,
+            "route_threshold": finite(self.route_threshold),
+            "score": self.score,
+            "threshold": finite(self.threshold),
+            "is_defective": self.is_defective,
+            "is_unknown": self.is_unknown,
+            "original_size": list(self.original_size) if self.original_size else None,
+            "nonfinite_patches": self.nonfinite_patches,
+        }
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class MoLEFlowDetector:
+    """A trained MoLE-Flow model ready to judge new images of its categories.
+
+    Build it with :meth:`load`; the constructor takes already-built parts (tests, custom pipelines).
+
+    Args:
+        extractor: the frozen backbone + patch embedding the model was trained on.
+        model: the trained flow with its router prototypes.
+        task_names: names of the model's tasks, in order.
+        image_size: side S the images are resized to.
+        score_top_k: image score = mean of the top-k patch NLLs.
+        pixel_sigma: Gaussian smoothing of the pixel maps.
+        calibration: stored thresholds, or None.
+        checkpoint: the file the model came from (where ``calibrate(save=True)`` writes next to).
+        run_config: the training run's resolved config (to find its training and test images).
+        device: where to run.
+    """
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        model: MoLEFlowModel,
+        task_names: list[str],
+        image_size: int,
+        score_top_k: int = 3,
+        pixel_sigma: float = 4.0,
+        calibration: Calibration | None = None,
+        checkpoint: Path | None = None,
+        run_config: dict[str, Any] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if len(task_names) != model.num_tasks or model.router.num_tasks < model.num_tasks:
+            msg = (
+                f"The model has {model.num_tasks} task(s) and {model.router.num_tasks} router prototype(s) but "
+                f"{len(task_names)} task name(s); a checkpoint is only usable once its task's prototype is fitted."
+            )
+            raise ValueError(msg)
+        self.device = torch.device(device)
+        self.extractor = extractor.to(self.device).eval()
+        self.model = model.to(self.device).eval()
+        self.task_names = list(task_names)
+        self.image_size = int(image_size)
+        self.grid = extractor.grid_size(self.image_size)
+        patches = self.grid[0] * self.grid[1]
+        if not 1 <= int(score_top_k) <= patches:
+            msg = f"score_top_k={score_top_k} must be between 1 and the patches per image ({patches})."
+            raise ValueError(msg)
+        self.score_top_k = int(score_top_k)
+        self.pixel_sigma = float(pixel_sigma)
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.run_config = run_config
+        self.calibration = calibration
+        self._score_override: dict[str, float] = {}
+        self._route_override: dict[str, float] = {}
+        if calibration is not None:
+            self._check_calibration(calibration)
+
+    # ----------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        backbone_weights: str | Path | None = None,
+        data_root: str | Path | None = None,
+        auto_calibrate: bool = True,
+        save_calibration: bool = False,
+    ) -> MoLEFlowDetector:
+        """Load a training checkpoint (``run/checkpoints/*.ckpt``) or its calibrated copy.
+
+        Args:
+            path: the checkpoint.
+            device: "cpu", "cuda", ...
+            backbone_weights: local weights file for a pretrained backbone when the model hub is unreachable.
+            data_root: where the run's data set is now, if it moved since training.
+            auto_calibrate: with no stored calibration, calibrate on the training images (in-sample: optimistic
+                thresholds, see :mod:`moleflow.inference.calibration`); a warning, not an error, if they are gone.
+            save_calibration: write that calibration to ``<name>.calibrated.ckpt`` next to ``path``.
+        """
+        from moleflow.training.builders import build_extractor
+        from moleflow.training.checkpoint import load_checkpoint, read_checkpoint_info
+
+        path = Path(path).expanduser()
+        info = read_checkpoint_info(path)
+        run_config = info.get("run_config")
+        if run_config is None:
+            msg = f"{path} holds no run configuration (made by an older moleflow): the backbone cannot be rebuilt."
+            raise ValueError(msg)
+        module = load_checkpoint(path, map_location="cpu")
+        backbone = dict(run_config["model"]["backbone"])
+        if backbone_weights is not None:
+            backbone["weights"] = str(backbone_weights)
+        extractor = build_extractor(OmegaConf.create(backbone), int(run_config["model"]["flow"]["embed_dim"]))
+        calibration = read_calibration(info)
+        if calibration is None:
+            calibration = _calibrated_copy_of(path)
+        score = run_config["model"].get("score", {})
+        detector = cls(
+            extractor,
+            module.model,
+            list(module.task_names),
+            int(run_config["data"]["image_size"]),
+            score_top_k=int(score.get("top_k", 3)),
+            pixel_sigma=float(score.get("pixel_sigma", 4.0)),
+            calibration=calibration,
+            checkpoint=path,
+            run_config=run_config,
+            device=device,
+        )
+        if detector.calibration is None and auto_calibrate:
+            log.warning("%s has no stored thresholds: calibrating on the training images (in-sample).", path)
+            try:
+                detector.calibrate(data_root=data_root, save=save_calibration)
+            except CalibrationDataError as err:
+                log.warning("Could not calibrate automatically: %s", err)
+        return detector
+
+    def _check_calibration(self, calibration: Calibration) -> None:
+        missing = [n for n in self.task_names if n not in calibration.tasks]
+        if missing:
+            msg = f"The stored calibration has no thresholds for tasks {missing}; recalibrate (calibrate())."
+            raise ValueError(msg)
+        if calibration.score_top_k != self.score_top_k:
+            msg = (
+                f"The stored thresholds were calibrated for score_top_k={calibration.score_top_k}, but scores use "
+                f"top-k {self.score_top_k}; recalibrate."
+            )
+            raise ValueError(msg)
+
+    # -------------------------------------------------------------------------------- thresholds
+    @property
+    def thresholds(self) -> dict[str, float | None]:
+        """Score threshold per task in use: override, else stored calibration, else None."""
+        return {n: self._threshold(n, self._score_override, "score_threshold") for n in self.task_names}
+
+    @property
+    def route_thresholds(self) -> dict[str, float | None]:
+        """Unknown-category (routing distance) threshold per task in use; None: never unknown."""
+        out = {n: self._threshold(n, self._route_override, "route_threshold") for n in self.task_names}
+        return {n: None if v is None or not math.isfinite(v) else v for n, v in out.items()}
+
+    def _threshold(self, name: str, override: dict[str, float], key: str) -> float | None:
+        if name in override:
+            return override[name]
+        if self.calibration is not None:
+            return float(getattr(self.calibration.tasks[name], key))
+        return None
+
+    def set_thresholds(
+        self,
+        score: float | Mapping[str, float] | None = None,
+        route: float | Mapping[str, float] | None = None,
+    ) -> None:
+        """Override the stored thresholds (a number for every task, or {task: value}); None leaves them.
+
+        ``route=math.inf`` turns unknown-category detection off. Overrides are not saved in the checkpoint.
+        """
+        for values, target, what in ((score, self._score_override, "score"), (route, self._route_override, "route")):
+            if values is None:
+                continue
+            if isinstance(values, Mapping):
+                unknown = sorted(set(values) - set(self.task_names))
+                if unknown:
+                    msg = f"{what} thresholds given for unknown tasks {unknown}; the model's tasks: {self.task_names}."
+                    raise ValueError(msg)
+                items = dict(values)
+            else:
+                items = dict.fromkeys(self.task_names, values)
+            for name, value in items.items():
+                v = float(value)
+                if math.isnan(v) or (what == "score" and math.isinf(v)):
+                    msg = f"{what} threshold for task {name!r} must be a finite number, got {value!r}."
+                    raise ValueError(msg)
+                target[name] = v
+
+    def clear_overrides(self) -> None:
+        """Back to the stored thresholds."""
+        self._score_override.clear()
+        self._route_override.clear()
+
+    def _threshold_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = [math.inf if v is None else v for v in self.thresholds.values()]
+        routes = [math.inf if v is None else v for v in self.route_thresholds.values()]
+        return (
+            torch.tensor(scores, dtype=torch.float64, device=self.device),
+            torch.tensor(routes, dtype=torch.float64, device=self.device),
+        )
+
+    # -------------------------------------------------------------------------------- prediction
+    @torch.no_grad()
+    def run_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalised images (B, 3, S, S) -> the same tensors the exported model returns (see export.OUTPUTS)."""
+        x = images.to(self.device, torch.float32)
+        features = self.extractor(x)
+        dists = self.model.router.distances(router_features(features), len(self.task_names))
+        best, tasks = dists.min(dim=1)
+        nll = self.model.nll_routed(features, tasks)
+        clean, scores, pixels, replaced = score_maps(nll, self.score_top_k, self.image_size, self.pixel_sigma)
+        score_thr, route_thr = self._threshold_tensors()
+        unknown = (dists > route_thr[None, :]).all(dim=1)
+        threshold = score_thr.index_select(0, tasks)
+        return {
+            "task": tasks,
+            "routing_distance": best,
+            "distances": dists,
+            "score": scores,
+            "threshold": threshold,
+            "is_unknown": unknown,
+            "is_defective": (scores.to(torch.float64) > threshold) & ~unknown,
+            "nll_map": clean,
+            "anomaly_map": pixels,
+            "nonfinite": replaced,
+        }
+
+    def require_thresholds(self) -> None:
+        """Raise if some task has no score threshold (nothing to decide normal vs defective with)."""
+        missing = [n for n, v in self.thresholds.items() if v is None]
+        if missing:
+            msg = (
+                f"No score threshold for tasks {missing}: calibrate first (detector.calibrate(), or "
+                "calibrate(normal_dir=FOLDER) with held-out defect-free images per task), or set one with "
+                "set_thresholds(score=...)."
+            )
+            raise RuntimeError(msg)
+
+    def predict_loaded(self, loaded: list[LoadedImage]) -> list[Prediction]:
+        """Predictions for already-loaded images (one batch)."""
+        if not loaded:
+            return []
+        self.require_thresholds()
+        out = self.run_batch(torch.stack([item.tensor for item in loaded]))
+        route_thr = self.route_thresholds
+        results = []
+        for i, item in enumerate(loaded):
+            t = int(out["task"][i])
+            name = self.task_names[t]
+            results.append(
+                Prediction(
+                    task=name,
+                    task_index=t,
+                    routing_distance=float(out["routing_distance"][i]),
+                    score=float(out["score"][i]),
+                    threshold=self.thresholds[name],
+                    is_defective=bool(out["is_defective"][i]),
+                    is_unknown=bool(out["is_unknown"][i]),
+                    anomaly_map=out["anomaly_map"][i].cpu(),
+                    route_threshold=route_thr[name],
+                    source=item.source,
+                    original_size=item.original_hw,
+                    nonfinite_patches=int(out["nonfinite"][i]),
+                )
+            )
+        return results
+
+    def predict(self, images: Any, batch_size: int = DEFAULT_BATCH) -> list[Prediction]:
+        """Judge images: file paths, PIL images, numpy arrays (H, W[, C], RGB), or a (B, 3, S, S) tensor.
+
+        Files and in-memory images are converted like the training data (RGB, resized to S, ImageNet
+        mean/std); a tensor must already be that. Images are processed ``batch_size`` at a time.
+
+        Raises:
+            FileNotFoundError, moleflow.data.images.ImageReadError: a file is missing or unreadable.
+            RuntimeError: no thresholds (not calibrated).
+        """
+        self.require_thresholds()
+        if isinstance(images, torch.Tensor):
+            items: list[Any] = [images] if images.ndim == 3 else list(images.unbind(0))
+        elif isinstance(images, str | Path | np.ndarray) or not isinstance(images, Iterable):
+            items = [images]
+        else:
+            items = list(images)
+        results: list[Prediction] = []
+        for chunk in _chunks(items, max(1, int(batch_size))):
+            results.extend(self.predict_loaded(to_model_inputs(chunk, self.image_size)))
+        return results
+
+    # ------------------------------------------------------------------------------- calibration
+    def _datamodule(self, data_root: str | Path | None) -> Any:
+        """The run's data (train and test splits of the checkpoint's tasks), or CalibrationDataError."""
+        from moleflow.training.builders import build_datamodule
+
+        if self.run_config is None:
+            msg = "This detector has no run configuration, so it cannot find the training images."
+            raise CalibrationDataError(msg)
+        data = OmegaConf.create(self.run_config["data"])
+        data.generate = None  # never write into a data folder while calibrating
+        data.categories = list(self.task_names)
+        data.num_workers = 0
+        if data_root is not None:
+            data.root = str(data_root)
+        try:
+            return build_datamodule(data)
+        except (FileNotFoundError, OSError, ValueError) as err:
+            msg = (
+                f"The run's images are not reachable (data.root={data.get('root')}): {err}\nPass data_root=PATH if "
+                "the data set moved, or calibrate on held-out defect-free images (normal_dir=FOLDER with one "
+                "sub-folder per task)."
+            )
+            raise CalibrationDataError(msg) from err
+
+    @torch.no_grad()
+    def _score_paths(
+        self, paths: list[Path], task: int, batch_size: int, description: str, progress: bool
+    ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+        """Router features (N, D), scores under ``task``'s expert (N,), and the files that could not be read."""
+        feats, scores, bad = [], [], []
+        chunks = list(_chunks(paths, batch_size))
+        for chunk in track(chunks, description, total=len(chunks), enabled=progress):
+            loaded = []
+            for path in chunk:
+                item = try_load(path, self.image_size)
+                if isinstance(item, str):
+                    log.warning("Skipping unreadable calibration image %s: %s", path, item)
+                    bad.append(str(path))
+                else:
+                    loaded.append(item)
+            if not loaded:
+                continue
+            features = self.extractor(torch.stack([x.tensor for x in loaded]).to(self.device))
+            tasks = torch.full((features.shape[0],), task, dtype=torch.int64, device=self.device)
+            _, s, _ = image_scores(self.model.nll_routed(features, tasks), self.score_top_k)
+            feats.append(router_features(features).cpu())
+            scores.append(s.double().cpu())
+        if not feats:
+            msg = f"None of the {len(paths)} calibration images of task {self.task_names[task]!r} could be read."
+            raise CalibrationDataError(msg)
+        return torch.cat(feats), torch.cat(scores).numpy(), bad
+
+    def _held_out_paths(self, normal_dir: str | Path) -> dict[str, list[Path]]:
+        root = Path(normal_dir).expanduser()
+        if not root.is_dir():
+            msg = f"normal_dir {root} is not a folder; it must hold one sub-folder of defect-free images per task."
+            raise CalibrationDataError(msg)
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        unknown = [f for f in folders if f not in self.task_names]
+        if unknown:
+            msg = f"normal_dir {root} has sub-folders {unknown} that are not tasks of this model {self.task_names}."
+            raise ValueError(msg)
+        if not folders:
+            msg = f"normal_dir {root} has no task sub-folders; expected {root}/<task>/*.png, tasks {self.task_names}."
+            raise CalibrationDataError(msg)
+        found = {name: scan_images(root / name) for name in folders}
+        empty = [name for name, paths in found.items() if not paths]
+        if empty:
+            msg = f"normal_dir sub-folders {[str(root / n) for n in empty]} hold no images."
+            raise CalibrationDataError(msg)
+        return found
+
+    def calibrate(
+        self,
+        normal_dir: str | Path | None = None,
+        target_fpr: float = DEFAULT_FPR,
+        unknown_rate: float = DEFAULT_UNKNOWN_RATE,
+        data_root: str | Path | None = None,
+        test_labels: bool = True,
+        save: bool | str | Path = False,
+        batch_size: int = DEFAULT_BATCH,
+        progress: bool = False,
+    ) -> Calibration:
+        """Calibrate every task's score and unknown-category thresholds on defect-free images, and use them.
+
+        Args:
+            normal_dir: held-out defect-free images, ``normal_dir/<task>/**/*.png`` (recommended). Tasks without a
+                sub-folder, or all tasks when None, use their training images (in-sample: optimistic thresholds).
+            target_fpr: allowed share of normal images above the score threshold.
+            unknown_rate: allowed share of normal images of a known task flagged "unknown category".
+            data_root: where the run's data set is now, if it moved.
+            test_labels: also report the F1-optimal threshold per task on the run's labelled test set, if present.
+            save: True: write ``<checkpoint>.calibrated.ckpt`` next to the checkpoint; a path: write there.
+            batch_size: images per backbone batch.
+            progress: show progress bars.
+
+        Returns:
+            The calibration (also stored in ``self.calibration``; threshold overrides are kept).
+        """
+        check_rate("target_fpr", target_fpr)
+        check_rate("unknown_rate", unknown_rate)
+        held = self._held_out_paths(normal_dir) if normal_dir is not None else {}
+        dm = None
+        if len(held) < len(self.task_names):
+            dm = self._datamodule(data_root)
+        ridge = float(self.model.router.ridge)
+        n_tasks = len(self.task_names)
+        tasks: dict[str, TaskCalibration] = {}
+        held_dists: dict[str, torch.Tensor] = {}
+        for t, name in enumerate(self.task_names):
+            if name in held:
+                paths, source = held[name], SOURCE_HELD_OUT
+            else:
+                paths, source = [s.image_path for s in dm.train_dataset(t).samples], SOURCE_TRAINING
+                if normal_dir is not None:
+                    log.warning("normal_dir has no folder for task %s: calibrating it on its training images.", name)
+            feats, scores, _ = self._score_paths(paths, t, batch_size, f"Calibrating {name} ({source})", progress)
+            score_thr, fpr = fpr_threshold(scores, target_fpr)
+            if source == SOURCE_HELD_OUT:
+                dists = self.model.router.distances(feats.to(self.device), n_tasks).cpu()
+                held_dists[name] = dists
+                own = dists[:, t]
+            elif feats.shape[0] >= MIN_ROUTE_IMAGES:
+                own = cross_validated_distances(feats, ridge)
+            else:
+                own = torch.empty(0, dtype=torch.float64)
+            route_thr = tail_threshold(own.numpy(), unknown_rate)
+            if not math.isfinite(route_thr):
+                log.warning("Task %s: too few images to calibrate its unknown-category threshold.", name)
+            tasks[name] = TaskCalibration(
+                score_threshold=score_thr,
+                score_source=source,
+                score_images=int(scores.size),
+                calibration_fpr=fpr,
+                route_threshold=route_thr,
+                route_source=source,
+                route_images=int(own.numel()),
+            )
+        route = torch.tensor([tasks[n].route_threshold for n in self.task_names], dtype=torch.float64)
+        for t, name in enumerate(self.task_names):
+            if name in held_dists:
+                d = held_dists[name]
+                tasks[name].held_out_routing = {
+                    "images": int(d.shape[0]),
+                    "routed_to_other_task": int((d.argmin(dim=1) != t).sum()),
+                    "flagged_unknown": int((d > route[None, :]).all(dim=1).sum()),
+                }
+        if test_labels:
+            self._test_reports(tasks, dm, data_root, batch_size, progress)
+        calibration = Calibration(
+            target_fpr=float(target_fpr),
+            unknown_rate=float(unknown_rate),
+            score_top_k=self.score_top_k,
+            tasks=tasks,
+        )
+        self._set_source(calibration)
+        self.calibration = calibration
+        for note in calibration.notes():
+            log.warning(note)
+        if save:
+            self.save_calibration(None if save is True else save)
+        return calibration
+
+    def _test_reports(
+        self, tasks: dict[str, TaskCalibration], dm: Any, data_root: str | Path | None, batch_size: int, progress: bool
+    ) -> None:
+        """F1-optimal threshold per task on the run's labelled test images (reported, never the default)."""
+        try:
+            dm = dm if dm is not None else self._datamodule(data_root)
+        except CalibrationDataError as err:
+            for cal in tasks.values():
+                cal.test_report = {"available": False, "reason": f"test images not reachable: {err}"}
+            return
+        for t, name in enumerate(self.task_names):
+            samples = dm.test_dataset(t).samples
+            labels = np.array([s.label for s in samples])
+            _, scores, bad = self._score_paths(
+                [s.image_path for s in samples], t, batch_size, f"Test scores {name}", progress
+            )
+            if bad:
+                unreadable = set(bad)
+                labels = labels[np.array([str(s.image_path) not in unreadable for s in samples])]
+            tasks[name].test_report = f1_report(scores, labels, tasks[name].score_threshold)
+
+    def _set_source(self, calibration: Calibration) -> None:
+        """Record which original checkpoint (path and content hash) the calibration belongs to."""
+        previous = self.calibration
+        if previous is not None and previous.source_sha256 is not None and self.checkpoint is not None:
+            if calibrated_path(self.checkpoint) == self.checkpoint:  # recalibrating a calibrated copy
+                calibration.source_checkpoint = previous.source_checkpoint
+                calibration.source_sha256 = previous.source_sha256
+                return
+        if self.checkpoint is not None and self.checkpoint.is_file():
+            calibration.source_checkpoint = str(self.checkpoint)
+            calibration.source_sha256 = file_sha256(self.checkpoint)
+
+    def save_calibration(self, path: str | Path | None = None) -> Path:
+        """Write the checkpoint with the current calibration to ``path`` (default ``<name>.calibrated.ckpt``)."""
+        if self.calibration is None:
+            msg = "Nothing to save: the detector has no calibration; call calibrate() first."
+            raise RuntimeError(msg)
+        if self.checkpoint is None:
+            msg = "This detector was not loaded from a checkpoint, so there is no checkpoint to store thresholds in."
+            raise RuntimeError(msg)
+        target = Path(path) if path is not None else calibrated_path(self.checkpoint)
+        write_calibrated_checkpoint(self.checkpoint, self.calibration, target)
+        log.info("Calibrated checkpoint written to %s.", target)
+        return target
+
+    # ------------------------------------------------------------------------------------ export
+    def export(self, path: str | Path, format: str = "torchscript", check_images: Any = None) -> Path:  # noqa: A002
+        """Export the whole routed model (backbone to verdicts) to one file; see :mod:`moleflow.inference.export`.
+
+        ``check_images`` (anything ``predict`` accepts) are used for the parity check; default: seeded noise.
+        """
+        from moleflow.inference.export import export_detector
+
+        batch = None
+        if check_images is not None:
+            batch = torch.stack([x.tensor for x in to_model_inputs(check_images, self.image_size)])
+        return export_detector(self, path, format=format, check_images=batch)
+
+
+def _calibrated_copy_of(path: Path) -> Calibration | None:
+    """The calibration of ``<name>.calibrated.ckpt`` next to ``path`` if it was made from exactly this file."""
+    from moleflow.training.checkpoint import read_checkpoint_info
+
+    copy = calibrated_path(path)
+    if copy == path or not copy.is_file():
+        return None
+    try:
+        calibration = read_calibration(read_checkpoint_info(copy))
+    except (RuntimeError, ValueError, OSError) as err:
+        log.warning("Ignoring %s: %s", copy, err)
+        return None
+    if calibration is None or calibration.source_sha256 != file_sha256(path):
+        log.warning("Ignoring %s: it was calibrated for a different version of %s; recalibrate.", copy, path.name)
+        return None
+    log.info("Using the thresholds stored in %s.", copy)
+    return calibration

@@ -1,0 +1,166 @@
+"""Turning what a user hands the detector (files, folders, PIL images, arrays, tensors) into model input.
+
+Every image goes through the training pipeline's reader (:func:`moleflow.data.images.load_rgb` for
+files; the same RGB conversion for in-memory images): RGB (grey replicated, alpha dropped, 16-bit
+scaled), bilinear resize to S x S, ImageNet mean/std. A tensor is taken as already preprocessed that
+way, because that is what the project's data loaders produce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from moleflow.data.images import _DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, ImageReadError, _to_rgb, load_rgb
+from moleflow.data.mvtec import IMAGE_EXTENSIONS
+
+ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
+
+_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+
+
+@dataclass
+class LoadedImage:
+    """One model input (3, S, S), where it came from, and its original (H, W) (None for tensors)."""
+
+    tensor: torch.Tensor
+    source: str
+    original_hw: tuple[int, int] | None
+    path: Path | None = None
+
+
+def pil_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
+    """PIL image of any mode -> normalised (3, S, S) float32, exactly as ``load_rgb`` does for files."""
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    rgb = _to_rgb(img)
+    if rgb.size != (image_size, image_size):
+        rgb = rgb.resize((image_size, image_size), resample=Image.Resampling.BILINEAR)
+    arr = np.asarray(rgb, dtype=np.uint8)
+    tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+    return (tensor - _MEAN) / _STD
+
+
+def array_to_pil(arr: np.ndarray) -> Image.Image:
+    """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array (uint8, uint16, or float in [0, 1]) -> PIL image.
+
+    Channel order is RGB (an OpenCV image is BGR: pass ``arr[..., ::-1]``).
+    """
+    a = np.asarray(arr)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        msg = (
+            f"A numpy image must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) in RGB(A) order, "
+            f"got {a.shape}; a channels-first array needs arr.transpose(1, 2, 0)."
+        )
+        raise ValueError(msg)
+    if a.dtype == np.uint8:
+        return Image.fromarray(a)
+    if a.dtype == np.uint16:
+        if a.ndim == 2:
+            return Image.fromarray(a.astype(np.int32))  # mode "I": load_rgb's 16-bit scaling applies
+        return Image.fromarray((a.astype(np.float64) * (255.0 / 65535.0)).round().astype(np.uint8))
+    if np.issubdtype(a.dtype, np.floating):
+        finite = a[np.isfinite(a)]
+        if finite.size and (finite.min() < 0.0 or finite.max() > 1.0):
+            msg = f"A float image must hold values in [0, 1], got range [{finite.min()}, {finite.max()}]."
+            raise ValueError(msg)
+        return Image.fromarray((np.nan_to_num(a, nan=0.0) * 255.0).round().astype(np.uint8))
+    msg = f"Unsupported numpy image dtype {a.dtype}: use uint8, uint16 or float in [0, 1]."
+    raise ValueError(msg)
+
+
+def to_model_inputs(images: Any, image_size: int) -> list[LoadedImage]:
+    """Anything ``MoLEFlowDetector.predict`` accepts -> one LoadedImage per image, in order.
+
+    Raises:
+        FileNotFoundError, ImageReadError: A file is missing or cannot be decoded.
+        ValueError, TypeError: An array or tensor has the wrong shape or type.
+    """
+    if isinstance(images, torch.Tensor):
+        return _tensor_inputs(images, image_size, "tensor")
+    if isinstance(images, str | Path | Image.Image | np.ndarray):
+        images = [images]
+    out: list[LoadedImage] = []
+    for i, item in enumerate(images):
+        if isinstance(item, str | Path):
+            path = Path(item)
+            tensor, hw = load_rgb(path, image_size)
+            out.append(LoadedImage(tensor, str(path), hw, path))
+        elif isinstance(item, Image.Image):
+            out.append(LoadedImage(pil_to_tensor(item, image_size), f"<PIL image {i}>", (item.height, item.width)))
+        elif isinstance(item, np.ndarray):
+            pil = array_to_pil(item)
+            out.append(LoadedImage(pil_to_tensor(pil, image_size), f"<array {i}>", (pil.height, pil.width)))
+        elif isinstance(item, torch.Tensor):
+            out.extend(_tensor_inputs(item, image_size, f"tensor {i}"))
+        else:
+            msg = (
+                f"Image {i} has type {type(item).__name__}; give file paths, PIL images, numpy arrays or a "
+                "(B, 3, S, S) tensor normalised like the training data."
+            )
+            raise TypeError(msg)
+    return out
+
+
+def _tensor_inputs(t: torch.Tensor, image_size: int, name: str) -> list[LoadedImage]:
+    if t.ndim == 3:
+        t = t.unsqueeze(0)
+    if t.ndim != 4 or t.shape[1] != 3 or tuple(t.shape[2:]) != (image_size, image_size):
+        msg = (
+            f"A tensor input must be (B, 3, {image_size}, {image_size}) (or (3, S, S)): RGB, resized to the "
+            f"model's image size and ImageNet-normalised; got {tuple(t.shape)} for {name}. Pass file paths, PIL "
+            "images or numpy arrays to have them resized and normalised for you."
+        )
+        raise ValueError(msg)
+    if not t.is_floating_point():
+        msg = f"A tensor input must be float (ImageNet-normalised), got {t.dtype} for {name}."
+        raise TypeError(msg)
+    return [LoadedImage(t[b].float(), f"<{name}[{b}]>", None) for b in range(t.shape[0])]
+
+
+def try_load(path: Path, image_size: int) -> LoadedImage | str:
+    """Load a file, or return why it cannot be read (for folder runs, where a bad file must not stop the run)."""
+    try:
+        tensor, hw = load_rgb(path, image_size)
+    except (ImageReadError, FileNotFoundError, *_DECODE_ERRORS) as err:
+        return f"{type(err).__name__}: {err}"
+    return LoadedImage(tensor, str(path), hw, path)
+
+
+def scan_images(root: Path | str, exclude: Sequence[Path | str] = ()) -> list[Path]:
+    """Image files under ``root`` (a file or a folder, searched recursively), sorted; hidden files skipped.
+
+    A file is taken by its extension (``IMAGE_EXTENSIONS``, case-insensitive); whether it decodes is
+    found out when it is read. Folders in ``exclude`` (e.g. the run's own output folder) are not searched.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        msg = f"Input {root} does not exist; give an image file or a folder of images (searched recursively)."
+        raise FileNotFoundError(msg)
+    if root.is_file():
+        return [root]
+    skipped = [Path(e).resolve() for e in exclude]
+    found: list[Path] = []
+    for path in _walk(root):
+        resolved = path.resolve()
+        if any(resolved == s or s in resolved.parents for s in skipped):
+            continue
+        found.append(path)
+    return sorted(found)
+
+
+def _walk(root: Path) -> Iterable[Path]:
+    for path in root.rglob("*"):
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            yield path

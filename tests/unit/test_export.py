@@ -1,0 +1,130 @@
+"""The export module computes what the Python model computes, for every ablation variant, with a free batch size."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from moleflow.evaluation.anomaly_map import sanitize_nonfinite
+from moleflow.inference.export import ExportError, RoutedFlowHead, check_exportable
+from moleflow.inference.scoring import sanitize_per_image, score_maps
+from moleflow.models.feature_extractor import router_features
+from moleflow.models.moleflow import MoLEFlowConfig, MoLEFlowModel
+
+D, GRID, TASKS, IMAGE = 16, (4, 4), 3, 16
+VARIANTS = {
+    "main": {},
+    "full_rank_experts": {"expert_mode": "full"},
+    "no_experts": {"expert_mode": "none"},
+    "separate": {"base_sharing": "separate"},
+    "sequential": {"base_sharing": "sequential", "expert_mode": "none"},
+    "dia_only": {"ncl": 0, "dia_blocks": 3},
+    "no_scale_context_no_mixer": {"scale_context_kernel": 0, "spatial_context_kernel": 0},
+    "no_adapter_no_positional": {"adapter": "none", "positional_encoding": False},
+    "separate_full_dia": {"base_sharing": "separate", "expert_mode": "full", "dia_blocks": 2},
+}
+
+
+def _features(task: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, H, W, D) features whose global average sits near a task-specific centre."""
+    centre = torch.zeros(D)
+    centre[task * 4 : task * 4 + 4] = 3.0
+    return centre + 0.5 * torch.randn(n, *GRID, D, generator=gen)
+
+
+def _trained_like(overrides: dict) -> MoLEFlowModel:
+    """A 3-task model whose parameters (experts included) are all perturbed, and fitted prototypes."""
+    values = {"embed_dim": D, "ncl": 2, "hidden": D, "lora_rank": 2, **overrides}
+    model = MoLEFlowModel(MoLEFlowConfig(**values))
+    gen = torch.Generator().manual_seed(0)
+    for t in range(TASKS):
+        model.add_task()
+        model.router.fit_task(t, router_features(_features(t, 12, gen)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def _python_reference(model: MoLEFlowModel, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+    dists = model.router.distances(router_features(feats), TASKS)
+    best, tasks = dists.min(dim=1)
+    _, scores, pixels, _ = score_maps(model.nll_routed(feats, tasks), 3, IMAGE, 1.0)
+    return {"task": tasks, "routing_distance": best, "score": scores, "anomaly_map": pixels}
+
+
+def _head(model: MoLEFlowModel) -> RoutedFlowHead:
+    return RoutedFlowHead(
+        model, GRID, IMAGE, top_k=3, pixel_sigma=1.0, score_thresholds=[0.0] * 3, route_thresholds=[1e9] * 3
+    )
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_traced_head_matches_python_model(variant: str) -> None:
+    model = _trained_like(VARIANTS[variant])
+    gen = torch.Generator().manual_seed(1)
+    example = torch.cat([_features(t, 1, gen) for t in range(TASKS)])
+    batch = torch.cat([_features(t, 2, gen) for t in (2, 0, 1, 2)])  # another batch size, every task present
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(_head(model), example, strict=False, check_trace=False)
+        got = traced(batch)
+        ref = _python_reference(model, batch)
+    assert sorted(set(ref["task"].tolist())) == [0, 1, 2]
+    assert torch.equal(got["task"], ref["task"])
+    torch.testing.assert_close(got["routing_distance"], ref["routing_distance"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got["score"], ref["score"], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(got["anomaly_map"], ref["anomaly_map"], rtol=1e-4, atol=1e-3)
+    assert got["is_defective"].all() and not got["is_unknown"].any()  # thresholds 0 and 1e9
+
+
+def test_torch_export_program_matches_python_model() -> None:
+    model = _trained_like({"dia_blocks": 1})
+    gen = torch.Generator().manual_seed(2)
+    example = torch.cat([_features(t, 1, gen) for t in range(TASKS)])
+    batch = torch.cat([_features(t, 2, gen) for t in range(TASKS)])
+    dim = torch.export.Dim("batch", min=1)
+    program = torch.export.export(_head(model), (example,), dynamic_shapes={"features": {0: dim}})
+    got = program.module()(batch)
+    ref = _python_reference(model, batch)
+    assert torch.equal(got["task"], ref["task"])
+    torch.testing.assert_close(got["score"], ref["score"], rtol=1e-4, atol=1e-3)
+
+
+def test_unknown_and_defective_follow_thresholds() -> None:
+    model = _trained_like({})
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.cat([_features(t, 1, gen) for t in range(TASKS)])
+    far = 40.0 + feats[:1]  # far from every prototype
+    ref = _python_reference(model, feats)
+    score_thr = [float(ref["score"][0]) + 1.0, float(ref["score"][1]) - 1.0, float(ref["score"][2]) + 1.0]
+    route_thr = [float(ref["routing_distance"].max()) * 2] * 3
+    head = RoutedFlowHead(model, GRID, IMAGE, 3, 1.0, score_thr, route_thr)
+    with torch.no_grad():
+        out = head(torch.cat([feats, far]))
+    assert out["is_defective"].tolist() == [False, True, False, False]
+    assert out["is_unknown"].tolist() == [False, False, False, True]
+
+
+def test_unknown_parts_are_refused() -> None:
+    model = _trained_like({})
+    model.extra = nn.GELU()
+    with pytest.raises(ExportError, match="GELU"):
+        check_exportable(model)
+    with pytest.raises(ExportError, match="0 task"):
+        check_exportable(MoLEFlowModel(MoLEFlowConfig(embed_dim=D, ncl=1, hidden=D)))
+
+
+def test_per_image_sanitize_matches_evaluation_per_image() -> None:
+    x = torch.randn(4, 3, 3)
+    x[0, 0, 0] = float("nan")
+    x[1, 1, 1] = float("inf")
+    x[1, 2, 2] = float("-inf")
+    x[2] = float("nan")
+    clean, replaced = sanitize_per_image(x)
+    for b in range(4):
+        ref, n = sanitize_nonfinite(x[b : b + 1])
+        assert torch.equal(clean[b : b + 1], ref) and int(replaced[b]) == n
