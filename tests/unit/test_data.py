@@ -312,8 +312,14 @@ def test_truncated_and_fake_images(small_root: Path) -> None:
 def test_mask_wrong_size_names_both_files(small_root: Path) -> None:
     mask = small_root / "stripes/ground_truth/blob/000_mask.png"
     image = small_root / "stripes/test/blob/000.png"
+    samples = scan_category(small_root, "stripes").test  # scanned while the pair still matches
     Image.new("L", (16, 20), 255).save(mask)
-    ds = SampleDataset(scan_category(small_root, "stripes").test, image_size=32)
+    # the scan compares the file headers: a bad pair is named before any training
+    with pytest.raises(ValueError, match=re.escape(str(mask))) as info:
+        scan_category(small_root, "stripes")
+    assert str(image) in str(info.value) and "16x20" in str(info.value) and "32x32" in str(info.value)
+    # and the loader still checks (a mask replaced after the scan)
+    ds = SampleDataset(samples, image_size=32)
     index = next(i for i, s in enumerate(ds.samples) if s.image_path == image)
     with pytest.raises(ValueError, match=re.escape(str(mask))) as info:
         ds[index]

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 MVTEC_CATEGORIES: tuple[str, ...] = (
     "bottle",
     "cable",
@@ -120,6 +122,22 @@ def _find_mask(mask_dir: Path, image: Path) -> Path | None:
     return None
 
 
+def _check_mask_size(image: Path, mask: Path) -> None:
+    """Compare image and mask sizes from their file headers (cheap), so a bad mask of a late task
+    is reported before any training starts. Unreadable headers are left to the loader's own error."""
+    try:
+        with Image.open(image) as img, Image.open(mask) as msk:
+            image_size, mask_size = img.size, msk.size
+    except (OSError, ValueError):
+        return
+    if image_size != mask_size:
+        msg = (
+            f"Mask {mask} is {mask_size[0]}x{mask_size[1]} px but its image {image} is "
+            f"{image_size[0]}x{image_size[1]} px: a mask must have its image's size. Fix or remove the pair."
+        )
+        raise ValueError(msg)
+
+
 def scan_category(root: Path | str, category: str) -> CategorySplit:
     """Collect the train and test samples of one category and check that every mask is present.
 
@@ -172,6 +190,7 @@ def scan_category(root: Path | str, category: str) -> CategorySplit:
                     "extension, or without '_mask'). Add the mask or remove the image."
                 )
                 raise _layout_error(msg)
+            _check_mask_size(image, mask)
             test.append(Sample(image_path=image, label=1, defect_type=defect, mask_path=mask))
     if not test:
         msg = (

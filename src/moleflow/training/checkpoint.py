@@ -2,13 +2,17 @@
 
 The file holds ``state_dict`` and ``hyper_parameters`` (so ``MoLEFlowLitModule.load_from_checkpoint``
 works), plus a ``moleflow`` section with the task names and the results so far. It is written to a
-temporary file and renamed, so a kill while saving never leaves a broken checkpoint behind.
+temporary file, flushed to disk and renamed, so a kill while saving never leaves a broken checkpoint
+behind (and a failed save removes its temporary file). Reading a truncated, corrupt or foreign file
+raises :class:`CheckpointError` naming the path, never a bare pickle/zip/torch error.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,31 @@ import lightning.pytorch as pl
 import torch
 
 from moleflow.training.lightning_module import MoLEFlowLitModule
+
+# What torch.load / Lightning raise on a broken or foreign file: zip errors (RuntimeError, BadZipFile,
+# OSError "Invalid argument" on a cut file), pickle errors on non-zip data, and Key/Index/Type/Attribute
+# errors when a loadable object is not a checkpoint dict; Import errors for classes that no longer exist.
+_READ_ERRORS = (
+    RuntimeError,
+    EOFError,
+    OSError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    ImportError,
+)
+_NOT_A_CHECKPOINT = (
+    "it is truncated (killed while being copied?), corrupt, or not a checkpoint written by moleflow. "
+    "Use another checkpoint of the run (checkpoints/task_XX_<name>.ckpt) or start a new run."
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be read; the message names the file and what to do."""
 
 
 def save_checkpoint(path: str | Path, module: MoLEFlowLitModule, extra: dict[str, Any] | None = None) -> Path:
@@ -30,8 +59,15 @@ def save_checkpoint(path: str | Path, module: MoLEFlowLitModule, extra: dict[str
     module.on_save_checkpoint(checkpoint)
     checkpoint["moleflow"].update(extra or {})
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must never expose a file whose bytes are not on disk yet
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the previous checkpoint at ``path`` is untouched
+        raise
     return path
 
 
@@ -41,26 +77,41 @@ def link_checkpoint(source: str | Path, link: str | Path) -> Path:
     tmp = link.with_name(f".{link.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, link)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # ``link`` still points at the previous checkpoint
+        raise
     return link
+
+
+def _check_readable(path: Path) -> None:
+    """Reject a missing file, or one that is not a complete zip archive (what torch.save writes)."""
+    if not path.is_file():
+        msg = f"Checkpoint {path} does not exist (or is not a file); give the path of a .ckpt file."
+        raise FileNotFoundError(msg)
+    if not zipfile.is_zipfile(path):  # also catches a cut-off file: its zip directory is at the end
+        msg = f"Cannot read checkpoint {path} ({path.stat().st_size} bytes): {_NOT_A_CHECKPOINT}"
+        raise CheckpointError(msg)
 
 
 def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     """The ``moleflow`` section of a checkpoint (task names, run config, results so far)."""
     path = Path(path)
-    if not path.is_file():
-        msg = f"Checkpoint {path} does not exist."
-        raise FileNotFoundError(msg)
+    _check_readable(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, EOFError, OSError) as err:
-        msg = f"Could not read checkpoint {path} (corrupt or truncated?): {err}"
-        raise RuntimeError(msg) from err
-    if "moleflow" not in checkpoint:
-        msg = f"{path} is not a moleflow checkpoint (no 'moleflow' section)."
+    except _READ_ERRORS as err:
+        msg = f"Cannot read checkpoint {path} ({type(err).__name__}: {err}): {_NOT_A_CHECKPOINT}"
+        raise CheckpointError(msg) from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("moleflow"), dict):
+        msg = (
+            f"{path} is not a moleflow checkpoint (no 'moleflow' section): it was not written by moleflow's "
+            "save_checkpoint; give a checkpoints/*.ckpt file of a moleflow run."
+        )
         raise ValueError(msg)
     return checkpoint["moleflow"]
 
@@ -68,13 +119,13 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> MoLEFlowLitModule:
     """Rebuild the module with every task's experts and router prototypes from a checkpoint file."""
     path = Path(path)
-    if not path.is_file():
-        msg = f"Checkpoint {path} does not exist."
-        raise FileNotFoundError(msg)
+    _check_readable(path)
     try:
         module = MoLEFlowLitModule.load_from_checkpoint(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, KeyError) as err:
-        msg = f"Could not load checkpoint {path} (corrupt, truncated or not a moleflow checkpoint): {err}"
-        raise RuntimeError(msg) from err
+    except torch.cuda.OutOfMemoryError:
+        raise  # the file is fine: the device is full (map_location="cpu" avoids it)
+    except _READ_ERRORS as err:
+        msg = f"Cannot load checkpoint {path} ({type(err).__name__}: {err}): {_NOT_A_CHECKPOINT}"
+        raise CheckpointError(msg) from err
     module.eval()
     return module

@@ -40,6 +40,7 @@ from moleflow.training.builders import (
     to_dict,
 )
 from moleflow.training.checkpoint import link_checkpoint, load_checkpoint, read_checkpoint_info, save_checkpoint
+from moleflow.training.config_checks import check_backbone_accepts, validate_config
 from moleflow.training.feature_cache import FeatureCache
 from moleflow.training.resume import check_compatible, resolve_resume
 
@@ -146,6 +147,9 @@ def _collapse_warnings(summary: dict[str, Any], skipped: dict[str, int]) -> list
             warnings.append(f"task {name}: {bad} non-finite patch scores were replaced (training diverged?)")
         if skipped.get(name):
             warnings.append(f"task {name}: {skipped[name]} training batches skipped for unusable loss")
+    for name, row in summary["per_task"].items():
+        if row["routed"]["image_auroc"] is None or not math.isfinite(row["routed"]["image_auroc"]):
+            warnings.append(f"task {name}: image AUROC undefined (its test set lacks normal or defective images)")
     auc = summary["final"]["routed"]["image_auroc"]
     if isinstance(auc, float) and math.isfinite(auc) and auc < 0.6:
         warnings.append(f"mean image AUROC {auc:.3f} is near chance: the flow may have collapsed")
@@ -154,6 +158,7 @@ def _collapse_warnings(summary: dict[str, Any], skipped: dict[str, int]) -> list
 
 def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the whole continual study described by ``cfg``; returns the metrics.json payload."""
+    validate_config(cfg)  # every bad setting named at once, before anything heavy is built
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -167,7 +172,7 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
     runtime = cfg.get("runtime") or {}
     amp_dtype = _amp_dtype(runtime.get("amp"))
     extractor.configure_runtime(channels_last=bool(runtime.get("channels_last", False)), amp_dtype=amp_dtype)
-    grid = extractor.grid_size(int(cfg.data.image_size))
+    grid = check_backbone_accepts(extractor, int(cfg.data.image_size))
     _check_scoring(cfg, grid)
     names = dm.task_names
     tracker = ContinualTracker(names)

@@ -1,0 +1,187 @@
+"""Up-front checks of a run's configuration, so a bad value fails in a second with the key to fix.
+
+Without them a negative ``ncl`` fails only once the model is built, an even context kernel fails deep
+inside torch after the backbone has run over the whole training set (padding ``k // 2`` makes an even
+kernel's output one patch larger than its input), and ``training.epochs=0`` "finishes" a run that
+trained nothing. :func:`validate_config` collects every problem and reports them together, naming each
+key the way the user sets it (``ncl`` for the top-level knob, ``model.flow.ncl`` when set there).
+:func:`check_backbone_accepts` runs the backbone once on a blank image of the configured size.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from moleflow.training.feature_cache import CACHE_MODES
+
+if TYPE_CHECKING:
+    from moleflow.models.feature_extractor import FeatureExtractor
+
+_ABSENT = object()
+_SIMPLE_INTERPOLATION = re.compile(r"^\$\{([A-Za-z_][\w.]*)\}$")
+_ODD_KERNEL = "0 (off) or a positive odd number (an even kernel changes the patch grid)"
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One numeric key: where it lives, int or float, the allowed range as a test and in words."""
+
+    path: str
+    kind: type
+    ok: Callable[[Any], bool]
+    allowed: str
+
+
+_RULES: tuple[_Rule, ...] = (
+    _Rule("model.flow.ncl", int, lambda v: v >= 0, ">= 0 (0 = no coupling blocks)"),
+    _Rule("model.flow.dia_blocks", int, lambda v: v >= 0, ">= 0 (0 = no DIA)"),
+    _Rule("model.flow.lora_rank", int, lambda v: v >= 1, ">= 1"),
+    _Rule("model.flow.embed_dim", int, lambda v: v >= 4 and v % 4 == 0, "a positive multiple of 4"),
+    _Rule("model.flow.hidden", int, lambda v: v >= 1, ">= 1"),
+    _Rule("model.flow.scale_context_kernel", int, lambda v: v == 0 or (v > 0 and v % 2 == 1), _ODD_KERNEL),
+    _Rule("model.flow.spatial_context_kernel", int, lambda v: v == 0 or (v > 0 and v % 2 == 1), _ODD_KERNEL),
+    _Rule("model.loss.tail_top_k_ratio", float, lambda v: 0 < v <= 1, "in (0, 1]"),
+    _Rule("model.loss.tail_weight", float, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    _Rule("model.loss.lambda_logdet", float, lambda v: v >= 0, ">= 0"),
+    _Rule("model.score.top_k", int, lambda v: v >= 1, ">= 1 (and at most the patches per image)"),
+    _Rule("model.optimizer.lr", float, lambda v: v > 0, "> 0"),
+    _Rule("training.epochs", int, lambda v: v >= 1, ">= 1"),
+    _Rule("data.train_batch_size", int, lambda v: v >= 1, ">= 1"),
+    _Rule("data.eval_batch_size", int, lambda v: v >= 1, ">= 1"),
+    _Rule("data.image_size", int, lambda v: v >= 1, ">= 1 (e.g. 224)"),
+)
+
+
+def _key_name(cfg: DictConfig, path: str) -> str:
+    """The name the user sets: ``ncl`` when ``model.flow.ncl`` is ``${ncl}``, else the full path."""
+    parent_path, _, key = path.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_path) if parent_path else cfg
+    if isinstance(parent, DictConfig) and key in parent and OmegaConf.is_interpolation(parent, key):
+        raw = OmegaConf.to_container(parent, resolve=False)[key]  # type: ignore[index]
+        match = _SIMPLE_INTERPOLATION.match(str(raw))
+        if match:
+            return match.group(1)
+    return path
+
+
+def _shown(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _lookup(cfg: DictConfig, path: str) -> tuple[Any, str | None]:
+    """(value, problem): ``_ABSENT`` for a key the config does not have (its code default applies)."""
+    try:
+        return OmegaConf.select(cfg, path, default=_ABSENT, throw_on_missing=True), None
+    except OmegaConfBaseException as err:
+        return None, f"cannot be resolved ({type(err).__name__}: {str(err).splitlines()[0]})"
+
+
+def _check_rule(cfg: DictConfig, rule: _Rule) -> str | None:
+    value, problem = _lookup(cfg, rule.path)
+    name = _key_name(cfg, rule.path)
+    if problem is not None:
+        return f"{name} {problem}"
+    if value is _ABSENT:
+        return None
+    if value is None or isinstance(value, bool):
+        return f"{name} must be {rule.allowed}, got {_shown(value)}"
+    if rule.kind is int:
+        if not isinstance(value, int):  # 4.0 too: sizes and counts reach range() and nn.Linear as given
+            return f"{name} must be an integer {rule.allowed}, got {_shown(value)} ({type(value).__name__})"
+    else:
+        if not isinstance(value, int | float):
+            hint = " (write numbers like 1.0e-4 with a dot: YAML reads 1e-4 as text)" if isinstance(value, str) else ""
+            return f"{name} must be a number {rule.allowed}, got {_shown(value)}{hint}"
+        if not math.isfinite(value):
+            return f"{name} must be a finite number {rule.allowed}, got {value}"
+    if not rule.ok(value):
+        return f"{name} must be {rule.allowed}, got {_shown(value)}"
+    return None
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """Every invalid setting of ``cfg``, one sentence each naming the key; empty when all is well."""
+    problems = [p for rule in _RULES if (p := _check_rule(cfg, rule)) is not None]
+    mode, problem = _lookup(cfg, "training.feature_cache")
+    if problem is not None:
+        problems.append(f"training.feature_cache {problem}")
+    elif mode is not _ABSENT and mode not in CACHE_MODES:
+        problems.append(f"training.feature_cache must be one of {'|'.join(CACHE_MODES)}, got {_shown(mode)}")
+    return problems
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject impossible settings before anything is built, listing all of them in one ValueError."""
+    problems = config_problems(cfg)
+    if problems:
+        count = f"{len(problems)} invalid setting{'s' if len(problems) > 1 else ''}"
+        msg = (
+            f"The configuration has {count}; fix them on the command line (e.g. `ncl=6`) or in the config files:\n  "
+            + "\n  ".join(problems)
+        )
+        raise ValueError(msg)
+
+
+def _suggested_size(image_size: int, largest: int) -> int:
+    """A multiple of the largest stride, at least twice it, not below the requested size."""
+    return max(2 * largest, -(-image_size // largest) * largest)
+
+
+def check_backbone_accepts(extractor: FeatureExtractor, image_size: int) -> tuple[int, int]:
+    """Run the frozen backbone once on a blank (1, 3, S, S) image; returns the real patch grid (H, W).
+
+    Raises a ValueError naming ``data.image_size``, the backbone and its strides when the backbone fails
+    on that size, the image is smaller than the largest stride (that layer's single cell is mostly
+    padding), or any chosen layer's map or the patch grid comes out empty.
+    """
+    name = getattr(extractor, "name", type(extractor).__name__)
+    strides = [int(r) for r in getattr(extractor, "reductions", [])]
+    largest = max(strides, default=1)
+
+    def failure(problem: str) -> ValueError:
+        suggestion = _suggested_size(max(int(image_size), 1), largest)
+        msg = (
+            f"data.image_size={image_size} does not suit backbone {name!r} (strides {strides}): {problem}. "
+            f"Set data.image_size to a multiple of the largest stride {largest}, at least {2 * largest} "
+            f"(e.g. data.image_size={suggestion})."
+        )
+        return ValueError(msg)
+
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise failure("it must be a positive integer")
+    if image_size < largest:
+        raise failure("the image is smaller than the largest stride, so that layer sees a single padded cell")
+    tensors = [*extractor.parameters(), *extractor.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    maps: list[torch.Tensor] = []
+
+    def keep_maps(_module: torch.nn.Module, _inputs: Any, out: Any) -> None:
+        maps.extend(out.values() if isinstance(out, dict) else out if isinstance(out, list | tuple) else [out])
+
+    backbone = getattr(extractor, "backbone", None)
+    hook = backbone.register_forward_hook(keep_maps) if isinstance(backbone, torch.nn.Module) else None
+    seen = getattr(extractor, "images_seen", None)  # a probe, not work: keep the extractor's image count
+    try:
+        with torch.no_grad():
+            features = extractor(torch.zeros(1, 3, image_size, image_size, device=device))
+    except Exception as err:  # noqa: BLE001 - any failure of the backbone on this size is the user's setting
+        raise failure(f"the backbone fails on a {image_size}x{image_size} image ({type(err).__name__}: {err})") from err
+    finally:
+        if hook is not None:
+            hook.remove()
+        if seen is not None:
+            extractor.images_seen = seen
+    for stride, fmap in zip(strides, maps, strict=False):
+        if fmap.ndim != 4 or min(fmap.shape[-2:]) < 1:
+            raise failure(f"the layer with stride {stride} gives an empty {tuple(fmap.shape[-2:])} map")
+    if features.ndim != 4 or min(features.shape[1:3]) < 1:
+        raise failure(f"the patch grid is empty ({tuple(features.shape[1:3])})")
+    return int(features.shape[1]), int(features.shape[2])
