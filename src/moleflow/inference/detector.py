@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,40 +29,30 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from moleflow.inference.calibration import (
-    MIN_ROUTE_IMAGES,
-    SOURCE_HELD_OUT,
-    SOURCE_TRAINING,
-    Calibration,
-    TaskCalibration,
-    calibrated_path,
-    check_rate,
-    cross_validated_distances,
-    f1_report,
-    file_sha256,
-    fpr_threshold,
-    read_calibration,
-    tail_threshold,
-    write_calibrated_checkpoint,
+from moleflow.inference.calibrating import (  # noqa: F401 - CalibrationDataError and the defaults re-exported
+    DEFAULT_BATCH,
+    DEFAULT_FPR,
+    DEFAULT_UNKNOWN_RATE,
+    CalibrationDataError,
+    CalibrationMixin,
+    chunks,
 )
-from moleflow.inference.inputs import LoadedImage, scan_images, to_model_inputs, try_load
-from moleflow.inference.scoring import image_scores, score_maps
+from moleflow.inference.calibration import (
+    Calibration,
+    calibrated_path,
+    file_sha256,
+    read_calibration,
+)
+from moleflow.inference.inputs import LoadedImage, to_model_inputs
+from moleflow.inference.scoring import score_maps
 from moleflow.models.feature_extractor import FeatureExtractor, router_features
 from moleflow.models.moleflow import MoLEFlowModel
-from moleflow.utils.progress import track
 
 log = logging.getLogger(__name__)
 
 VERDICT_NORMAL = "normal"
 VERDICT_DEFECTIVE = "defective"
 VERDICT_UNKNOWN = "unknown category"
-DEFAULT_FPR = 0.01
-DEFAULT_UNKNOWN_RATE = 0.01
-DEFAULT_BATCH = 16
-
-
-class CalibrationDataError(FileNotFoundError):
-    """The images needed for calibration (training or test images of the run) cannot be found."""
 
 
 @dataclass
@@ -126,12 +116,7 @@ class Prediction:
         }
 
 
-def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-class MoLEFlowDetector:
+class MoLEFlowDetector(CalibrationMixin):
     """A trained MoLE-Flow model ready to judge new images of its categories.
 
     Build it with :meth:`load`; the constructor takes already-built parts (tests, custom pipelines).
@@ -403,218 +388,9 @@ class MoLEFlowDetector:
         else:
             items = list(images)
         results: list[Prediction] = []
-        for chunk in _chunks(items, max(1, int(batch_size))):
+        for chunk in chunks(items, max(1, int(batch_size))):
             results.extend(self.predict_loaded(to_model_inputs(chunk, self.image_size)))
         return results
-
-    # ------------------------------------------------------------------------------- calibration
-    def _datamodule(self, data_root: str | Path | None) -> Any:
-        """The run's data (train and test splits of the checkpoint's tasks), or CalibrationDataError."""
-        from moleflow.training.builders import build_datamodule
-
-        if self.run_config is None:
-            msg = "This detector has no run configuration, so it cannot find the training images."
-            raise CalibrationDataError(msg)
-        data = OmegaConf.create(self.run_config["data"])
-        data.generate = None  # never write into a data folder while calibrating
-        data.categories = list(self.task_names)
-        data.num_workers = 0
-        if data_root is not None:
-            data.root = str(data_root)
-        try:
-            return build_datamodule(data)
-        except (FileNotFoundError, OSError, ValueError) as err:
-            msg = (
-                f"The run's images are not reachable (data.root={data.get('root')}): {err}\nPass data_root=PATH if "
-                "the data set moved, or calibrate on held-out defect-free images (normal_dir=FOLDER with one "
-                "sub-folder per task)."
-            )
-            raise CalibrationDataError(msg) from err
-
-    @torch.no_grad()
-    def _score_paths(
-        self, paths: list[Path], task: int, batch_size: int, description: str, progress: bool
-    ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-        """Router features (N, D), scores under ``task``'s expert (N,), and the files that could not be read."""
-        feats, scores, bad = [], [], []
-        chunks = list(_chunks(paths, batch_size))
-        for chunk in track(chunks, description, total=len(chunks), enabled=progress):
-            loaded = []
-            for path in chunk:
-                item = try_load(path, self.image_size)
-                if isinstance(item, str):
-                    log.warning("Skipping unreadable calibration image %s: %s", path, item)
-                    bad.append(str(path))
-                else:
-                    loaded.append(item)
-            if not loaded:
-                continue
-            features = self.extractor(torch.stack([x.tensor for x in loaded]).to(self.device))
-            tasks = torch.full((features.shape[0],), task, dtype=torch.int64, device=self.device)
-            _, s, _ = image_scores(self.model.nll_routed(features, tasks), self.score_top_k)
-            feats.append(router_features(features).cpu())
-            scores.append(s.double().cpu())
-        if not feats:
-            msg = f"None of the {len(paths)} calibration images of task {self.task_names[task]!r} could be read."
-            raise CalibrationDataError(msg)
-        return torch.cat(feats), torch.cat(scores).numpy(), bad
-
-    def _held_out_paths(self, normal_dir: str | Path) -> dict[str, list[Path]]:
-        root = Path(normal_dir).expanduser()
-        if not root.is_dir():
-            msg = f"normal_dir {root} is not a folder; it must hold one sub-folder of defect-free images per task."
-            raise CalibrationDataError(msg)
-        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        unknown = [f for f in folders if f not in self.task_names]
-        if unknown:
-            msg = f"normal_dir {root} has sub-folders {unknown} that are not tasks of this model {self.task_names}."
-            raise ValueError(msg)
-        if not folders:
-            msg = f"normal_dir {root} has no task sub-folders; expected {root}/<task>/*.png, tasks {self.task_names}."
-            raise CalibrationDataError(msg)
-        found = {name: scan_images(root / name) for name in folders}
-        empty = [name for name, paths in found.items() if not paths]
-        if empty:
-            msg = f"normal_dir sub-folders {[str(root / n) for n in empty]} hold no images."
-            raise CalibrationDataError(msg)
-        return found
-
-    def calibrate(
-        self,
-        normal_dir: str | Path | None = None,
-        target_fpr: float = DEFAULT_FPR,
-        unknown_rate: float = DEFAULT_UNKNOWN_RATE,
-        data_root: str | Path | None = None,
-        test_labels: bool = True,
-        save: bool | str | Path = False,
-        batch_size: int = DEFAULT_BATCH,
-        progress: bool = False,
-    ) -> Calibration:
-        """Calibrate every task's score and unknown-category thresholds on defect-free images, and use them.
-
-        Args:
-            normal_dir: held-out defect-free images, ``normal_dir/<task>/**/*.png`` (recommended). Tasks without a
-                sub-folder, or all tasks when None, use their training images (in-sample: optimistic thresholds).
-            target_fpr: allowed share of normal images above the score threshold.
-            unknown_rate: allowed share of normal images of a known task flagged "unknown category".
-            data_root: where the run's data set is now, if it moved.
-            test_labels: also report the F1-optimal threshold per task on the run's labelled test set, if present.
-            save: True: write ``<checkpoint>.calibrated.ckpt`` next to the checkpoint; a path: write there.
-            batch_size: images per backbone batch.
-            progress: show progress bars.
-
-        Returns:
-            The calibration (also stored in ``self.calibration``; threshold overrides are kept).
-        """
-        check_rate("target_fpr", target_fpr)
-        check_rate("unknown_rate", unknown_rate)
-        held = self._held_out_paths(normal_dir) if normal_dir is not None else {}
-        dm = None
-        if len(held) < len(self.task_names):
-            dm = self._datamodule(data_root)
-        ridge = float(self.model.router.ridge)
-        n_tasks = len(self.task_names)
-        tasks: dict[str, TaskCalibration] = {}
-        held_dists: dict[str, torch.Tensor] = {}
-        for t, name in enumerate(self.task_names):
-            if name in held:
-                paths, source = held[name], SOURCE_HELD_OUT
-            else:
-                paths, source = [s.image_path for s in dm.train_dataset(t).samples], SOURCE_TRAINING
-                if normal_dir is not None:
-                    log.warning("normal_dir has no folder for task %s: calibrating it on its training images.", name)
-            feats, scores, _ = self._score_paths(paths, t, batch_size, f"Calibrating {name} ({source})", progress)
-            score_thr, fpr = fpr_threshold(scores, target_fpr)
-            if source == SOURCE_HELD_OUT:
-                dists = self.model.router.distances(feats.to(self.device), n_tasks).cpu()
-                held_dists[name] = dists
-                own = dists[:, t]
-            elif feats.shape[0] >= MIN_ROUTE_IMAGES:
-                own = cross_validated_distances(feats, ridge)
-            else:
-                own = torch.empty(0, dtype=torch.float64)
-            route_thr = tail_threshold(own.numpy(), unknown_rate)
-            if not math.isfinite(route_thr):
-                log.warning("Task %s: too few images to calibrate its unknown-category threshold.", name)
-            tasks[name] = TaskCalibration(
-                score_threshold=score_thr,
-                score_source=source,
-                score_images=int(scores.size),
-                calibration_fpr=fpr,
-                route_threshold=route_thr,
-                route_source=source,
-                route_images=int(own.numel()),
-            )
-        route = torch.tensor([tasks[n].route_threshold for n in self.task_names], dtype=torch.float64)
-        for t, name in enumerate(self.task_names):
-            if name in held_dists:
-                d = held_dists[name]
-                tasks[name].held_out_routing = {
-                    "images": int(d.shape[0]),
-                    "routed_to_other_task": int((d.argmin(dim=1) != t).sum()),
-                    "flagged_unknown": int((d > route[None, :]).all(dim=1).sum()),
-                }
-        if test_labels:
-            self._test_reports(tasks, dm, data_root, batch_size, progress)
-        calibration = Calibration(
-            target_fpr=float(target_fpr),
-            unknown_rate=float(unknown_rate),
-            score_top_k=self.score_top_k,
-            tasks=tasks,
-        )
-        self._set_source(calibration)
-        self.calibration = calibration
-        for note in calibration.notes():
-            log.warning(note)
-        if save:
-            self.save_calibration(None if save is True else save)
-        return calibration
-
-    def _test_reports(
-        self, tasks: dict[str, TaskCalibration], dm: Any, data_root: str | Path | None, batch_size: int, progress: bool
-    ) -> None:
-        """F1-optimal threshold per task on the run's labelled test images (reported, never the default)."""
-        try:
-            dm = dm if dm is not None else self._datamodule(data_root)
-        except CalibrationDataError as err:
-            for cal in tasks.values():
-                cal.test_report = {"available": False, "reason": f"test images not reachable: {err}"}
-            return
-        for t, name in enumerate(self.task_names):
-            samples = dm.test_dataset(t).samples
-            labels = np.array([s.label for s in samples])
-            _, scores, bad = self._score_paths(
-                [s.image_path for s in samples], t, batch_size, f"Test scores {name}", progress
-            )
-            if bad:
-                unreadable = set(bad)
-                labels = labels[np.array([str(s.image_path) not in unreadable for s in samples])]
-            tasks[name].test_report = f1_report(scores, labels, tasks[name].score_threshold)
-
-    def _set_source(self, calibration: Calibration) -> None:
-        """Record which original checkpoint (path and content hash) the calibration belongs to."""
-        previous = self.calibration
-        if previous is not None and previous.source_sha256 is not None and self.checkpoint is not None:
-            if calibrated_path(self.checkpoint) == self.checkpoint:  # recalibrating a calibrated copy
-                calibration.source_checkpoint = previous.source_checkpoint
-                calibration.source_sha256 = previous.source_sha256
-                return
-        if self.checkpoint is not None and self.checkpoint.is_file():
-            calibration.source_checkpoint = str(self.checkpoint)
-            calibration.source_sha256 = file_sha256(self.checkpoint)
-
-    def save_calibration(self, path: str | Path | None = None) -> Path:
-        """Write the checkpoint with the current calibration to ``path`` (default ``<name>.calibrated.ckpt``)."""
-        if self.calibration is None:
-            msg = "Nothing to save: the detector has no calibration; call calibrate() first."
-            raise RuntimeError(msg)
-        if self.checkpoint is None:
-            msg = "This detector was not loaded from a checkpoint, so there is no checkpoint to store thresholds in."
-            raise RuntimeError(msg)
-        target = Path(path) if path is not None else calibrated_path(self.checkpoint)
-        write_calibrated_checkpoint(self.checkpoint, self.calibration, target)
-        log.info("Calibrated checkpoint written to %s.", target)
-        return target
 
     # ------------------------------------------------------------------------------------ export
     def export(self, path: str | Path, format: str = "torchscript", check_images: Any = None) -> Path:  # noqa: A002
