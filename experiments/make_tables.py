@@ -20,32 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    from experiments.table_specs import (
-        ALL_METRICS,
-        DATA_NAMES,
-        METRICS,
-        MVTEC_CATEGORIES,
-        PLOT_DELTAS,
-        REFERENCE_SETTING,
-        REFERENCE_SPREAD,
-        TABLES,
-        RowSpec,
-        TableSpec,
-    )
-except ModuleNotFoundError:  # run as a script: python experiments/make_tables.py
-    from table_specs import (  # type: ignore[no-redef]
-        ALL_METRICS,
-        DATA_NAMES,
-        METRICS,
-        MVTEC_CATEGORIES,
-        PLOT_DELTAS,
-        REFERENCE_SETTING,
-        REFERENCE_SPREAD,
-        TABLES,
-        RowSpec,
-        TableSpec,
-    )
+if __package__ in (None, ""):  # run as a script (python experiments/make_tables.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.table_specs import (
+    ALL_METRICS,
+    DATA_NAMES,
+    METRICS,
+    MVTEC_CATEGORIES,
+    PLOT_DELTAS,
+    REFERENCE_SETTING,
+    REFERENCE_SPREAD,
+    TABLES,
+    RowSpec,
+    TableSpec,
+)
 
 NOT_RUN = "—"
 NA = "n/a"
