@@ -41,6 +41,7 @@ def _machine(res: dict[str, Any]) -> str:
         ("GPU", f"{m['gpu']} ({_f(m['gpu_memory_gb'], 1)} GB)" if m["gpu"] else "none (CPU run)"),
         ("device", m["device"]),
         ("dtype", m["dtype"]),
+        ("CPU memory allocator", m.get("allocator", "not recorded")),
         ("torch / timm / numpy", f"{m['torch']} / {m['timm']} / {m['numpy']}"),
         ("platform", m["platform"]),
         ("load average (1, 5, 15 min) at start / end", f"{m.get('load_average_start')} / {m.get('load_average_end')}"),
@@ -102,6 +103,16 @@ def _flow(res: dict[str, Any]) -> str:
         (k, up[k] / 1e6, mp[k] / 1e6) for k in ("subnet_linears", "lora", "scale_context_conv", "mixer", "total")
     ]
     formula = "\n".join("    " + line.strip() for line in (f["flop_formula"] or "").strip().splitlines())
+    step_formula = "\n".join(
+        "    " + line.strip() for line in (f.get("train_step_flop_formula") or "").strip().splitlines()
+    )
+    step = f.get("train_step_flop") or {}
+    step_note = (
+        f"Training step FLOP: {_f(step['total'] / 1e9)} G as run (experts folded into the training base); the "
+        f"method's formula term by term would be {_f(step['unfused_formula'] / 1e9)} G.\n\n"
+        if step
+        else ""
+    )
     return (
         f"## 2. Flow at batch {f['batch']} ({f['patches']:,} patches)\n\n"
         + _table(("pass", "best s", "median s", "GFLOP (computed)", "GFLOP/s (best)", "share of ceiling"), rows)
@@ -113,6 +124,9 @@ def _flow(res: dict[str, Any]) -> str:
         + _table(("part", "unmerged", "merged"), flop_rows)
         + "\n\nFormula:\n\n"
         + formula
+        + "\n\n"
+        + step_note
+        + step_formula
     )
 
 
@@ -167,7 +181,8 @@ def _inference(res: dict[str, Any]) -> str:
         + f"\n\nNeither backbone nor flow: **{100 * b['other_share']:.1f} %** (batch), "
         f"**{100 * one['other_share']:.1f} %** (one image); with the patch embedding counted as 'other': "
         f"{100 * b['other_share_with_embedding']:.1f} % / {100 * one['other_share_with_embedding']:.1f} %.\n\n"
-        "### Routed mixed batch and merged experts\n\n"
+        + _stream(inf.get("stream"))
+        + "### Routed mixed batch and merged experts\n\n"
         + _table(
             ("comparison", "best ms", "against", "best ms", "ratio", "detail"),
             [
@@ -201,6 +216,23 @@ def _inference(res: dict[str, Any]) -> str:
             f"{_f(1e3 * g['channels_last_bf16']['best_s'])} ms per batch ({_f(g['speedup'])}x)."
         )
     return text
+
+
+def _stream(st: dict[str, Any] | None) -> str:
+    """The pipelined stream: batch k + 1 decoded while batch k is in the model (as predict runs)."""
+    if not st:
+        return ""
+    rows = [(k, v) for k, v in st["ms_per_image"].items()]
+    rows += [("**wall time**", st["wall_ms_per_image"])]
+    return (
+        f"### Pipelined stream: {st['batches']} batches of {st['batch_size']}\n\n"
+        "As `MoLEFlowDetector.predict` and `src/predict.py` run: the next batch is decoded on a thread pool "
+        f"while this one is in the model. Statistic: {st['statistic']}.\n\n"
+        + _table(("stage (time inside the stream)", "ms / image"), rows)
+        + f"\n\nNeither backbone nor flow: **{100 * st['other_share']:.1f} %** of the wall time "
+        f"({st['definition']}); {100 * st['other_share_with_embedding']:.1f} % with the patch embedding counted "
+        "as 'other'.\n\n"
+    )
 
 
 def _end_to_end(res: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from moleflow.evaluation.report import write_json_atomic
 from moleflow.evaluation.rescore import rescore_checkpoint
+from moleflow.utils.allocator import keep_freed_memory
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -36,6 +37,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    keep_freed_memory()  # large CPU tensors reuse freed memory (see moleflow.utils.allocator)
     evaluate(cfg)
 
 

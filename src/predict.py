@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from moleflow.inference.runner import run_from_config
+from moleflow.utils.allocator import keep_freed_memory
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
@@ -25,6 +26,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
+    keep_freed_memory()  # large CPU tensors reuse freed memory (see moleflow.utils.allocator)
     predict(cfg)
 
 

@@ -33,7 +33,7 @@ SECTIONS = (
 TARGET_WORDS = (
     "training step",
     "inference pass",
-    "batch of",
+    "batches of",
     "one image",
     "split by task",
     "merged experts",
@@ -64,6 +64,12 @@ def _check_report(out: Path) -> dict:
         stages = data["inference"][label]["stages"]
         assert set(stages) == set(bench.STAGES)
         assert abs(sum(v["share"] for v in stages.values()) - 1) < 1e-9
+    stream = data["inference"]["stream"]
+    assert _is_number(stream["other_share"]) and stream["images"] == stream["batches"] * stream["batch_size"]
+    assert set(stream["ms_per_image"]) == set(bench.STAGES[1:])
+    assert stream["wall_ms_per_image"] >= stream["backbone_and_flow_ms_per_image"]
+    step = data["flow"]["train_step_flop"]
+    assert step["unfused_formula"] > step["total"] == pytest.approx(1e9 * data["flow"]["train_step"]["gflop"])
     assert data["memory"]["matches_shapes"]
     assert data["memory"]["checkpoint"]["bytes"] > 0
     assert _is_number(data["estimate"]["total_hours"])

@@ -148,3 +148,24 @@ def test_merged_experts_give_the_same_scores(expert_mode: str) -> None:
         again = model.nll_routed(feats, tasks)
     assert torch.allclose(merged, plain, rtol=1e-5, atol=1e-3)
     assert torch.equal(again, plain)  # leaving the context restores the exact training path
+
+
+def test_training_with_the_expert_folded_in_gives_the_unmerged_gradients() -> None:
+    """While the base trains (task 0) the layer computes F.linear(x, W + s B A, b + b_t): same values and gradients."""
+    layer = TaskExpertLinear(6, 5, mode="lora", rank=2, alpha=3.0)
+    layer.add_expert(0)
+    expert = layer.experts["0"]
+    with torch.no_grad():
+        expert.B.normal_()
+        expert.bias.normal_()
+    x = torch.randn(4, 6, requires_grad=True)
+    params = [x, layer.base.weight, layer.base.bias, expert.A, expert.B, expert.bias]
+    merged = layer(x, 0)
+    reference = layer.base(x) + expert.delta(x)  # the method's formula, term by term
+    assert torch.allclose(merged, reference, atol=1e-6)
+    grads_merged = torch.autograd.grad(merged.pow(2).sum(), params)
+    grads_reference = torch.autograd.grad(reference.pow(2).sum(), params)
+    for got, want in zip(grads_merged, grads_reference, strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    layer.base.requires_grad_(False)  # later tasks: base frozen, so the low-rank path (cheaper backward) is used
+    assert torch.equal(layer(x, 0), reference)

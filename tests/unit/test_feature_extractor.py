@@ -87,3 +87,21 @@ def test_unknown_backbone_and_layer_are_named() -> None:
         FeatureExtractor("no_such_net", ("layer2",), embed_dim=16, pretrained=False)
     with pytest.raises(ValueError, match="layer9"):
         FeatureExtractor("resnet10t", ("layer9",), embed_dim=16, pretrained=False)
+
+
+def _unfold_and_pool(fmap: torch.Tensor, kernel: int, dim: int) -> torch.Tensor:
+    """method.md 2 written out: unfold k x k (channel-major), adaptive average pool of each vector to dim."""
+    b, c, h, w = fmap.shape
+    patches = F.unfold(fmap, kernel, padding=kernel // 2).transpose(1, 2).reshape(b * h * w, 1, c * kernel**2)
+    return F.adaptive_avg_pool1d(patches, dim).reshape(b, h, w, dim).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize(("channels", "dim"), [(8, 12), (512, 768), (1024, 768), (6, 27), (40, 128)])
+def test_grouped_conv_pooling_equals_unfold_and_pool(channels: int, dim: int) -> None:
+    """The fast grouped-conv embedding (equal bins) and the unfold fallback (unequal bins) both follow the method."""
+    from moleflow.models.feature_extractor import _pooling_conv
+
+    grouped = _pooling_conv(channels, 3, dim) is not None
+    assert grouped == ((channels * 9) % dim == 0)  # equal bins: 40 * 9 = 360 values do not split into 128
+    fmap = torch.randn(2, channels, 5, 4)
+    assert torch.allclose(neighbourhood_embedding(fmap, 3, dim), _unfold_and_pool(fmap, 3, dim), atol=1e-5)

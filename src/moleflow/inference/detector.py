@@ -47,6 +47,7 @@ from moleflow.inference.inputs import LoadedImage, to_model_inputs
 from moleflow.inference.scoring import score_maps
 from moleflow.models.feature_extractor import FeatureExtractor, router_features
 from moleflow.models.moleflow import MoLEFlowModel
+from moleflow.utils.prefetch import prefetch
 
 log = logging.getLogger(__name__)
 
@@ -388,8 +389,10 @@ class MoLEFlowDetector(CalibrationMixin):
         else:
             items = list(images)
         results: list[Prediction] = []
-        for chunk in chunks(items, max(1, int(batch_size))):
-            results.extend(self.predict_loaded(to_model_inputs(chunk, self.image_size)))
+        batches = chunks(items, max(1, int(batch_size)))
+        # the next batch is decoded while this one runs through the model
+        for _, loaded in prefetch(batches, lambda chunk: to_model_inputs(chunk, self.image_size)):
+            results.extend(self.predict_loaded(loaded))
         return results
 
     # ------------------------------------------------------------------------------------ export

@@ -19,6 +19,7 @@ from PIL import Image
 
 from moleflow.data.images import _DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, ImageReadError, _to_rgb, load_rgb
 from moleflow.data.mvtec import IMAGE_EXTENSIONS
+from moleflow.utils.prefetch import map_threads
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
@@ -81,6 +82,8 @@ def array_to_pil(arr: np.ndarray) -> Image.Image:
 def to_model_inputs(images: Any, image_size: int) -> list[LoadedImage]:
     """Anything ``MoLEFlowDetector.predict`` accepts -> one LoadedImage per image, in order.
 
+    Files are decoded on a thread pool (:func:`moleflow.utils.prefetch.map_threads`).
+
     Raises:
         FileNotFoundError, ImageReadError: A file is missing or cannot be decoded.
         ValueError, TypeError: An array or tensor has the wrong shape or type.
@@ -89,12 +92,14 @@ def to_model_inputs(images: Any, image_size: int) -> list[LoadedImage]:
         return _tensor_inputs(images, image_size, "tensor")
     if isinstance(images, str | Path | Image.Image | np.ndarray):
         images = [images]
+    images = list(images)
+    files = [Path(item) for item in images if isinstance(item, str | Path)]
+    decoded = iter(map_threads(lambda path: load_rgb(path, image_size), files))  # all cores, in order
     out: list[LoadedImage] = []
     for i, item in enumerate(images):
         if isinstance(item, str | Path):
-            path = Path(item)
-            tensor, hw = load_rgb(path, image_size)
-            out.append(LoadedImage(tensor, str(path), hw, path))
+            tensor, hw = next(decoded)
+            out.append(LoadedImage(tensor, str(item), hw, Path(item)))
         elif isinstance(item, Image.Image):
             out.append(LoadedImage(pil_to_tensor(item, image_size), f"<PIL image {i}>", (item.height, item.width)))
         elif isinstance(item, np.ndarray):

@@ -28,6 +28,7 @@ from moleflow.inference.calibration import Calibration, calibrated_path, json_sa
 from moleflow.inference.detector import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN, MoLEFlowDetector
 from moleflow.inference.inputs import LoadedImage, scan_images, try_load
 from moleflow.inference.overlay import save_overlay
+from moleflow.utils.prefetch import map_threads, prefetch
 from moleflow.utils.progress import track
 
 log = logging.getLogger(__name__)
@@ -103,11 +104,11 @@ def predict_folder(
     with open(out / "predictions.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
-        for chunk in track(chunks, f"Predicting {len(files)} images", total=len(chunks), enabled=show):
+        batches = prefetch(chunks, lambda chunk: map_threads(lambda p: try_load(p, detector.image_size), chunk))
+        for chunk, items in track(batches, f"Predicting {len(files)} images", total=len(chunks), enabled=show):
             loaded: list[LoadedImage] = []
             errors: dict[Path, str] = {}
-            for path in chunk:
-                item = try_load(path, detector.image_size)
+            for path, item in zip(chunk, items, strict=True):
                 if isinstance(item, str):
                     errors[path] = item
                 else:

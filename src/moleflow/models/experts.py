@@ -110,6 +110,11 @@ class TaskExpertLinear(nn.Module):
             return self.base(x)
         if isinstance(expert, FullRankExpert):
             return F.linear(x, expert.weight, expert.bias)
+        if self.base.weight.requires_grad and torch.is_grad_enabled():
+            # The base trains with the expert (task 0): fold B A into W first. The weight gradient
+            # (N x in x out) is paid anyway, so this saves the rank-r matmuls and two passes over (N, out).
+            weight, bias = expert.merged_weight(self.base)
+            return F.linear(x, weight, bias)
         return self.base(x) + expert.delta(x)
 
     def merged_weight(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,9 @@ layer3 (B, 1024, 14, 14) -> F (B, 28, 28, 768); router feature (B, 768).
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -94,9 +96,39 @@ def create_backbone(
         raise BackboneLoadError(msg) from err
 
 
+@functools.lru_cache(maxsize=16)
+def _pooling_conv(channels: int, kernel: int, dim: int) -> tuple[torch.Tensor, int] | None:
+    """The neighbourhood pooling as a grouped conv: (weight (dim, C / groups, k, k), groups), or None.
+
+    Unfolding k x k neighbourhoods and average-pooling the C * k^2 vector into ``dim`` equal bins is
+    linear in the feature map, so it is a conv with fixed weights 1 / bin width. When ``dim`` divides
+    C * k^2, every bin stays inside one group of ``g_in`` consecutive channels (g_in * k^2 a multiple
+    of the bin width), so a grouped conv computes it without materialising the unfolded (B, C k^2, h w)
+    tensor: about 10x faster for WideResNet's layer2 and layer3 at D = 768 on a CPU. Unequal bins
+    (``dim`` not dividing C * k^2) return None: the unfold path is used.
+    """
+    taps = kernel * kernel
+    n = channels * taps
+    if n % dim:
+        return None
+    width = n // dim  # values per bin
+    g_in = width // math.gcd(width, taps)  # channels per group: the smallest whole number of bins (divides C)
+    groups = channels // g_in
+    g_out = dim // groups
+    weight = torch.zeros(dim, g_in * taps)
+    for j in range(dim):  # output j averages values [j * width, (j + 1) * width) of its group's vector
+        start = (j % g_out) * width
+        weight[j, start : start + width] = 1.0 / width
+    return weight.reshape(dim, g_in, kernel, kernel), groups
+
+
 def neighbourhood_embedding(fmap: torch.Tensor, kernel: int, dim: int) -> torch.Tensor:
     """fmap (B, C, h, w) -> (B, dim, h, w): k x k neighbourhood vectors pooled from C * k^2 to dim."""
     b, c, h, w = fmap.shape
+    conv = _pooling_conv(c, kernel, dim)
+    if conv is not None:
+        weight, groups = conv
+        return F.conv2d(fmap, weight.to(fmap), padding=kernel // 2, groups=groups)
     patches = F.unfold(fmap, kernel_size=kernel, padding=kernel // 2)  # (B, C * k^2, h * w), (c, kh, kw) order
     pooled = F.adaptive_avg_pool1d(patches.transpose(1, 2).reshape(b * h * w, 1, c * kernel**2), dim)
     return pooled.reshape(b, h, w, dim).permute(0, 3, 1, 2)

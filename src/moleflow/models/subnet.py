@@ -1,7 +1,7 @@
 """Coupling subnets: map the conditioning half u1 to the raw scale and shift of a coupling block.
 
 Shapes: N = B * H * W patches, each patch an independent sample; C1 = width of u1 (conditioning
-half), C2 = width of u2 (transformed half). Output (N, 2 * C2) = [s_raw, t_raw].
+half), C2 = width of u2 (transformed half). Output: s_raw (N, C2) and t_raw (N, C2).
 """
 
 from __future__ import annotations
@@ -90,11 +90,12 @@ class MoLESubnet(nn.Module):
         for layer in self.expert_linears():
             layer.add_expert(task)
 
-    def forward(self, u1: torch.Tensor, task: int, grid: GridShape) -> torch.Tensor:
-        """u1 (N, C1) -> [s_raw, t_raw] (N, 2 * C2)."""
+    def forward(self, u1: torch.Tensor, task: int, grid: GridShape) -> tuple[torch.Tensor, torch.Tensor]:
+        """u1 (N, C1) -> (s_raw (N, C2), t_raw (N, C2)); two tensors, not one concatenated copy."""
         if self.scale_context is None:
-            return self.l2(F.relu(self.l1(u1, task)), task)
+            s_raw, t_raw = self.l2(F.relu(self.l1(u1, task)), task).split(self.out_channels, dim=1)
+            return s_raw, t_raw
         ctx = self.scale_context(u1, grid)
         s_raw = self.s2(F.relu(self.s1(torch.cat([u1, ctx], dim=1), task)), task)
         t_raw = self.t2(F.relu(self.t1(u1, task)), task)
-        return torch.cat([s_raw, t_raw], dim=1)
+        return s_raw, t_raw

@@ -43,6 +43,7 @@ from moleflow.training.checkpoint import link_checkpoint, load_checkpoint, read_
 from moleflow.training.config_checks import check_backbone_accepts, validate_config
 from moleflow.training.feature_cache import FeatureCache
 from moleflow.training.resume import check_compatible, resolve_resume
+from moleflow.utils.allocator import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,8 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
     dm = build_datamodule(cfg.data)
     extractor = build_extractor(cfg.model.backbone, int(cfg.model.flow.embed_dim)).to(device)
     runtime = cfg.get("runtime") or {}
+    if runtime.get("keep_freed_memory", True):
+        keep_freed_memory()  # CPU training steps were ~25 % slower re-faulting each large activation
     amp_dtype = _amp_dtype(runtime.get("amp"))
     extractor.configure_runtime(channels_last=bool(runtime.get("channels_last", False)), amp_dtype=amp_dtype)
     grid = check_backbone_accepts(extractor, int(cfg.data.image_size))
