@@ -26,7 +26,7 @@ lint: install
 	$(VENV)/bin/ruff check src tests experiments
 	$(VENV)/bin/ruff format --check src tests experiments
 
-demo: install  ## the main job: MoLE-Flow on real solar-cell images, pretrained backbone, offline (~15 min on 2 CPUs)
+demo: install  ## the main job: MoLE-Flow on real solar-cell images, pretrained backbone, offline (~7 min on 2 idle CPUs)
 	$(PY) src/train.py experiment=demo
 
 train-generated: install  ## the main job on generated data (tiny random backbone, about a minute)

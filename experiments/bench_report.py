@@ -165,21 +165,33 @@ def _operator_time(ops: dict[str, Any]) -> str:
 def _inference(res: dict[str, Any]) -> str:
     inf = res["inference"]
     b, one = inf["batch"], inf["single"]
+    frame = inf.get("single_frame")
     rows = []
     for stage, v in b["stages"].items():
         w = one["stages"][stage]
-        rows.append(
-            (stage, v["ms"], v["ms_per_image"], f"{100 * v['share']:.1f} %", w["ms"], f"{100 * w['share']:.1f} %")
-        )
-    rows.append(("**total**", b["total_ms"], b["total_ms_per_image"], "100 %", one["total_ms"], "100 %"))
+        row = [stage, v["ms"], v["ms_per_image"], f"{100 * v['share']:.1f} %", w["ms"], f"{100 * w['share']:.1f} %"]
+        if frame:
+            row += [frame["stages"][stage]["ms"], f"{100 * frame['stages'][stage]['share']:.1f} %"]
+        rows.append(tuple(row))
+    total = ["**total**", b["total_ms"], b["total_ms_per_image"], "100 %", one["total_ms"], "100 %"]
+    rows.append(tuple(total + ([frame["total_ms"], "100 %"] if frame else [])))
+    head = ["stage", f"batch of {b['batch_size']}: ms", "ms / image", "share", "one PNG file: ms", "share"]
+    head += ["one camera frame: ms", "share"] if frame else []
+    frame_share = (
+        f", **{100 * frame['other_share']:.1f} %** (one camera frame, where 'decode' is converting and resizing "
+        "the in-memory array)"
+        if frame
+        else ""
+    )
     mixed, merged = inf["routed_mixed"], inf["merged_vs_unmerged"]
     text = (
         f"## 3. Inference split by stage ({inf['tasks_in_model']}-task model)\n\n"
         f"Backbone: {inf['backbone']}. Decode: {inf['decode_source']}. Statistic: {b['statistic']}. "
         f"Distinct routed tasks in the batch: {b['distinct_routed_tasks']}.\n\n"
-        + _table(("stage", f"batch of {b['batch_size']}: ms", "ms / image", "share", "one image: ms", "share"), rows)
+        + _table(tuple(head), rows)
         + f"\n\nNeither backbone nor flow: **{100 * b['other_share']:.1f} %** (batch), "
-        f"**{100 * one['other_share']:.1f} %** (one image); with the patch embedding counted as 'other': "
+        f"**{100 * one['other_share']:.1f} %** (one PNG file){frame_share}; with the patch embedding counted as "
+        "'other': "
         f"{100 * b['other_share_with_embedding']:.1f} % / {100 * one['other_share_with_embedding']:.1f} %.\n\n"
         + _stream(inf.get("stream"))
         + "### Routed mixed batch and merged experts\n\n"
@@ -219,19 +231,30 @@ def _inference(res: dict[str, Any]) -> str:
 
 
 def _stream(st: dict[str, Any] | None) -> str:
-    """The pipelined stream: batch k + 1 decoded while batch k is in the model (as predict runs)."""
+    """A stream of batches, decode overlapped with the model or taking turns, as predict chooses."""
     if not st:
         return ""
-    rows = [(k, v) for k, v in st["ms_per_image"].items()]
-    rows += [("**wall time**", st["wall_ms_per_image"])]
+    stages = list(st["in_turn"]["ms_per_image"])
+    rows = [(k, st["overlapped"]["ms_per_image"][k], st["in_turn"]["ms_per_image"][k]) for k in stages]
+    rows.append(("**wall time**", st["overlapped"]["wall_ms_per_image"], st["in_turn"]["wall_ms_per_image"]))
+    rows.append(
+        (
+            "neither backbone nor flow",
+            f"{100 * st['overlapped']['other_share']:.1f} %",
+            f"{100 * st['in_turn']['other_share']:.1f} %",
+        )
+    )
+    choice = "overlaps" if st["overlap_as_predict"] else "takes turns"
     return (
-        f"### Pipelined stream: {st['batches']} batches of {st['batch_size']}\n\n"
-        "As `MoLEFlowDetector.predict` and `src/predict.py` run: the next batch is decoded on a thread pool "
-        f"while this one is in the model. Statistic: {st['statistic']}.\n\n"
-        + _table(("stage (time inside the stream)", "ms / image"), rows)
-        + f"\n\nNeither backbone nor flow: **{100 * st['other_share']:.1f} %** of the wall time "
-        f"({st['definition']}); {100 * st['other_share_with_embedding']:.1f} % with the patch embedding counted "
-        "as 'other'.\n\n"
+        f"### A stream of {st['batches']} batches of {st['batch_size']}\n\n"
+        "Through `moleflow.utils.prefetch` as `MoLEFlowDetector.predict` and `src/predict.py` run it: the next "
+        "batch decoded on a thread pool while this one is in the model (overlapped), or the two taking turns. "
+        f"On this machine predict **{choice}** (`overlap_pays_off`: a GPU, or CPU cores torch leaves idle). "
+        f"Statistic: {st['statistic']}, the two interleaved. Overlapping takes "
+        f"**{_f(st['overlapped_over_in_turn_time'])}x** the time of taking turns.\n\n"
+        + _table(("ms / image (stage times inside the stream)", "overlapped", "taking turns"), rows)
+        + f"\n\nNeither backbone nor flow: {st['definition']}; the serial model time is "
+        f"{_f(st['serial_model_ms_per_image'])} ms per image.\n\n"
     )
 
 

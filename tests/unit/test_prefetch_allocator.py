@@ -63,3 +63,17 @@ def test_keep_freed_memory_applies_on_glibc() -> None:
     assert keep_freed_memory() is True  # idempotent
     x = torch.randn(4096, 2048)  # 32 MB: above glibc's largest mmap threshold
     assert torch.equal((x * 2) / 2, x)
+
+
+def test_overlap_only_where_cores_are_left_for_decoding() -> None:
+    from moleflow.utils.prefetch import decode_threads, overlap_pays_off
+
+    assert overlap_pays_off("cuda")  # the model runs on the GPU: the CPU is free to decode
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(decode_threads())  # torch on every core: decode threads would compete
+        assert not overlap_pays_off("cpu")
+        torch.set_num_threads(1)
+        assert overlap_pays_off("cpu") == (decode_threads() > 1)
+    finally:
+        torch.set_num_threads(threads)

@@ -47,7 +47,7 @@ from moleflow.inference.inputs import LoadedImage, to_model_inputs
 from moleflow.inference.scoring import score_maps
 from moleflow.models.feature_extractor import FeatureExtractor, router_features
 from moleflow.models.moleflow import MoLEFlowModel
-from moleflow.utils.prefetch import prefetch
+from moleflow.utils.prefetch import overlap_pays_off, prefetch
 
 log = logging.getLogger(__name__)
 
@@ -390,8 +390,9 @@ class MoLEFlowDetector(CalibrationMixin):
             items = list(images)
         results: list[Prediction] = []
         batches = chunks(items, max(1, int(batch_size)))
-        # the next batch is decoded while this one runs through the model
-        for _, loaded in prefetch(batches, lambda chunk: to_model_inputs(chunk, self.image_size)):
+        # the next batch is decoded while this one runs through the model, where that pays off
+        load = lambda chunk: to_model_inputs(chunk, self.image_size)  # noqa: E731
+        for _, loaded in prefetch(batches, load, enabled=overlap_pays_off(self.device)):
             results.extend(self.predict_loaded(loaded))
         return results
 

@@ -28,7 +28,7 @@ from moleflow.inference.calibration import Calibration, calibrated_path, json_sa
 from moleflow.inference.detector import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN, MoLEFlowDetector
 from moleflow.inference.inputs import LoadedImage, scan_images, try_load
 from moleflow.inference.overlay import save_overlay
-from moleflow.utils.prefetch import map_threads, prefetch
+from moleflow.utils.prefetch import map_threads, overlap_pays_off, prefetch
 from moleflow.utils.progress import track
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,11 @@ def predict_folder(
     with open(out / "predictions.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
-        batches = prefetch(chunks, lambda chunk: map_threads(lambda p: try_load(p, detector.image_size), chunk))
+        batches = prefetch(
+            chunks,
+            lambda chunk: map_threads(lambda p: try_load(p, detector.image_size), chunk),
+            enabled=overlap_pays_off(detector.device),
+        )
         for chunk, items in track(batches, f"Predicting {len(files)} images", total=len(chunks), enabled=show):
             loaded: list[LoadedImage] = []
             errors: dict[Path, str] = {}

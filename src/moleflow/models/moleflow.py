@@ -236,8 +236,11 @@ class MoLEFlowModel(nn.Module):
     @torch.no_grad()
     def nll_routed(self, features: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
         """NLL maps (B, H, W) with image b scored by expert ``tasks[b]``; one pass per distinct task."""
+        distinct = torch.unique(tasks).tolist()
+        if len(distinct) == 1:  # the usual batch (one category): no gather and scatter copies of the features
+            return self.nll(features, int(distinct[0]))[0]
         out = features.new_empty(features.shape[:3])
-        for task in torch.unique(tasks).tolist():
+        for task in distinct:
             idx = (tasks == task).nonzero(as_tuple=True)[0].to(features.device)
             out[idx] = self.nll(features[idx], int(task))[0]
         return out
