@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from experiments import bench
+from experiments.benchmark.flop import expected_parameter_counts, flow_flop_per_patch
+from experiments.benchmark.inference import STAGES
+from experiments.benchmark.settings import smoke_settings
 from moleflow.models.moleflow import MoLEFlowConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,12 +67,12 @@ def _check_report(out: Path) -> dict:
         assert _is_number(data["flow"][key]["ceiling_share"])
     for label in ("batch", "single", "single_frame"):
         stages = data["inference"][label]["stages"]
-        assert set(stages) == set(bench.STAGES)
+        assert set(stages) == set(STAGES)
         assert abs(sum(v["share"] for v in stages.values()) - 1) < 1e-9
     stream = data["inference"]["stream"]
     assert _is_number(stream["other_share"]) and stream["images"] == stream["batches"] * stream["batch_size"]
     for mode in ("overlapped", "in_turn"):
-        assert set(stream[mode]["ms_per_image"]) == set(bench.STAGES[1:])
+        assert set(stream[mode]["ms_per_image"]) == set(STAGES[1:])
     assert _is_number(stream["overlapped_over_in_turn_time"])
     step = data["flow"]["train_step_flop"]
     assert step["unfused_formula"] > step["total"] == pytest.approx(1e9 * data["flow"]["train_step"]["gflop"])
@@ -82,7 +85,7 @@ def _check_report(out: Path) -> dict:
 
 
 def test_bench_smoke_every_section_and_target(tmp_path: Path) -> None:
-    bench.run_benchmark(bench.smoke_settings(), tmp_path, "pytest smoke")
+    bench.run_benchmark(smoke_settings(), tmp_path, "pytest smoke")
     data = _check_report(tmp_path)
     assert "not representative" in (tmp_path / "bench.md").read_text()
     e2e = data["end_to_end"]
@@ -96,15 +99,15 @@ def test_bench_smoke_every_section_and_target(tmp_path: Path) -> None:
 def test_flop_and_parameter_formulas_match_the_design() -> None:
     """MAIN shapes: about 18 MFLOP per patch forward (issue 8) and the counts of method.md section 9."""
     cfg = MoLEFlowConfig()
-    merged = bench.flow_flop_per_patch(cfg, merged=True)["total"]
+    merged = flow_flop_per_patch(cfg, merged=True)["total"]
     assert merged == 6 * (2 * (768 * 768 + 3 * 768 * 384) + 2 * 25 * 384) + 2 * 9 * 768
     assert 17e6 < merged < 19e6
-    lora = bench.flow_flop_per_patch(cfg, merged=False)["lora"]
+    lora = flow_flop_per_patch(cfg, merged=False)["lora"]
     assert lora == 6 * 2 * 64 * ((768 + 768) + 3 * (768 + 384))
-    counts = bench.expected_parameter_counts(cfg, 15)
+    counts = expected_parameter_counts(cfg, 15)
     assert counts["per_task"] == 1_932_288
     assert round(counts["shared"] / 1e6, 2) == 8.93  # 8.92 M base flow + mixer and context convs
-    assert bench.expected_parameter_counts(MoLEFlowConfig(lora_rank=16), 1)["per_task"] == 494_592
+    assert expected_parameter_counts(MoLEFlowConfig(lora_rank=16), 1)["per_task"] == 494_592
 
 
 @pytest.mark.bench
