@@ -1,0 +1,1 @@
+"""The parts of ``experiments/make_tables.py``: results, collecting runs, building a table, writing it."""
