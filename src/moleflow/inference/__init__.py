@@ -7,15 +7,9 @@ for result in detector.predict(["part_001.png", "part_002.png"]):
 """
 
 from moleflow.inference.calibration import Calibration, TaskCalibration
-from moleflow.inference.detector import (
-    VERDICT_DEFECTIVE,
-    VERDICT_NORMAL,
-    VERDICT_UNKNOWN,
-    CalibrationDataError,
-    MoLEFlowDetector,
-    Prediction,
-)
+from moleflow.inference.detector import CalibrationDataError, MoLEFlowDetector
 from moleflow.inference.export import EXPORT_FORMATS, ExportableMoLEFlow, ExportError, load_exported
+from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN, Prediction
 
 __all__ = [
     "EXPORT_FORMATS",

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.nn import functional as F
 
 from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD, _to_rgb
-from moleflow.inference.detector import Prediction
+from moleflow.inference.prediction import Prediction
 
 DISPLAY_MAX_SIDE = 512  # overlays are for looking at: larger originals are shown downscaled
 DISPLAY_MIN_SIDE = 256  # and small ones upscaled, so the caption and the map stay legible

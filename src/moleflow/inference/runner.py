@@ -25,9 +25,10 @@ from rich.console import Console
 from rich.table import Table
 
 from moleflow.inference.calibration import Calibration, calibrated_path, json_safe
-from moleflow.inference.detector import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN, MoLEFlowDetector
+from moleflow.inference.detector import MoLEFlowDetector
 from moleflow.inference.inputs import LoadedImage, scan_images, try_load
 from moleflow.inference.overlay import save_overlay
+from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN
 from moleflow.utils.prefetch import map_threads, overlap_pays_off, prefetch
 from moleflow.utils.progress import track
 
