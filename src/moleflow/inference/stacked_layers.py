@@ -26,6 +26,7 @@ class ExportError(RuntimeError):
 
 
 def stack_tensors(tensors: Sequence[Tensor]) -> Tensor:
+    """Detached copies of one tensor per task, stacked on a new leading task axis: (T, ...)."""
     return torch.stack([t.detach().clone() for t in tensors])
 
 
