@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -34,6 +36,23 @@ def test_joblib_launcher_runs_two_jobs_in_parallel(tmp_path) -> None:
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     files = _multirun(tmp_path, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])
     assert len(files) == 2
+
+
+def test_four_parallel_jobs_prepare_one_fresh_data_folder_repeatedly(tmp_path) -> None:
+    """Four joblib jobs (n_jobs=4) generate the same data set into one fresh folder, three times over."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    for attempt in range(3):
+        data_dir, sweep = tmp_path / f"data{attempt}", tmp_path / f"sweep{attempt}"
+        cmd = [sys.executable, "tests/apps/prepare_data.py", "-m", "experiment=generated_quick", "seed=0,1,2,3"]
+        cmd += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=4", f"hydra.sweep.dir={sweep}"]
+        cmd += [f"paths.data_dir={data_dir}", "logger=none"]
+        env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, f"attempt {attempt}: {done.stderr[-3000:]}"
+        results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/data_ok.json"))]
+        assert len(results) == 4, f"attempt {attempt}: {len(results)} of 4 jobs finished"
+        assert all(r == results[0] for r in results)
+        assert results[0] == {"stripes": [12, 12], "checker": [12, 12], "dots": [12, 12]}
 
 
 def test_slurm_launcher_config_composes(tmp_path) -> None:

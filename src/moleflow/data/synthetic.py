@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from moleflow.utils.files import atomic_write_text, file_lock
+
 SYNTHETIC_CATEGORIES: tuple[str, ...] = ("stripes", "checker", "dots", "gradient", "noise")
 DEFECT_TYPES: tuple[str, ...] = ("scratch", "blob")
 MANIFEST_NAME = ".moleflow_synthetic.json"
@@ -204,7 +206,7 @@ def _read_manifest(path: Path) -> dict | None:
 
 
 def _write_manifest(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _check_args(
@@ -292,11 +294,26 @@ def generate_synthetic_mvtec(
         "image_size": image_size,
         "seed": seed,
     }
+    if _is_complete(root, args):
+        return root
+    # Jobs of a parallel multirun may all generate the same tree at once: one writes, the others wait
+    # for it and then find it complete. The lock lives beside root (root may not exist yet).
+    with file_lock(root.parent / f".{root.name}.generate.lock"):
+        if not _is_complete(root, args):
+            _generate_tree(root, names, args)
+    return root
+
+
+def _is_complete(root: Path, args: dict) -> bool:
+    """True when ``root`` holds every file of a finished generation with exactly ``args``."""
+    old = _read_manifest(root / MANIFEST_NAME)
+    return old == {**args, "complete": True} and all(p.is_file() for p in _expected_files(root, args))
+
+
+def _generate_tree(root: Path, names: list[str], args: dict) -> None:
+    """Write the tree (the caller holds the generation lock): replace what an earlier call wrote."""
     manifest_path = root / MANIFEST_NAME
     old = _read_manifest(manifest_path)
-    if old == {**args, "complete": True} and all(p.is_file() for p in _expected_files(root, args)):
-        return root
-
     previous = [c for c in (old or {}).get("categories", []) if c in SYNTHETIC_CATEGORIES]
     for category in names:
         if (root / category).exists() and category not in previous:
@@ -315,7 +332,6 @@ def generate_synthetic_mvtec(
     for category in names:
         _generate_category(root, category, args)
     _write_manifest(manifest_path, {**args, "complete": True})
-    return root
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from moleflow.evaluation.continual import (
 )
 from moleflow.evaluation.evaluate import TaskEvaluation
 from moleflow.evaluation.metrics import METRIC_NAMES
+from moleflow.utils.files import atomic_write_text
 
 MODES = ("routed", "oracle")
 TABLE_COLUMNS = (  # (metric key, header) in the study's column order
@@ -54,12 +55,7 @@ def _clean(value: Any) -> Any:
 
 def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write JSON (NaN as null) to a temporary file, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_clean(payload), indent=2, allow_nan=False))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(_clean(payload), indent=2, allow_nan=False))
 
 
 class ContinualTracker:

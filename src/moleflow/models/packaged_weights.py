@@ -17,6 +17,8 @@ from pathlib import Path
 import timm
 import torch
 
+from moleflow.utils.files import atomic_write
+
 PACKAGED = "packaged"  # value of model.backbone.weights that selects a package's weights
 
 
@@ -72,8 +74,6 @@ def packaged_weights_file(name: str, cache_dir: str | Path | None = None) -> Pat
     path = Path(cache_dir) / f"{name}_from_{PACKAGE_SOURCES.get(name, ('x',))[0]}.pth"
     if not path.is_file():
         state = packaged_state_dict(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as f:  # parallel jobs may write it at once: each under its own name
+            torch.save(state, f)
     return path

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from moleflow.models.feature_extractor import FeatureExtractor, router_features
+from moleflow.utils.files import atomic_write
 from moleflow.utils.progress import track
 
 log = logging.getLogger(__name__)
@@ -124,13 +125,11 @@ class FeatureCache:
 
     def _save(self, key: str, fs: FeatureSet) -> None:
         feat_path, meta_path = self._paths(key)
-        feat_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = feat_path.with_suffix(".tmp.npy")
-        np.save(tmp, fs.features.numpy())
-        tmp.replace(feat_path)
-        tmp_meta = meta_path.with_suffix(".tmp")
-        torch.save({"router": fs.router, "labels": fs.labels, "masks": fs.masks}, tmp_meta)
-        tmp_meta.replace(meta_path)
+        # jobs sharing a cache folder may write the same set at once: each writes under its own name
+        with atomic_write(feat_path) as f:
+            np.save(f, fs.features.numpy())
+        with atomic_write(meta_path) as f:
+            torch.save({"router": fs.router, "labels": fs.labels, "masks": fs.masks}, f)
 
     def _load(self, key: str) -> FeatureSet | None:
         feat_path, meta_path = self._paths(key)
