@@ -1,4 +1,5 @@
-"""Data: MVTec-layout, ELPV, VisA and user-folder sources, task grouping, images, datasets, DataModule, synthetic data.
+"""Data: MVTec-layout, ELPV, VisA, Magnetic Tile and user-folder sources (or several in a row), task grouping,
+images, datasets, DataModule, synthetic data.
 
 Names are imported lazily, so that `python -m moleflow.data.synthetic` neither loads torch/lightning
 nor triggers runpy's "found in sys.modules" warning.
@@ -10,12 +11,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from moleflow.data.datamodule import DATA_SOURCES, MPDD_CATEGORIES, ContinualDataModule
+    from moleflow.data.datamodule import MPDD_CATEGORIES, ContinualDataModule
     from moleflow.data.datasets import SampleDataset
     from moleflow.data.elpv import ELPV_TASKS, elpv_counts, elpv_labels_csv, elpv_splits
     from moleflow.data.folder import FOLDER_LAYOUTS, folder_splits
     from moleflow.data.grouping import group_splits, parse_scenario
     from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, load_mask, load_rgb
+    from moleflow.data.magnetic_tile import MT_DEFECTS, magnetic_tile_splits
     from moleflow.data.mvtec import (
         MVTEC_CATEGORIES,
         CategorySplit,
@@ -24,12 +26,17 @@ if TYPE_CHECKING:
         scan_categories,
         scan_category,
     )
+    from moleflow.data.sources import DATA_SOURCES, read_source, read_sources
     from moleflow.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_mvtec
     from moleflow.data.visa import VISA_CATEGORIES, visa_splits
 
 _EXPORTS: dict[str, str] = {
     "ContinualDataModule": "datamodule",
-    "DATA_SOURCES": "datamodule",
+    "DATA_SOURCES": "sources",
+    "read_source": "sources",
+    "read_sources": "sources",
+    "MT_DEFECTS": "magnetic_tile",
+    "magnetic_tile_splits": "magnetic_tile",
     "MPDD_CATEGORIES": "datamodule",
     "SampleDataset": "datasets",
     "ELPV_TASKS": "elpv",
@@ -64,6 +71,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MPDD_CATEGORIES",
+    "MT_DEFECTS",
     "MVTEC_CATEGORIES",
     "SYNTHETIC_CATEGORIES",
     "VISA_CATEGORIES",
@@ -81,7 +89,10 @@ __all__ = [
     "group_splits",
     "load_mask",
     "load_rgb",
+    "magnetic_tile_splits",
     "parse_scenario",
+    "read_source",
+    "read_sources",
     "scan_categories",
     "scan_category",
     "visa_splits",

@@ -1,13 +1,13 @@
 """LightningDataModule that serves continual tasks: one category each, or several (a task-grouping scenario).
 
-Sources: MVTec layout (MVTec AD, MPDD, generated data), ELPV cell types, VisA's split file, user folders.
+Sources (moleflow.data.sources): MVTec layout (MVTec AD, MPDD, generated data), ELPV cell types, VisA's split
+file, user folders, Magnetic Tile, or several of them in a row.
 """
 
 from __future__ import annotations
 
-import inspect
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +15,9 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from moleflow.data.datasets import SampleDataset
-from moleflow.data.elpv import ELPV_TASKS, elpv_splits
-from moleflow.data.folder import folder_splits
 from moleflow.data.grouping import group_name, group_splits, parse_scenario
-from moleflow.data.mvtec import (
-    EXPECTED_LAYOUT,
-    CategorySplit,
-    DatasetLayoutError,
-    check_category_names,
-    scan_categories,
-)
-from moleflow.data.visa import visa_splits
-
-DATA_SOURCES: tuple[str, ...] = ("mvtec", "elpv", "folder", "visa")
-"""Task sources: an MVTec AD-style tree, the ELPV package data, a user's own folders, VisA's split file."""
+from moleflow.data.mvtec import CategorySplit, check_category_names
+from moleflow.data.sources import DATA_SOURCES, MULTI, check_options, read_source, read_sources
 
 MPDD_CATEGORIES: tuple[str, ...] = (
     "bracket_black",
@@ -38,22 +27,6 @@ MPDD_CATEGORIES: tuple[str, ...] = (
     "metal_plate",
     "tubes",
 )
-MPDD_URL = "https://github.com/stepanje/MPDD"
-
-MVTEC_LAYOUT_LINES = (
-    "Expected layout (MVTec AD layout):\n"
-    "  ROOT/CATEGORY/train/good/*.png\n"
-    "  ROOT/CATEGORY/test/<defect>/*.png            (test/good holds the normal test images)\n"
-    "  ROOT/CATEGORY/ground_truth/<defect>/<name>_mask.png"
-)
-
-DOWNLOAD_HINTS: dict[str, str] = {
-    "mpdd": (
-        f"MPDD (Metal Parts Defect Detection) comes from {MPDD_URL} : download it by hand, extract it and "
-        "point `data.root` at the folder holding its category folders (bracket_black, ..., tubes)."
-    ),
-}
-"""Where a data set in MVTec layout other than MVTec AD comes from, keyed by `dataset_name` (data.name)."""
 
 
 def _positive_int(name: str, value: int, minimum: int = 1) -> int:
@@ -61,31 +34,6 @@ def _positive_int(name: str, value: int, minimum: int = 1) -> int:
         msg = f"{name} must be an int >= {minimum}, got {value!r}."
         raise ValueError(msg)
     return value
-
-
-def _keyword_options(func: Callable[..., Any], positional: set[str]) -> list[str]:
-    return [name for name in inspect.signature(func).parameters if name not in positional]
-
-
-def _source_option_names(source: str) -> list[str]:
-    """Options a source accepts in `source_options` (its reader's keyword arguments)."""
-    if source == "elpv":
-        return _keyword_options(elpv_splits, {"tasks"})
-    if source == "folder":
-        return _keyword_options(folder_splits, {"root", "categories"})
-    if source == "visa":
-        return _keyword_options(visa_splits, {"root", "categories"})
-    return []
-
-
-def _with_download_hint(err: DatasetLayoutError, hint: str) -> DatasetLayoutError:
-    """The MVTec reader's error with MVTec AD's download note replaced by the data set's own."""
-    text = str(err)
-    if not text.endswith(EXPECTED_LAYOUT):
-        return err
-    problem = text[: -len(EXPECTED_LAYOUT)].rstrip("\n")
-    msg = f"{problem}\n{MVTEC_LAYOUT_LINES}\n{hint}"
-    return DatasetLayoutError(msg)
 
 
 class ContinualDataModule(pl.LightningDataModule):
@@ -108,11 +56,15 @@ class ContinualDataModule(pl.LightningDataModule):
         eval_batch_size: Batch size of the test loaders.
         num_workers: DataLoader worker processes (0 loads in the main process).
         pin_memory: Pin host memory (useful with a GPU).
-        source: "mvtec" (`scan_categories`), "elpv" (`elpv_splits`), "folder" (`folder_splits`) or
-            "visa" (`visa_splits`).
+        source: "mvtec" (`scan_categories`), "elpv" (`elpv_splits`), "folder" (`folder_splits`),
+            "visa" (`visa_splits`), "magnetic_tile" (`magnetic_tile_splits`), or "multi": the tasks of
+            several sources in a row, listed in `sources`.
         source_options: Keyword arguments of the source's reader, e.g. {"max_train_per_task": 64}
             for "elpv", {"layout": "normal_abnormal", "seed": 1} for "folder" or {"split_csv": ...}
             for "visa"; none for "mvtec".
+        sources: For source="multi": one mapping per source with keys source, root, categories,
+            source_options, name and prefix (see `moleflow.data.sources.read_sources`). `categories`,
+            if given, then picks and orders the combined categories.
         task_groups: Scenario grouping the categories into tasks (`parse_scenario`): None (one
             category per task), "10-5", "14-1", "3x5", ... or a list of lists of category names.
         dataset_name: Name of the data set (data.name); for MVTec-layout data sets other than MVTec AD
@@ -132,26 +84,37 @@ class ContinualDataModule(pl.LightningDataModule):
         source_options: Mapping[str, Any] | None = None,
         task_groups: str | Sequence[Sequence[str]] | None = None,
         dataset_name: str | None = None,
+        sources: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if source not in DATA_SOURCES:
             msg = f"Unknown data source {source!r}: use one of {list(DATA_SOURCES)}."
             raise ValueError(msg)
         self.source = source
-        self.source_options = self._check_options(source, source_options)
-        if root is None and source != "elpv":
+        if source == MULTI:
+            if not sources:
+                msg = "source='multi' needs data.sources, e.g. [{source: elpv}, {source: magnetic_tile, root: ...}]."
+                raise ValueError(msg)
+            self.sources = [dict(entry) for entry in sources]
+            self.source_options: dict[str, Any] = {}
+        else:
+            if sources:
+                msg = f"data.sources is only read with data.source=multi (source is {source!r}); remove one of them."
+                raise ValueError(msg)
+            self.sources = []
+            self.source_options = check_options(source, source_options)
+        if root is None and source not in ("elpv", MULTI):
             msg = f"root is required for source={source!r}: give the folder holding one sub-folder per category."
             raise ValueError(msg)
         self.root = Path(root) if root is not None else None
         if categories is None and source == "mvtec":
             msg = "categories is required for source='mvtec': list the category folders in task order, e.g. ['bottle']."
             raise ValueError(msg)
-        if categories is None and source == "elpv":
-            categories = ELPV_TASKS
         self._categories = check_category_names(categories) if categories is not None else None
         self._task_groups = task_groups
         # Parsed now when the categories are known (fail before scanning), else after scanning.
-        self._groups = parse_scenario(task_groups, self._categories) if self._categories is not None else None
+        known = self._categories is not None and source != MULTI
+        self._groups = parse_scenario(task_groups, self._categories) if known else None
         if dataset_name is not None and not isinstance(dataset_name, str):
             msg = f"dataset_name must be a string such as 'mpdd' (data.name) or None, got {dataset_name!r}."
             raise TypeError(msg)
@@ -164,6 +127,7 @@ class ContinualDataModule(pl.LightningDataModule):
         self.current_task = 0
         self._category_splits: list[CategorySplit] | None = None
         self._splits: list[CategorySplit] | None = None
+        self.origin: dict[str, dict[str, Any]] = {}  # category -> {source, root, name}: what was read
 
     # ----------------------------------------------------------------------------------- scanning
     def prepare_data(self) -> None:
@@ -174,36 +138,23 @@ class ContinualDataModule(pl.LightningDataModule):
         """Scan all categories once; later calls do nothing."""
         self._scan()
 
-    @staticmethod
-    def _check_options(source: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Reject options the source's reader does not take, before any scanning."""
-        if options is None:
-            return {}
-        if not isinstance(options, Mapping):
-            msg = f"source_options must be a mapping of option names to values, got {type(options).__name__}."
-            raise TypeError(msg)
-        accepted = _source_option_names(source)
-        unknown = sorted(str(k) for k in options if k not in accepted)
-        if unknown:
-            msg = f"source_options {unknown} are not accepted by source={source!r}; accepted: {accepted or 'none'}."
-            raise ValueError(msg)
-        return dict(options)
-
     def _read_source(self) -> list[CategorySplit]:
-        """One split per category, from the configured source."""
-        if self.source == "mvtec":
-            hint = DOWNLOAD_HINTS.get((self.dataset_name or "").lower())
-            try:
-                return scan_categories(self.root, self._categories)
-            except DatasetLayoutError as err:
-                if hint is None:
-                    raise
-                raise _with_download_hint(err, hint) from None
-        if self.source == "elpv":
-            return elpv_splits(tasks=self._categories, **self.source_options)
-        if self.source == "visa":
-            return visa_splits(self.root, self._categories, **self.source_options)
-        return folder_splits(self.root, self._categories, **self.source_options)
+        """One split per category, from the configured source(s); records where each category came from."""
+        if self.source != MULTI:
+            root = str(self.root) if self.root is not None else None
+            splits = read_source(self.source, root, self._categories, self.source_options, self.dataset_name)
+            name = self.dataset_name or self.source
+            self.origin = {s.category: {"source": self.source, "root": root, "name": name} for s in splits}
+            return splits
+        splits, self.origin = read_sources(self.sources)
+        if self._categories is None:
+            return splits
+        by_name = {s.category: s for s in splits}
+        missing = [c for c in self._categories if c not in by_name]
+        if missing:
+            msg = f"data.categories {missing} are not among the categories of data.sources: {list(by_name)}."
+            raise ValueError(msg)
+        return [by_name[c] for c in self._categories]
 
     def _scan(self) -> list[CategorySplit]:
         if self._splits is None:

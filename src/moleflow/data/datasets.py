@@ -53,7 +53,9 @@ class SampleDataset(Dataset):
         sample = self.samples[i]
         image, hw = load_rgb(sample.image_path, self.image_size)
         if self.with_masks and sample.mask_path is not None:
-            mask = load_mask(sample.mask_path, self.image_size, expected_hw=hw, image_path=sample.image_path)
+            mask = load_mask(
+                sample.mask_path, self.image_size, hw, image_path=sample.image_path, threshold=sample.mask_threshold
+            )
         else:
             mask = torch.zeros(1, self.image_size, self.image_size, dtype=torch.float32)
         return {

@@ -16,18 +16,9 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
-from moleflow.data.folder import (
-    STREAM_SPLIT,
-    STREAM_TEST_SUBSET,
-    STREAM_TRAIN_SUBSET,
-    check_fraction,
-    check_seed,
-    split_normals,
-    task_rng,
-)
+from moleflow.data.folder import check_fraction, check_seed
 from moleflow.data.mvtec import GOOD, CategorySplit, Sample, check_category_names
+from moleflow.data.subsets import by_name, check_limit, split_pools
 
 ELPV_TASKS: tuple[str, ...] = ("mono", "poly")
 ELPV_PACKAGE = "elpv_dataset"
@@ -112,43 +103,6 @@ def read_elpv_labels(labels_csv: Path) -> dict[str, list[Sample]]:
     return rows
 
 
-def _optional_limit(name: str, value: int | None, minimum: int) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        msg = f"{name} must be None (no limit) or an int >= {minimum}, got {value!r}."
-        raise ValueError(msg)
-    return int(value)
-
-
-def _subset(samples: list[Sample], k: int, rng: np.random.Generator) -> list[Sample]:
-    """k samples drawn without replacement, kept in their original order."""
-    if k >= len(samples):
-        return list(samples)
-    keep = np.sort(rng.choice(len(samples), size=k, replace=False))
-    return [samples[i] for i in keep.tolist()]
-
-
-def _subset_test(
-    normals: list[Sample], anomalous: list[Sample], k: int, rng: np.random.Generator
-) -> tuple[list[Sample], list[Sample]]:
-    """At most k test samples with the normal/anomalous ratio kept, and at least one of each kind."""
-    n_norm, n_anom = len(normals), len(anomalous)
-    if n_norm + n_anom <= k:
-        return normals, anomalous
-    if n_norm == 0 or n_anom == 0:
-        return _subset(normals, k, rng), _subset(anomalous, k, rng)
-    keep_norm = math.floor(k * n_norm / (n_norm + n_anom) + 0.5)
-    keep_norm = min(n_norm, k - 1, max(1, keep_norm))
-    keep_anom = min(n_anom, k - keep_norm)
-    keep_norm = min(n_norm, k - keep_anom)
-    return _subset(normals, keep_norm, rng), _subset(anomalous, keep_anom, rng)
-
-
-def _by_name(samples: list[Sample]) -> list[Sample]:
-    return sorted(samples, key=lambda s: (s.image_path.name, str(s.image_path)))
-
-
 def _check_files(task: str, samples: list[Sample], labels_csv: Path) -> None:
     missing = [s.image_path for s in samples if not s.image_path.is_file()]
     if missing:
@@ -203,8 +157,8 @@ def elpv_splits(
         raise TypeError(msg)
     fraction = check_fraction(test_normal_fraction)
     seed = check_seed(seed)
-    max_train = _optional_limit("max_train_per_task", max_train_per_task, minimum=1)
-    max_test = _optional_limit("max_test_per_task", max_test_per_task, minimum=2)
+    max_train = check_limit("max_train_per_task", max_train_per_task, minimum=1)
+    max_test = check_limit("max_test_per_task", max_test_per_task, minimum=2)
     if labels_csv is None:
         csv = elpv_labels_csv()
     else:
@@ -216,17 +170,10 @@ def elpv_splits(
 
     splits: list[CategorySplit] = []
     for task in names:
-        cells = _by_name(rows[task])
+        cells = by_name(rows[task])
         normals = [s for s in cells if s.label == 0]
         anomalous = [s for s in cells if s.label == 1 and (include_uncertain or s.defect_type != UNCERTAIN)]
-        train, test_normals = split_normals(normals, fraction, task_rng(seed, task, STREAM_SPLIT), f"elpv/{task}")
-        if max_train is not None:
-            train = _subset(train, max_train, task_rng(seed, task, STREAM_TRAIN_SUBSET))
-        if max_test is not None:
-            test_normals, anomalous = _subset_test(
-                test_normals, anomalous, max_test, task_rng(seed, task, STREAM_TEST_SUBSET)
-            )
-        test = _by_name([*test_normals, *anomalous])
+        train, test = split_pools(task, normals, anomalous, fraction, seed, max_train, max_test, f"elpv/{task}")
         _check_files(task, [*train, *test], csv)
         splits.append(CategorySplit(category=task, train=train, test=test, has_masks=False))
     return splits

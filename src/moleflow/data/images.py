@@ -119,6 +119,7 @@ def load_mask(
     image_size: int,
     expected_hw: tuple[int, int] | None,
     image_path: Path | str | None = None,
+    threshold: float | None = None,
 ) -> torch.Tensor:
     """Read a ground-truth mask as a binary tensor aligned with its resized image.
 
@@ -131,6 +132,8 @@ def load_mask(
         image_size: Side S of the square output.
         expected_hw: (H, W) of the image the mask belongs to; None skips the check.
         image_path: The image, named in the size-mismatch error.
+        threshold: Mask values above it are anomalous; None: 127 for JPEG masks, else any non-zero
+            value (class-index masks keep every class). Data sets with anti-aliased masks set 127.
 
     Returns:
         A (1, S, S) float32 tensor with values in {0, 1}.
@@ -151,7 +154,8 @@ def load_mask(
             f"{tuple(expected_hw)}. A mask must have its image's size; replace the mask or the image."
         )
         raise ValueError(msg)
-    threshold = 127 if path.suffix.lower() in _LOSSY_SUFFIXES else 0
+    if threshold is None:
+        threshold = 127 if path.suffix.lower() in _LOSSY_SUFFIXES else 0
     binary = (_mask_values(img) > threshold).astype(np.uint8) * 255
     resized = Image.fromarray(binary)
     if resized.size != (image_size, image_size):

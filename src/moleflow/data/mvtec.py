@@ -59,12 +59,15 @@ class Sample:
         label: 0 for normal, 1 for anomalous.
         defect_type: Name of the test sub-folder ("good" for normal images).
         mask_path: Ground-truth mask of an anomalous image; None for normal images.
+        mask_threshold: Mask values above it mark the defect; None: the default of
+            :func:`moleflow.data.images.load_mask` (any non-zero value; 127 for JPEG masks).
     """
 
     image_path: Path
     label: int
     defect_type: str
     mask_path: Path | None
+    mask_threshold: float | None = None
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ def build_datamodule(data_cfg: DictConfig) -> ContinualDataModule:
         source_options=to_dict(data_cfg.get("source_options")),
         task_groups=to_dict_or_value(data_cfg.get("task_groups")),
         dataset_name=data_cfg.get("name"),
+        sources=to_dict_or_value(data_cfg.get("sources")),
     )
     dm.setup()
     return dm
