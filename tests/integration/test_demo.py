@@ -30,8 +30,8 @@ def test_one_epoch_demo_on_a_handful_of_cells(tmp_path, monkeypatch) -> None:
         "trainer.model_summary=false",
         "training.epochs=1",
         "data.num_workers=0",
-        "data.source_options.max_train_per_task=8",
-        "data.source_options.max_test_per_task=6",
+        "data.max_train_per_task=8",
+        "data.max_test_per_task=6",
         "data.train_batch_size=4",
         "report.overlays_per_task=2",
     ]

@@ -137,8 +137,13 @@ def test_elpv_real_split_disjoint_sorted_deterministic() -> None:
 
 def test_elpv_real_subsampling() -> None:
     full = {s.category: s for s in elpv_splits()}
-    small = elpv_splits(max_train_per_task=50, max_test_per_task=40)
-    assert small == elpv_splits(max_train_per_task=50, max_test_per_task=40)
+
+    def capped(max_train: int | None, max_test: int | None, tasks: list[str] | None = None) -> list[CategorySplit]:
+        dm = ContinualDataModule(None, tasks, source="elpv", max_train_per_task=max_train, max_test_per_task=max_test)
+        return dm.splits
+
+    small = capped(50, 40)
+    assert small == capped(50, 40)
     assert {s.category: _counts(s) for s in small} == {"mono": (50, 11, 29), "poly": (50, 13, 27)}
     for split in small:
         ref = full[split.category]
@@ -146,13 +151,13 @@ def test_elpv_real_subsampling() -> None:
         assert _names(split.train) == sorted(_names(split.train))
         assert _names(split.test) == sorted(_names(split.test))
     # Smallest test subsample keeps one of each kind; the held-out normals do not change with the limits.
-    tiny = elpv_splits(tasks=["mono"], max_test_per_task=2)[0]
+    tiny = capped(None, 2, ["mono"])[0]
     assert sorted(s.label for s in tiny.test) == [0, 1]
-    assert elpv_splits(tasks=["mono"], max_train_per_task=10)[0].test == full["mono"].test
+    assert capped(10, None, ["mono"])[0].test == full["mono"].test
     with pytest.raises(ValueError, match="max_test_per_task must be None .* >= 2"):
-        elpv_splits(max_test_per_task=1)
+        capped(None, 1)
     with pytest.raises(ValueError, match="max_train_per_task"):
-        elpv_splits(max_train_per_task=0)
+        capped(0, None)
 
 
 def test_elpv_real_image_loads() -> None:

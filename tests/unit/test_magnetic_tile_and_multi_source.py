@@ -62,9 +62,15 @@ def test_split_is_seeded_disjoint_and_holds_out_a_share_of_normals(mt_root: Path
 
 
 def test_caps_and_defect_selection(mt_root: Path) -> None:
-    (split,) = magnetic_tile_splits(mt_root, defects=["Crack"], max_train_per_task=4, max_test_per_task=4)
-    assert len(split.train) == 4
+    options = {"defects": ["Crack"]}
+    dm = ContinualDataModule(mt_root, None, source="magnetic_tile", source_options=options, max_train_per_task=4)
+    (full,) = magnetic_tile_splits(mt_root, defects=["Crack"])
+    (split,) = ContinualDataModule(
+        mt_root, None, source="magnetic_tile", source_options=options, max_train_per_task=4, max_test_per_task=4
+    ).splits
+    assert len(split.train) == 4 and dm.splits[0].train == split.train and set(split.train) <= set(full.train)
     assert len(split.test) == 4 and {s.defect_type for s in split.test if s.label} == {"crack"}
+    assert [s for s in full.test if s in split.test] == split.test  # order kept
     with pytest.raises(ValueError, match="Unknown Magnetic Tile defect type"):
         magnetic_tile_splits(mt_root, defects=["Scratch"])
     with pytest.raises(ValueError, match="one product"):

@@ -15,9 +15,11 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from moleflow.data.datasets import SampleDataset
+from moleflow.data.folder import check_seed
 from moleflow.data.grouping import group_name, group_splits, parse_scenario
 from moleflow.data.mvtec import CategorySplit, check_category_names
 from moleflow.data.sources import DATA_SOURCES, MULTI, check_options, read_source, read_sources
+from moleflow.data.subsets import check_limit, limit_split
 
 MPDD_CATEGORIES: tuple[str, ...] = (
     "bracket_black",
@@ -59,12 +61,17 @@ class ContinualDataModule(pl.LightningDataModule):
         source: "mvtec" (`scan_categories`), "elpv" (`elpv_splits`), "folder" (`folder_splits`),
             "visa" (`visa_splits`), "magnetic_tile" (`magnetic_tile_splits`), or "multi": the tasks of
             several sources in a row, listed in `sources`.
-        source_options: Keyword arguments of the source's reader, e.g. {"max_train_per_task": 64}
+        source_options: Keyword arguments of the source's reader, e.g. {"include_uncertain": True}
             for "elpv", {"layout": "normal_abnormal", "seed": 1} for "folder" or {"split_csv": ...}
             for "visa"; none for "mvtec".
         sources: For source="multi": one mapping per source with keys source, root, categories,
             source_options, name and prefix (see `moleflow.data.sources.read_sources`). `categories`,
             if given, then picks and orders the combined categories.
+        max_train_per_task: Keep at most this many training images of each category (seeded
+            subsample, `moleflow.data.subsets.limit_split`), e.g. to fit a CPU time budget.
+        max_test_per_task: Keep at most this many test images of each category (>= 2), the
+            normal/defective ratio kept and at least one of each.
+        subset_seed: Seed of those subsamples (streams keyed by the category name).
         task_groups: Scenario grouping the categories into tasks (`parse_scenario`): None (one
             category per task), "10-5", "14-1", "3x5", ... or a list of lists of category names.
         dataset_name: Name of the data set (data.name); for MVTec-layout data sets other than MVTec AD
@@ -85,6 +92,9 @@ class ContinualDataModule(pl.LightningDataModule):
         task_groups: str | Sequence[Sequence[str]] | None = None,
         dataset_name: str | None = None,
         sources: Sequence[Mapping[str, Any]] | None = None,
+        max_train_per_task: int | None = None,
+        max_test_per_task: int | None = None,
+        subset_seed: int = 0,
     ) -> None:
         super().__init__()
         if source not in DATA_SOURCES:
@@ -124,6 +134,9 @@ class ContinualDataModule(pl.LightningDataModule):
         self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
         self.num_workers = _positive_int("num_workers", num_workers, minimum=0)
         self.pin_memory = bool(pin_memory)
+        self.max_train_per_task = check_limit("max_train_per_task", max_train_per_task, minimum=1)
+        self.max_test_per_task = check_limit("max_test_per_task", max_test_per_task, minimum=2)
+        self.subset_seed = check_seed(subset_seed)
         self.current_task = 0
         self._category_splits: list[CategorySplit] | None = None
         self._splits: list[CategorySplit] | None = None
@@ -158,7 +171,8 @@ class ContinualDataModule(pl.LightningDataModule):
 
     def _scan(self) -> list[CategorySplit]:
         if self._splits is None:
-            splits = self._read_source()
+            caps = (self.max_train_per_task, self.max_test_per_task, self.subset_seed)
+            splits = [limit_split(split, *caps) for split in self._read_source()]
             categories = [s.category for s in splits]
             groups = self._groups if self._groups is not None else parse_scenario(self._task_groups, categories)
             grouped = group_splits(splits, groups)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from moleflow.data.folder import check_fraction, check_seed
 from moleflow.data.mvtec import GOOD, CategorySplit, Sample, check_category_names
-from moleflow.data.subsets import by_name, check_limit, split_pools
+from moleflow.data.subsets import by_name, split_pools
 
 ELPV_TASKS: tuple[str, ...] = ("mono", "poly")
 ELPV_PACKAGE = "elpv_dataset"
@@ -119,8 +119,6 @@ def elpv_splits(
     include_uncertain: bool = False,
     test_normal_fraction: float = 0.25,
     seed: int = 0,
-    max_train_per_task: int | None = None,
-    max_test_per_task: int | None = None,
     labels_csv: str | Path | None = None,
 ) -> list[CategorySplit]:
     """ELPV cells as continual tasks, one per cell type, with a seeded split of the normal cells.
@@ -130,11 +128,8 @@ def elpv_splits(
         include_uncertain: Count probability-1/3 cells as anomalous test images (left out by default,
             since annotators were unsure whether they are defective).
         test_normal_fraction: Share of the normal cells held out for testing (rounded, at least 1).
-        seed: Seed of the split and of the subsampling (streams are keyed by the task name).
-        max_train_per_task: Keep at most this many training cells (seeded subsample), e.g. to fit
-            a CPU time budget.
-        max_test_per_task: Keep at most this many test cells (>= 2), with the normal/anomalous ratio
-            kept as close as possible and at least one of each.
+        seed: Seed of the split (streams are keyed by the task name). Caps on the split sizes are the
+            DataModule's (``data.max_train_per_task``, see ``moleflow.data.subsets.limit_split``).
         labels_csv: A labels.csv in the ELPV format (images relative to its folder); None uses the
             installed `elpv-dataset` package.
 
@@ -157,8 +152,6 @@ def elpv_splits(
         raise TypeError(msg)
     fraction = check_fraction(test_normal_fraction)
     seed = check_seed(seed)
-    max_train = check_limit("max_train_per_task", max_train_per_task, minimum=1)
-    max_test = check_limit("max_test_per_task", max_test_per_task, minimum=2)
     if labels_csv is None:
         csv = elpv_labels_csv()
     else:
@@ -173,7 +166,7 @@ def elpv_splits(
         cells = by_name(rows[task])
         normals = [s for s in cells if s.label == 0]
         anomalous = [s for s in cells if s.label == 1 and (include_uncertain or s.defect_type != UNCERTAIN)]
-        train, test = split_pools(task, normals, anomalous, fraction, seed, max_train, max_test, f"elpv/{task}")
+        train, test = split_pools(task, normals, anomalous, fraction, seed, f"elpv/{task}")
         _check_files(task, [*train, *test], csv)
         splits.append(CategorySplit(category=task, train=train, test=test, has_masks=False))
     return splits
@@ -184,8 +177,6 @@ def elpv_counts(
     include_uncertain: bool = False,
     test_normal_fraction: float = 0.25,
     seed: int = 0,
-    max_train_per_task: int | None = None,
-    max_test_per_task: int | None = None,
     labels_csv: str | Path | None = None,
 ) -> dict[str, dict[str, int]]:
     """Split sizes of `elpv_splits` with the same arguments, for docs and checks.
@@ -198,8 +189,6 @@ def elpv_counts(
         include_uncertain=include_uncertain,
         test_normal_fraction=test_normal_fraction,
         seed=seed,
-        max_train_per_task=max_train_per_task,
-        max_test_per_task=max_test_per_task,
         labels_csv=labels_csv,
     )
     return {

@@ -28,7 +28,7 @@ from PIL import Image
 
 from moleflow.data.folder import check_fraction, check_seed
 from moleflow.data.mvtec import GOOD, CategorySplit, DatasetLayoutError, Sample, check_category_names
-from moleflow.data.subsets import by_name, check_limit, split_pools
+from moleflow.data.subsets import by_name, split_pools
 
 MT_TASK = "magnetic_tile"
 MT_FREE = "Free"
@@ -120,8 +120,6 @@ def magnetic_tile_splits(
     defects: Sequence[str] = MT_DEFECTS,
     test_normal_fraction: float = 0.25,
     seed: int = 0,
-    max_train_per_task: int | None = None,
-    max_test_per_task: int | None = None,
 ) -> list[CategorySplit]:
     """Magnetic Tile as one task (named ``categories[0]``, default "magnetic_tile") with pixel masks.
 
@@ -130,9 +128,8 @@ def magnetic_tile_splits(
         categories: One task name (the data set is one product); None gives "magnetic_tile".
         defects: Defect types whose images go into the test split.
         test_normal_fraction: Seeded share of the defect-free images held out for testing.
-        seed: Seed of the split and of the caps (streams keyed by the task name).
-        max_train_per_task: Keep at most this many training images (seeded subsample).
-        max_test_per_task: Keep at most this many test images, normal/defective ratio kept.
+        seed: Seed of the split (stream keyed by the task name). Caps on the split sizes are the
+            DataModule's (``data.max_train_per_task``, ...).
 
     Raises:
         DatasetLayoutError: The root, a folder or a mask is missing, or a mask is unreadable or mis-sized.
@@ -144,9 +141,7 @@ def magnetic_tile_splits(
         raise ValueError(msg)
     fraction = check_fraction(test_normal_fraction)
     seed = check_seed(seed)
-    max_train = check_limit("max_train_per_task", max_train_per_task, minimum=1)
-    max_test = check_limit("max_test_per_task", max_test_per_task, minimum=2)
     normals, anomalous = read_magnetic_tile(root, list(defects))
     task = names[0]
-    train, test = split_pools(task, normals, anomalous, fraction, seed, max_train, max_test, f"magnetic_tile/{task}")
+    train, test = split_pools(task, normals, anomalous, fraction, seed, f"magnetic_tile/{task}")
     return [CategorySplit(category=task, train=train, test=test, has_masks=True)]

@@ -1,19 +1,21 @@
-"""Seeded train/test splits and subsamples for sources that ship normal and defective images without a split.
+"""Seeded train/test splits of normal/defective pools, and seeded caps on any task's split.
 
-ELPV and Magnetic Tile give a pool of defect-free images and a pool of defective ones. Both readers hold
-out a seeded share of the normals for testing and may cap the sizes of a task (to fit a time budget)
-through this one procedure, so a given seed, task name and option set always gives the same split.
+ELPV and Magnetic Tile give a pool of defect-free images and a pool of defective ones; both readers hold
+out a seeded share of the normals for testing with :func:`split_pools`. Any source's tasks may then be
+capped to fit a time budget (``data.max_train_per_task`` / ``data.max_test_per_task``) with
+:func:`limit_split`, so a given seed and category always give the same images.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from moleflow.data.folder import STREAM_SPLIT, STREAM_TEST_SUBSET, STREAM_TRAIN_SUBSET, split_normals, task_rng
-from moleflow.data.mvtec import Sample
+from moleflow.data.mvtec import CategorySplit, Sample
 
 
 def check_limit(name: str, value: int | None, minimum: int) -> int | None:
@@ -61,23 +63,39 @@ def split_pools(
     anomalous: Sequence[Sample],
     test_normal_fraction: float,
     seed: int,
-    max_train: int | None = None,
-    max_test: int | None = None,
     label: str | None = None,
 ) -> tuple[list[Sample], list[Sample]]:
-    """(train, test) of one task from its pools: a seeded share of normals held out, then optional caps.
+    """(train, test) of one task from its pools: a seeded share of the normals held out for testing.
 
-    The random streams are keyed by ``task`` and ``seed`` (not by the task order); ``label`` names the
-    task in errors (e.g. "elpv/mono"). Train keeps the pool order; test is sorted by file name.
+    The random stream is keyed by ``task`` and ``seed`` (not by the task order); ``label`` names the task
+    in errors (e.g. "elpv/mono"). Train keeps the pool order; test is sorted by file name.
     """
     train, test_normals = split_normals(
         list(normals), test_normal_fraction, task_rng(seed, task, STREAM_SPLIT), label or task
     )
-    kept_anomalous = list(anomalous)
+    return train, by_name([*test_normals, *anomalous])
+
+
+def limit_split(split: CategorySplit, max_train: int | None, max_test: int | None, seed: int = 0) -> CategorySplit:
+    """A seeded subsample of one category's split, to fit a time budget (``data.max_train_per_task``, ...).
+
+    Training images are drawn without replacement; the test split keeps its normal/defective ratio and at
+    least one of each. Order is kept. Streams are keyed by the category name, so a category's subsample
+    does not depend on the task order or on the other categories.
+    """
+    max_train = check_limit("max_train_per_task", max_train, minimum=1)
+    max_test = check_limit("max_test_per_task", max_test, minimum=2)
+    if max_train is None and max_test is None:
+        return split
+    train, test = list(split.train), list(split.test)
     if max_train is not None:
-        train = subsample(train, max_train, task_rng(seed, task, STREAM_TRAIN_SUBSET))
+        train = subsample(train, max_train, task_rng(seed, split.category, STREAM_TRAIN_SUBSET))
     if max_test is not None:
-        test_normals, kept_anomalous = subsample_test(
-            test_normals, kept_anomalous, max_test, task_rng(seed, task, STREAM_TEST_SUBSET)
+        normals = [s for s in test if s.label == 0]
+        anomalous = [s for s in test if s.label != 0]
+        normals, anomalous = subsample_test(
+            normals, anomalous, max_test, task_rng(seed, split.category, STREAM_TEST_SUBSET)
         )
-    return train, by_name([*test_normals, *kept_anomalous])
+        kept = {id(s) for s in [*normals, *anomalous]}
+        test = [s for s in test if id(s) in kept]
+    return replace(split, train=train, test=test)

@@ -61,6 +61,9 @@ def build_datamodule(data_cfg: DictConfig) -> ContinualDataModule:
         task_groups=to_dict_or_value(data_cfg.get("task_groups")),
         dataset_name=data_cfg.get("name"),
         sources=to_dict_or_value(data_cfg.get("sources")),
+        max_train_per_task=data_cfg.get("max_train_per_task"),
+        max_test_per_task=data_cfg.get("max_test_per_task"),
+        subset_seed=int(data_cfg.get("subset_seed", 0)),
     )
     dm.setup()
     return dm
