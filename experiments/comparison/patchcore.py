@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from anomalib.models.components.sampling.k_center_greedy import KCenterGreedy
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
@@ -59,14 +60,20 @@ class BufferedKCenterGreedy(KCenterGreedy):
 
 
 def coreset_indices(embedding: torch.Tensor, settings: PatchCoreSettings) -> list[int]:
-    """Indices of the greedy coreset of ``embedding`` (N, d), seeded: the projection and start are random."""
+    """Indices of the greedy coreset of ``embedding`` (N, d), seeded (torch and numpy): the projection and
+    the start are random."""
     if settings.sampler not in SAMPLERS:
         msg = f"PatchCore sampler must be one of {SAMPLERS}, got {settings.sampler!r}."
         raise ValueError(msg)
     cls = BufferedKCenterGreedy if settings.sampler == "buffered" else KCenterGreedy
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        return cls(embedding=embedding, sampling_ratio=settings.coreset_ratio).select_coreset_idxs()
+    numpy_state = np.random.get_state()  # anomalib's projection draws columns from numpy's global generator
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            np.random.seed(settings.seed)
+            return cls(embedding=embedding, sampling_ratio=settings.coreset_ratio).select_coreset_idxs()
+    finally:
+        np.random.set_state(numpy_state)
 
 
 def build_patchcore(backbone: dict[str, Any], settings: PatchCoreSettings) -> PatchcoreModel:

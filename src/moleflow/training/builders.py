@@ -104,6 +104,7 @@ def build_trainer(
     output_dir: Path,
     first_task: bool,
     extra_callbacks: list | None = None,
+    max_steps: int = -1,
 ) -> pl.Trainer:
     """A fresh Trainer for one task (a finished Trainer would silently train nothing on a second fit)."""
     t = to_dict(trainer_cfg)
@@ -117,6 +118,7 @@ def build_trainer(
     t.pop("model_summary", None)
     return pl.Trainer(
         max_epochs=epochs,
+        max_steps=max_steps,
         logger=loggers if loggers else False,
         callbacks=callbacks,
         enable_checkpointing=False,

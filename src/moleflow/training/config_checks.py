@@ -110,6 +110,17 @@ def _check_rule(cfg: DictConfig, rule: _Rule) -> str | None:
 def config_problems(cfg: DictConfig) -> list[str]:
     """Every invalid setting of ``cfg``, one sentence each naming the key; empty when all is well."""
     problems = [p for rule in _RULES if (p := _check_rule(cfg, rule)) is not None]
+    steps, problem = _lookup(cfg, "training.steps")
+    if problem is not None:
+        problems.append(f"training.steps {problem}")
+    elif (
+        steps is not _ABSENT
+        and steps is not None
+        and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1)
+    ):
+        problems.append(
+            f"training.steps must be null (train for training.epochs) or an integer >= 1, got {_shown(steps)}"
+        )
     mode, problem = _lookup(cfg, "training.feature_cache")
     if problem is not None:
         problems.append(f"training.feature_cache {problem}")

@@ -117,12 +117,49 @@ def _fit_task(
         pin_memory=torch.cuda.is_available() and bool(cfg.data.get("pin_memory", False)),
     )
     callbacks = [_ReextractEachEpoch(dataset, refresh)] if refresh is not None else []
-    trainer = build_trainer(cfg.trainer, int(cfg.training.epochs), loggers, output_dir, t == 0, callbacks)
+    epochs, steps = task_length(cfg.training, len(loader))
+    module.step_budget = (steps, len(loader)) if steps > 0 else None
+    trainer = build_trainer(cfg.trainer, epochs, loggers, output_dir, t == 0, callbacks, max_steps=steps)
     module.train()
     trainer.fit(module, train_dataloaders=loader)
     if trainer.interrupted:  # Lightning swallows Ctrl-C; an unfinished task must not be saved as done
         msg = f"Training of task {name} was interrupted; rerun with resume=true to continue."
         raise KeyboardInterrupt(msg)
+
+
+def task_length(training_cfg: DictConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """(epochs, optimizer steps) of one task: ``training.epochs``, or ``training.steps`` when set.
+
+    A step budget gives every task the same number of updates whatever its size (a 200-image task has
+    12 steps per epoch at batch 16: 8 epochs are 96 steps); it overrides the epochs (-1 steps = no limit).
+    """
+    steps = training_cfg.get("steps")
+    if steps is None:
+        return int(training_cfg.epochs), -1
+    return math.ceil(int(steps) / max(1, steps_per_epoch)), int(steps)
+
+
+def loss_curve_summary(losses: list[float]) -> dict[str, Any]:
+    """How a task's training loss ended: first and last values and whether the curve had flattened.
+
+    ``last_fifth_drop`` is the relative decrease of the mean loss from the fourth to the last fifth of the
+    steps; below 1 % the loss is taken as having reached its plateau (more steps would change little).
+    """
+    n = len(losses)
+    if n < 10:
+        return {"steps": n, "first": losses[0] if losses else None, "last": losses[-1] if losses else None}
+    fifth = n // 5
+    last, previous = losses[-fifth:], losses[-2 * fifth : -fifth]
+    last_mean, prev_mean = sum(last) / len(last), sum(previous) / len(previous)
+    drop = (prev_mean - last_mean) / abs(prev_mean) if prev_mean else 0.0
+    return {
+        "steps": n,
+        "first": losses[0],
+        "last_fifth_mean": last_mean,
+        "fourth_fifth_mean": prev_mean,
+        "last_fifth_drop": drop,
+        "plateau": bool(drop < 0.01),
+    }
 
 
 def _check_divergence(tracker: ContinualTracker, module: Any, t: int, name: str, own: Any) -> None:
@@ -372,6 +409,10 @@ def _payload(
             "diverged": dict(tracker.diverged),
         },
         "work": {"backbone_images": extractor_images, "feature_cache": str(cfg.training.feature_cache)},
+        "training": {
+            name: loss_curve_summary(module.loss_history.get(name, []))
+            for name in tracker.task_names[: tracker.last_task + 1]
+        },
         "timings": timings,
     }
 

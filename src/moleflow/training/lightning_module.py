@@ -62,6 +62,8 @@ class MoLEFlowLitModule(pl.LightningModule):
         self.current_task = -1
         self.counters = BatchCounters()
         self.loss_history: dict[str, list[float]] = {}  # every training step's loss (cheap; tests compare runs)
+        # (total steps, steps per epoch) of the current task when it trains on a step budget, else None
+        self.step_budget: tuple[int, int] | None = None
         for name in task_names or []:
             self.add_task(name)
 
@@ -132,6 +134,10 @@ class MoLEFlowLitModule(pl.LightningModule):
         # tasks after the first adapt a trained shared flow: warm up; a separated flow starts fresh like task 0
         adapting = self.current_task > 0 and self.model.config.base_sharing != "separate"
         warmup = self.optim_cfg.warmup_epochs if adapting else 0
+        if self.step_budget is not None:  # cosine over the task's steps; warm-up: warmup_epochs epochs of steps
+            steps, per_epoch = self.step_budget
+            scheduler = build_scheduler(optimizer, steps, warmup * per_epoch, self.optim_cfg.min_lr_ratio)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         scheduler = build_scheduler(optimizer, epochs, warmup, self.optim_cfg.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

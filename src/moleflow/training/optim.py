@@ -1,7 +1,11 @@
-"""Optimizer and per-epoch learning-rate schedule (method.md 5).
+"""Optimizer and learning-rate schedule (method.md 5).
 
 Task 0: cosine decay per epoch from lr to ``min_lr_ratio * lr``. Later tasks: ``warmup_epochs``
 linear warm-up epochs (0.5 lr, then lr for 2 epochs) before the same cosine over the rest.
+
+With a budget in optimizer steps (``training.steps``) the same shape runs per step instead: the cosine
+spans the task's steps and the warm-up lasts ``warmup_epochs`` epochs' worth of steps. An epoch of a
+200-image task is 12 steps at batch 16, so per-epoch steps would be far too coarse for a step budget.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def lr_factor(epoch: int, total_epochs: int, warmup_epochs: int, min_ratio: floa
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, total_epochs: int, warmup_epochs: int, min_ratio: float
+    optimizer: torch.optim.Optimizer, total: int, warmup: int, min_ratio: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-epoch LambdaLR implementing :func:`lr_factor`."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, total_epochs, warmup_epochs, min_ratio))
+    """LambdaLR implementing :func:`lr_factor` over ``total`` units (epochs, or steps with a step budget)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, total, warmup, min_ratio))
