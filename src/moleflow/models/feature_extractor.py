@@ -1,10 +1,18 @@
 """Frozen pretrained CNN -> patch features F (B, H, W, D) (method.md 2).
 
-For each chosen backbone layer: every location's k x k neighbourhood (channel-major (c, kh, kw)
-vector of C * k^2 values), pooled to D values by a parameter-free adaptive average over the
-vector, brought to the first layer's grid by bilinear resize; the layers are then averaged.
-Pooling before resizing gives the same result as the reverse order (both are linear, on different
-axes) and touches far less memory.
+Two patch embeddings (``model.backbone.embedding``):
+
+- ``bins_mean`` (MAIN): for each chosen layer, every location's k x k neighbourhood (channel-major
+  (c, kh, kw) vector of C * k^2 values), pooled to D values by a parameter-free adaptive average over
+  the vector, brought to the first layer's grid by bilinear resize; the layers are then averaged.
+  Pooling before resizing gives the same result as the reverse order (both are linear, on different
+  axes) and touches far less memory.
+- ``pool_concat``: each layer's channels averaged over the k x k neighbourhood (a stride-1 average
+  pool), brought to the first layer's grid and concatenated: D = the layers' channel count summed
+  (152 for EfficientNet-Lite0's blocks.2 + blocks.4). Why: with a small backbone, pooling each layer
+  to D bins and averaging the two layers adds unrelated channels of different depths together
+  (channel i of one layer plus channel i of the other); concatenation keeps every channel as itself.
+  It is PatchCore's embedding.
 
 Shapes at MAIN settings (224 px, wide_resnet50_2, layer2 + layer3, D = 768): layer2 (B, 512, 28, 28),
 layer3 (B, 1024, 14, 14) -> F (B, 28, 28, 768); router feature (B, 768).
@@ -28,6 +36,7 @@ from moleflow.models.packaged_weights import PACKAGED, packaged_weights_file
 
 log = logging.getLogger(__name__)
 RANDOM_INIT_SEED = 0  # a random backbone must be the same function of the config in every process
+EMBEDDINGS = ("bins_mean", "pool_concat")
 
 
 class BackboneLoadError(RuntimeError):
@@ -148,17 +157,28 @@ class FeatureExtractor(nn.Module):
         neighbourhood: int = 3,
         pretrained: bool = True,
         weights: str | Path | None = None,
+        embedding: str = "bins_mean",
     ) -> None:
         super().__init__()
+        if embedding not in EMBEDDINGS:
+            msg = f"model.backbone.embedding must be one of {EMBEDDINGS}, got {embedding!r}."
+            raise ValueError(msg)
         self.name = name
         self.embed_dim = embed_dim
         self.neighbourhood = neighbourhood
+        self.embedding = embedding
         self.backbone = create_backbone(name, list(layers), pretrained=pretrained, weights=weights)
         self.backbone.eval()
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self.channels: list[int] = list(self.backbone.feature_info.channels())
         self.reductions: list[int] = list(self.backbone.feature_info.reduction())
+        if embedding == "pool_concat" and sum(self.channels) != embed_dim:
+            msg = (
+                f"model.backbone.embedding=pool_concat gives D = {' + '.join(map(str, self.channels))} = "
+                f"{sum(self.channels)} for {name} {list(layers)}; set model.flow.embed_dim={sum(self.channels)}."
+            )
+            raise ValueError(msg)
         self.images_seen = 0  # images run through the backbone (benchmarks and tests count the work)
         self.channels_last = False
         self.amp_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 for mixed precision on GPU
@@ -187,6 +207,11 @@ class FeatureExtractor(nn.Module):
         with amp:
             maps = self.backbone(images)
         target = maps[0].shape[-2:]
+        if self.embedding == "pool_concat":
+            k = self.neighbourhood
+            pooled = [F.avg_pool2d(fmap.float(), k, stride=1, padding=k // 2) for fmap in maps]
+            pooled = [p if p.shape[-2:] == target else F.interpolate(p, size=target, mode="bilinear") for p in pooled]
+            return torch.cat(pooled, dim=1).permute(0, 2, 3, 1).contiguous()
         out = None
         for fmap in maps:
             emb = neighbourhood_embedding(fmap.float(), self.neighbourhood, self.embed_dim)

@@ -1,8 +1,8 @@
 """The MoLE-Flow model on patch features: adapters, mixer, coupling flow with task experts, DIA, router.
 
 A plain ``nn.Module`` (no Lightning, no Hydra). Per patch, for active task t (method.md 3):
-x = F + P -> input adapter of t -> spatial context mixer -> coupling flow (shared base + t's experts)
--> DIA blocks of t -> z, with per-patch log-determinant.
+x = [standardise F with t's statistics, if enabled] + P -> input adapter of t -> spatial context mixer
+-> coupling flow (shared base + t's experts) -> DIA blocks of t -> z, with per-patch log-determinant.
 
 Shapes: F (B, H, W, D) patch features; z (B, H, W, D); log-det and NLL maps (B, H, W).
 """
@@ -25,6 +25,7 @@ from moleflow.models.experts import EXPERT_MODES, TaskExpertLinear
 from moleflow.models.mixer import SpatialContextMixer
 from moleflow.models.positional import positional_encoding_2d
 from moleflow.models.router import PrototypeRouter
+from moleflow.models.standardizer import STANDARDIZE_MODES, TaskStandardizer
 
 BASE_SHARING_MODES = ("frozen", "sequential", "separate")
 ADAPTERS = ("whitening", "none")
@@ -52,6 +53,7 @@ class MoLEFlowConfig:
     dia_blocks: int = 0
     dia_clamp: float = 1.9
     positional_encoding: bool = True
+    standardize: str = "none"  # none (MAIN) | channel | position: task statistics applied to F before the PE
     base_sharing: str = "frozen"
     router_ridge: float = 1e-5
     permutation_seed: int = 0
@@ -90,6 +92,10 @@ class MoLEFlowConfig:
             ),
             (self.adapter in ADAPTERS, f"model.flow.adapter must be one of {ADAPTERS}, got {self.adapter!r}"),
             (
+                self.standardize in STANDARDIZE_MODES,
+                f"model.flow.standardize must be one of {STANDARDIZE_MODES}, got {self.standardize!r}",
+            ),
+            (
                 self.base_sharing in BASE_SHARING_MODES,
                 f"model.flow.base_sharing must be one of {BASE_SHARING_MODES}, got {self.base_sharing!r}",
             ),
@@ -107,6 +113,7 @@ class MoLEFlowModel(nn.Module):
         config.validate()
         self.config = config
         d = config.embed_dim
+        self.standardizers = nn.ModuleDict()
         self.adapters = nn.ModuleDict()
         self.mixers = nn.ModuleDict()
         self.flows = nn.ModuleDict()
@@ -148,6 +155,8 @@ class MoLEFlowModel(nn.Module):
         key = str(task)
         if c.base_sharing == "separate":
             self._build_shared_parts(key)
+        if c.standardize != "none":
+            self.standardizers[key] = TaskStandardizer(c.embed_dim, c.standardize)
         if c.adapter == "whitening":
             fresh = task == 0 or c.base_sharing == "separate"  # a separated task starts like task 0
             gate = c.adapter_gate_init_first if fresh else c.adapter_gate_init_later
@@ -165,9 +174,15 @@ class MoLEFlowModel(nn.Module):
         parts = name.split(".")
         if "experts" in parts:
             return int(parts[parts.index("experts") + 1])
-        if parts[0] in ("adapters", "dia", "flows", "mixers") and parts[1].isdigit():
+        if parts[0] in ("standardizers", "adapters", "dia", "flows", "mixers") and parts[1].isdigit():
             return int(parts[1])
         return None
+
+    def fit_task_statistics(self, task: int, features: torch.Tensor) -> None:
+        """Fit ``task``'s feature standardisation on its training features (N, H, W, D); no-op without one."""
+        self._check_task(task)
+        if str(task) in self.standardizers:
+            self.standardizers[str(task)].fit(features)
 
     def set_trainable(self, task: int) -> list[str]:
         """Set requires_grad for training ``task`` (method.md 3.4 table); returns the trainable names.
@@ -213,6 +228,8 @@ class MoLEFlowModel(nn.Module):
         self._check_task(task)
         b, h, w, d = features.shape
         x = features
+        if str(task) in self.standardizers:
+            x = self.standardizers[str(task)](x)
         if self.config.positional_encoding:
             x = x + self.positional(h, w, x.device)
         if str(task) in self.adapters:

@@ -78,6 +78,7 @@ def build_extractor(backbone_cfg: DictConfig, embed_dim: int) -> FeatureExtracto
         neighbourhood=int(b.get("neighbourhood", 3)),
         pretrained=bool(b.get("pretrained", True)),
         weights=b.get("weights"),
+        embedding=str(b.get("embedding", "bins_mean")),
     )
 
 

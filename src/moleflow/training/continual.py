@@ -268,6 +268,7 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
 
             tic = time.time()
             train_set = cache.get(f"{t:02d}_{name}/train", dm.train_dataloader, with_masks=False)
+            module.model.fit_task_statistics(t, train_set.features)  # before training; never changed later
             times["extract_train_s"] = time.time() - tic
 
             tic = time.time()

@@ -1,0 +1,94 @@
+"""The quality switches: each changes the model or its features, leaves MAIN unchanged, and keeps zero forgetting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moleflow.models.feature_extractor import FeatureExtractor
+from moleflow.models.moleflow import MoLEFlowConfig, MoLEFlowModel
+from moleflow.models.standardizer import TaskStandardizer
+
+SMALL = {"embed_dim": 16, "hidden": 16, "ncl": 2, "lora_rank": 4}
+
+
+def _features(seed: int, n: int = 6) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 3.0 + 2.0 * torch.randn(n, 5, 5, 16, generator=g)
+
+
+@pytest.mark.parametrize("mode", ["channel", "position"])
+def test_standardizer_statistics_equal_torch(mode: str) -> None:
+    x = _features(0, n=150)  # more than one accumulation chunk
+    s = TaskStandardizer(16, mode)
+    s.fit(x)
+    dims = (0,) if mode == "position" else (0, 1, 2)
+    expected_mean = x.double().mean(dim=dims)
+    expected_std = x.double().std(dim=dims)
+    assert torch.allclose(s.mean.double(), expected_mean, atol=1e-5)
+    assert torch.allclose(s.std.double(), expected_std + s.eps, atol=1e-5)
+    y = s(x)
+    assert torch.allclose(y.mean(dim=dims), torch.zeros(()), atol=1e-4)
+
+
+def test_standardizer_refuses_unfitted_use_and_a_different_grid() -> None:
+    s = TaskStandardizer(16, "position")
+    with pytest.raises(RuntimeError, match="never fitted"):
+        s(_features(0))
+    s.fit(_features(0))
+    with pytest.raises(ValueError, match=r"fitted on a \(5, 5\) grid"):
+        s(torch.zeros(1, 4, 4, 16))
+
+
+def test_standardizer_state_survives_a_state_dict_round_trip() -> None:
+    a = MoLEFlowModel(MoLEFlowConfig(**SMALL, standardize="position"))
+    a.add_task()
+    a.fit_task_statistics(0, _features(1))
+    b = MoLEFlowModel(MoLEFlowConfig(**SMALL, standardize="position"))
+    b.add_task()
+    b.load_state_dict(a.state_dict())
+    x = _features(2, n=2)
+    assert torch.equal(a.nll(x, 0)[0], b.nll(x, 0)[0])
+
+
+@pytest.mark.parametrize("mode", ["channel", "position"])
+def test_standardize_changes_the_model_and_main_has_none(mode: str) -> None:
+    assert MoLEFlowConfig().standardize == "none"
+    torch.manual_seed(0)
+    plain = MoLEFlowModel(MoLEFlowConfig(**SMALL))
+    torch.manual_seed(0)
+    switched = MoLEFlowModel(MoLEFlowConfig(**SMALL, standardize=mode))
+    for m in (plain, switched):
+        m.add_task()
+        m.fit_task_statistics(0, _features(3))
+    assert not plain.standardizers and len(switched.standardizers) == 1
+    x = _features(4, n=2)
+    assert not torch.allclose(plain.nll(x, 0)[0], switched.nll(x, 0)[0])
+
+
+def test_a_later_task_leaves_earlier_standardized_scores_bit_identical() -> None:
+    model = MoLEFlowModel(MoLEFlowConfig(**SMALL, standardize="position"))
+    model.add_task()
+    model.fit_task_statistics(0, _features(5))
+    x = _features(6, n=3)
+    before = model.nll(x, 0)[0].clone()
+    model.add_task()
+    model.fit_task_statistics(1, 10.0 * _features(7))
+    model.set_trainable(1)
+    assert [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("standardizers")] == []
+    assert torch.equal(model.nll(x, 0)[0], before)
+
+
+def test_pool_concat_embedding_keeps_every_channel() -> None:
+    common = {"name": "resnet10t", "layers": ["layer2", "layer3"], "pretrained": False}
+    with pytest.raises(ValueError, match=r"pool_concat gives D = 128 \+ 256 = 384.*embed_dim=384"):
+        FeatureExtractor(**common, embed_dim=32, embedding="pool_concat")
+    concat = FeatureExtractor(**common, embed_dim=384, embedding="pool_concat")
+    bins = FeatureExtractor(**common, embed_dim=32)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    f = concat(images)
+    assert f.shape == (2, 8, 8, 384) and bins(images).shape == (2, 8, 8, 32)
+    with torch.no_grad():
+        layer2, _ = concat.backbone(images)
+    pooled = torch.nn.functional.avg_pool2d(layer2, 3, stride=1, padding=1)
+    assert torch.allclose(f[..., :128], pooled.permute(0, 2, 3, 1), atol=1e-6)
