@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 # The torch pair that installs on our CPU machines; users elsewhere may use any torch>=2.3.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-all lint demo train-generated train bench clean
+.PHONY: install test test-all lint demo train-generated train bench quality clean
 
 $(VENV)/.install-stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,6 @@ clean:
 
 bench: install  ## performance benchmark (issue 8): logs/bench/<time>/bench.{json,md}; BENCH_ARGS=--quick for a short try
 	$(PY) experiments/bench.py $(BENCH_ARGS)
+
+quality: install  ## detection quality on real data beside anomalib PatchCore: logs/quality/<time>/quality.{md,csv,json}; QUALITY_ARGS=... (needs data/magnetic_tile, see README)
+	$(PY) experiments/quality.py $(QUALITY_ARGS)
