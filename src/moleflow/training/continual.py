@@ -42,7 +42,7 @@ from moleflow.training.builders import (
 from moleflow.training.checkpoint import link_checkpoint, load_checkpoint, read_checkpoint_info, save_checkpoint
 from moleflow.training.config_checks import check_backbone_accepts, validate_config
 from moleflow.training.feature_cache import FeatureCache
-from moleflow.training.resume import check_compatible, resolve_resume
+from moleflow.training.resume import ResumeMismatchError, check_compatible, check_same_config, resolve_resume
 from moleflow.utils.allocator import keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,10 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
 
     t0 = time.time()
     dm = build_datamodule(cfg.data)
+    # Random initialisations are seeded right where they happen, so they do not depend on what ran before:
+    # the first run on a machine writes the packaged-weights cache (building a throw-away timm model) and
+    # draws random numbers that a later run does not, which gave two different flow initialisations.
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     extractor = build_extractor(cfg.model.backbone, int(cfg.model.flow.embed_dim)).to(device)
     runtime = cfg.get("runtime") or {}
     if runtime.get("keep_freed_memory", True):
@@ -181,15 +185,18 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
     tracker = ContinualTracker(names)
     start_task = 0
     point = resolve_resume(cfg, output_dir, overrides or [])
+    run_log: dict[str, Any] = {}
     if point is not None and point.run_dir != output_dir and (point.run_dir / "metrics.json").is_file():
         done = json.loads((point.run_dir / "metrics.json").read_text())
         if done.get("status") == "finished":
+            _check_finished_run(done, cfg, point.run_dir)
             log.info("resume: %s already finished; nothing to do.", point.run_dir)
             return done
     if point is not None and point.checkpoint is not None:
-        module, start_task = _restore(point.checkpoint, cfg, names, tracker, timings)
+        module, start_task = _restore(point.checkpoint, cfg, names, tracker, timings, run_log)
         output_dir = point.run_dir
     else:
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # see the note above build_extractor
         module = build_module(cfg.model)
     if runtime.get("compile", False):
         for flow in module.model.flows.values():
@@ -269,12 +276,14 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             )
             timings["per_task"][name] = times
             payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir, extractor.images_seen)
+            payload["run"].update(run_log)
             tic = time.time()
             extra = {
                 "summary": payload["final"],
                 "run_config": payload["config"],
                 "tracker": tracker.state_dict(),
                 "timings": timings,
+                "run_log": run_log,
             }
             task_ckpt = save_checkpoint(ckpt_dir / f"task_{t:02d}_{name}.ckpt", module, extra)
             link_checkpoint(task_ckpt, ckpt_dir / "last.ckpt")
@@ -284,6 +293,7 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
 
         tic = time.time()
         payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir, extractor.images_seen)
+        payload["run"].update(run_log)
         if any(len(dm.task_categories(i)) > 1 for i in range(len(names))) and evaluations:
             payload["per_category"] = {}
             for ev in evaluations:  # the last round: every task, after the last task
@@ -310,8 +320,22 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
         _finish_loggers(loggers)
 
 
+def _check_finished_run(done: dict[str, Any], cfg: DictConfig, run_dir: Path) -> None:
+    """A finished run is returned by resume only if it was made with this configuration."""
+    try:
+        check_same_config(done.get("config"), cfg, run_dir, force=False)
+    except ResumeMismatchError as err:
+        msg = f"{err}\n{run_dir} has finished: resume_force cannot add tasks to it; start a new run instead."
+        raise ResumeMismatchError(msg) from None
+
+
 def _restore(
-    checkpoint: Path, cfg: DictConfig, names: list[str], tracker: ContinualTracker, timings: dict[str, Any]
+    checkpoint: Path,
+    cfg: DictConfig,
+    names: list[str],
+    tracker: ContinualTracker,
+    timings: dict[str, Any],
+    run_log: dict[str, Any],
 ) -> tuple[Any, int]:
     """Load a run's module and results after its last finished task; returns (module, next task)."""
     info = read_checkpoint_info(checkpoint)
@@ -319,14 +343,20 @@ def _restore(
         msg = f"{checkpoint} holds no results to resume from (made by an older moleflow); start a new run."
         raise ValueError(msg)
     module = load_checkpoint(checkpoint)
-    check_compatible(dict(module.hparams), info.get("run_config"), cfg)
+    check_compatible(dict(module.hparams), info.get("run_config"), cfg)  # the model itself: never forced
+    force = bool(cfg.get("resume_force", False))
+    mismatches = check_same_config(info.get("run_config"), cfg, checkpoint, force)
     if module.task_names != names[: len(module.task_names)]:
         msg = f"{checkpoint} holds tasks {module.task_names}, but this run's task order is {names}."
         raise ValueError(msg)
     tracker.load_state_dict(info["tracker"])
     timings.update(info.get("timings", {}))
+    run_log.update(info.get("run_log", {}))
     start_task = len(module.task_names)
     timings.setdefault("resumed_at_tasks", []).append(start_task)
+    if mismatches:
+        entry = {"at_task": start_task, "checkpoint": str(checkpoint), "differences": mismatches}
+        run_log.setdefault("forced_resumes", []).append(entry)
     log.info("Resuming from %s after task %d (%s).", checkpoint, start_task, module.task_names[-1])
     return module, start_task
 
@@ -356,6 +386,7 @@ def _payload(
             "host": socket.gethostname(),
             "platform": platform.platform(),
             "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),  # CPU results are bitwise repeatable for a given count
             "device": str(resolve_device(str(cfg.trainer.get("accelerator", "auto")))),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         },
