@@ -212,6 +212,11 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             "backbone": to_dict(cfg.model.backbone),
             "d": cfg.model.flow.embed_dim,
             "size": cfg.data.image_size,
+            "data_root": str(Path(str(cfg.data.root)).resolve()) if cfg.data.get("root") else None,
+            "source": cfg.data.get("source", "mvtec"),
+            "source_options": to_dict(cfg.data.get("source_options")),
+            "amp": str(runtime.get("amp")),
+            "channels_last": bool(runtime.get("channels_last", False)),
         },
     )
     score_cfg = ScoreConfig(

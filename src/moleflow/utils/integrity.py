@@ -70,6 +70,13 @@ def _feed(digest: Any, value: Any) -> None:
         digest.update(f"O{type(value).__qualname__}:{value!r}|".encode())
 
 
+def value_hash(value: Any) -> str:
+    """SHA-256 of any nest of dicts, lists, scalars and tensors (e.g. a state dict), order-independent for dicts."""
+    digest = hashlib.new(ALGORITHM)
+    _feed(digest, value)
+    return digest.hexdigest()
+
+
 def content_hash(checkpoint: Mapping[str, Any]) -> str:
     """SHA-256 of a checkpoint's model, hyper-parameters and moleflow section (without the stored hash)."""
     digest = hashlib.new(ALGORITHM)
