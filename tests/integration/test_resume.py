@@ -131,9 +131,8 @@ def test_settings_that_cannot_change_results_may_differ(uninterrupted, synthetic
 
 
 def test_resume_force_continues_and_records_the_differences(uninterrupted, synthetic_root, tmp_path) -> None:
-    from train import train
-
     from moleflow.training.resume import ResumeMismatchError
+    from train import train
 
     ckpt = uninterrupted / "checkpoints" / "task_00_stripes.ckpt"
     base = [*_overrides(synthetic_root), "seed=1", f"resume={ckpt}"]
@@ -148,9 +147,8 @@ def test_resume_force_continues_and_records_the_differences(uninterrupted, synth
 
 def test_finished_run_found_with_another_configuration_is_refused(synthetic_root, tmp_path) -> None:
     """resume=true matches runs by their overrides; a config file edited since then is still caught."""
-    from train import train
-
     from moleflow.training.resume import ResumeMismatchError
+    from train import train
 
     logs = tmp_path / "logs"
     base = [*_overrides(synthetic_root), "data.categories=[stripes]", f"paths.log_dir={logs}"]

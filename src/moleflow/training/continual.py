@@ -125,16 +125,20 @@ def _fit_task(
         raise KeyboardInterrupt(msg)
 
 
-def _check_divergence(tracker: ContinualTracker, module: Any, t: int, name: str, own: Any) -> None:
-    """Mark task t as diverged if it could not train or its own test scores were non-finite; warn once."""
+def _check_training(tracker: ContinualTracker, module: Any, t: int, name: str) -> list[tuple[str, str]]:
+    """Mark task t as diverged if it could not train (every batch skipped); returns [(name, reason)] if newly."""
     attempted, skipped = module.attempted_batches.get(name, 0), module.skipped_batches.get(name, 0)
-    reason = None
     if attempted == 0 or skipped == attempted:
         reason = f"could not train: {skipped} of {attempted} training batches skipped (NaN, inf or exploding loss)"
-    elif own.nonfinite_oracle:
-        reason = f"{own.nonfinite_oracle} non-finite patch scores on its own test set"
-    if reason and tracker.mark_diverged(t, reason):
-        log.warning("Task %s DIVERGED: %s. The run goes on; the task is marked in metrics.json.", name, reason)
+        if tracker.mark_diverged(t, reason):
+            return [(name, reason)]
+    return []
+
+
+def _warn_diverged(newly: list[tuple[str, str]]) -> None:
+    """One warning per task newly marked as diverged (it is then left out of the means)."""
+    for task, reason in newly:
+        log.warning("Task %s DIVERGED: %s. It is left out of the means; the run goes on.", task, reason)
 
 
 def _collapse_warnings(summary: dict[str, Any], skipped: dict[str, int]) -> list[str]:
@@ -142,12 +146,12 @@ def _collapse_warnings(summary: dict[str, Any], skipped: dict[str, int]) -> list
     warnings = []
     for name, row in summary["per_task"].items():
         if row.get("diverged"):
-            warnings.append(f"task {name} diverged: {row['diverged']}")
-        bad = row["nonfinite_scores"]["routed"]
-        if bad:
-            warnings.append(f"task {name}: {bad} non-finite patch scores were replaced (training diverged?)")
+            warnings.append(f"task {name} diverged and is left out of the means: {row['diverged']}")
         if skipped.get(name):
             warnings.append(f"task {name}: {skipped[name]} training batches skipped for unusable loss")
+    means = summary["means"]
+    if means["averaged"] < means["of"]:
+        warnings.append(f"the means average {means['averaged']} of {means['of']} tasks: {means['tasks']}")
     for name, row in summary["per_task"].items():
         if row["routed"]["image_auroc"] is None or not math.isfinite(row["routed"]["image_auroc"]):
             warnings.append(f"task {name}: image AUROC undefined (its test set lacks normal or defective images)")
@@ -254,6 +258,7 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
                     return cache.get(train_key, dm.train_dataloader, with_masks=False).features
 
             _fit_task(cfg, module, train_set.features, t, name, loggers, output_dir, refresh)
+            untrainable = _check_training(tracker, module, t, name)
             times["fit_s"] = time.time() - tic
 
             tic = time.time()
@@ -265,8 +270,7 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
             with model.merged_experts(bool(runtime.get("merge_experts", True))), amp:
                 evaluations = _evaluate_seen(model, cache, dm, names, t, score_cfg, device)
-            tracker.record_round(t, evaluations)
-            _check_divergence(tracker, module, t, name, evaluations[t])
+            _warn_diverged(untrainable + tracker.record_round(t, evaluations))
             times["evaluate_s"] = time.time() - tic
 
             round_metrics = tracker.round_metrics(t)

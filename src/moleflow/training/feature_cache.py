@@ -175,7 +175,6 @@ def files_digest(loader: DataLoader, with_masks: bool) -> str:
         )
         raise TypeError(msg)
     rows = [
-        [*_file_identity(s.image_path), *(_file_identity(s.mask_path) if with_masks else []), s.label]
-        for s in samples
+        [*_file_identity(s.image_path), *(_file_identity(s.mask_path) if with_masks else []), s.label] for s in samples
     ]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
