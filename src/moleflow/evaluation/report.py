@@ -247,7 +247,7 @@ def _pct(value: float | None) -> str:
 
 
 def _mean_label(summary: dict[str, Any], kind: str = "") -> str:
-    """"mean", or "mean (2 of 3 tasks)" when diverged tasks are left out of it; ``kind`` e.g. "oracle"."""
+    """ "mean", or "mean (2 of 3 tasks)" when diverged tasks are left out of it; ``kind`` e.g. "oracle"."""
     means = summary.get("means") or {}
     notes = [kind] if kind else []
     if means.get("averaged", 0) != means.get("of", 0):
