@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from moleflow.data.images import _DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, ImageReadError, _to_rgb, load_rgb
 from moleflow.data.mvtec import IMAGE_EXTENSIONS
@@ -40,6 +40,7 @@ class LoadedImage:
 
 def pil_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
     """PIL image of any mode -> normalised (3, S, S) float32, exactly as ``load_rgb`` does for files."""
+    img = ImageOps.exif_transpose(img) or img  # upright, as files are read
     if img.mode == "P":
         img = img.convert("RGBA")
     rgb = _to_rgb(img)
@@ -68,7 +69,7 @@ def array_to_pil(arr: np.ndarray) -> Image.Image:
         return Image.fromarray(a)
     if a.dtype == np.uint16:
         if a.ndim == 2:
-            return Image.fromarray(a.astype(np.int32))  # mode "I": load_rgb's 16-bit scaling applies
+            return Image.fromarray(a)  # mode "I;16": scaled as 16-bit, like a 16-bit PNG file
         return Image.fromarray((a.astype(np.float64) * (255.0 / 65535.0)).round().astype(np.uint8))
     if np.issubdtype(a.dtype, np.floating):
         finite = a[np.isfinite(a)]
