@@ -108,6 +108,8 @@ def check_same_config(saved: dict[str, Any] | None, cfg: DictConfig, where: Path
     Raises:
         ResumeMismatchError: some key differs and ``force`` is False.
     """
+    if saved is None:
+        log.warning("%s holds no run config (older moleflow): result-changing settings cannot be compared.", where)
     mismatches = config_mismatches(saved, to_dict(cfg))
     if mismatches and not force:
         msg = (
