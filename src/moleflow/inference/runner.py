@@ -30,6 +30,7 @@ from moleflow.inference.detector import MoLEFlowDetector
 from moleflow.inference.inputs import LoadedImage, scan_inputs, try_load
 from moleflow.inference.overlay import save_overlay
 from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN
+from moleflow.utils.files import atomic_write_text
 from moleflow.utils.prefetch import map_threads, overlap_pays_off, prefetch
 from moleflow.utils.progress import track
 
@@ -179,7 +180,7 @@ def predict_folder(
         "skipped": skipped,  # not images, hidden, broken links, loops: never read, each with the reason
         "predictions": json_safe(rows),
     }
-    (out / "predictions.json").write_text(json.dumps(payload, indent=2))
+    atomic_write_text(out / "predictions.json", json.dumps(payload, indent=2))
     _print_summary(payload)
     return payload
 
@@ -282,7 +283,7 @@ def run_from_config(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         summary = calibration_summary(calibrated) or {}
         if cal_cfg.save and detector.checkpoint is not None:
             summary["calibrated_checkpoint"] = str(calibrated_path(detector.checkpoint))
-        (out / "calibration.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(out / "calibration.json", json.dumps(summary, indent=2))
         if mode == "calibrate":
             return summary
     score, route = _threshold_overrides(cfg)
