@@ -39,3 +39,22 @@ def compose_config(overrides: list[str], output_dir: Path, data_dir: Path | None
     HydraConfig().set_config(cfg)
     GlobalHydra.instance().clear()
     return cfg
+
+
+def flip_tensor_byte(path: Path) -> str:
+    """Flip one bit in the middle of the largest tensor stored in a torch zip file; returns the zip entry name.
+
+    The file stays a valid zip that ``torch.load`` reads without complaint (it does not check CRCs), which is
+    exactly the damage a content hash must catch.
+    """
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        entry = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[entry.header_offset + 26 : entry.header_offset + 30])
+    start = entry.header_offset + 30 + name_len + extra_len  # stored uncompressed: the tensor's raw bytes
+    data[start + entry.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    return entry.filename

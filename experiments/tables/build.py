@@ -20,6 +20,7 @@ from experiments.table_specs import (
 )
 from experiments.tables.collect import as_number, get_path
 from experiments.tables.results import NA, NOT_RUN, WITHIN, RowResult, RunRecord, Stat, TableResult
+from moleflow.data.mvtec import MVTEC_CATEGORIES as MVTEC_CATEGORY_NAMES
 
 
 def _override_key(override: str) -> str:
@@ -119,6 +120,30 @@ def _other_overrides(spec: TableSpec, run: RunRecord) -> tuple[str, ...]:
     return tuple(sorted(o for o in run.overrides if _override_key(o) not in skip))
 
 
+def describe_run_data(config: dict, tasks: Sequence[str]) -> str:
+    """What a run read, in words: the data set's name, and the root and categories it was read from.
+
+    "MVTec AD" only when the categories are MVTec AD's: a folder in MVTec layout read with ``data=mvtec``
+    and other categories (the generated data, MPDD, a user's parts) is named as what it is.
+    """
+    data = get_path(config, ("data",)) or {}
+    name = str(data.get("name") or "unknown data")
+    source = str(data.get("source") or "mvtec")
+    categories = [str(c) for c in (data.get("categories") or tasks)]
+    root = data.get("root")
+    where = f"root {root}" if root else ("the elpv-dataset package" if source == "elpv" else "root not recorded")
+    if name == "mvtec" and categories and set(categories) <= set(MVTEC_CATEGORY_NAMES):
+        label = "MVTec AD"
+        if len(categories) != MVTEC_CATEGORIES:
+            label += f" ({len(categories)} of {MVTEC_CATEGORIES} categories)"
+    elif name == "mvtec":
+        foreign = [c for c in categories if c not in MVTEC_CATEGORY_NAMES]
+        label = f"a data set in MVTec layout, not MVTec AD (categories {foreign} are not MVTec AD's)"
+    else:
+        label = DATA_NAMES.get(name, f"{name} (source {source}), not MVTec AD")
+    return f"{label} (read from {where}; categories {', '.join(categories) or 'none'})"
+
+
 def _describe_data(runs: Sequence[RunRecord]) -> str:
     """Where the figures come from, in words: data set, tasks, backbone, epochs, device."""
 
@@ -126,11 +151,7 @@ def _describe_data(runs: Sequence[RunRecord]) -> str:
         return " / ".join(dict.fromkeys(values)) or "unknown"
 
     def data_name(run: RunRecord) -> str:
-        name = str(get_path(run.config, ("data", "name")) or "unknown data")
-        text = DATA_NAMES.get(name, f"{name}, not MVTec AD")
-        if name == "mvtec" and len(run.tasks) != MVTEC_CATEGORIES:
-            text += f" ({len(run.tasks)} of {MVTEC_CATEGORIES} categories)"
-        return text
+        return describe_run_data(run.config, run.tasks)
 
     def backbone(run: RunRecord) -> str:
         bb = get_path(run.config, ("model", "backbone")) or {}

@@ -193,6 +193,31 @@ def _mixed_modes(root: Path) -> None:
     rgb.convert("RGBA").save(test / "001.png")
 
 
+def _unreadable_mask(root: Path) -> Path:
+    mask = root / CAT / "ground_truth" / "scratch" / "000_mask.png"
+    mask.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)  # a PNG signature, then nothing usable
+    return mask
+
+
+def _broken_image_symlink(root: Path) -> Path:
+    link = root / CAT / "train" / "good" / "999.png"
+    link.symlink_to(root / "moved_elsewhere.png")  # a data set copied without its link targets
+    return link
+
+
+def _cmyk_and_exif_rotated(root: Path) -> None:
+    """A CMYK TIFF and a camera JPEG stored sideways (EXIF orientation 6) among the normal images."""
+    train = root / CAT / "train" / "good"
+    rgb = Image.open(train / "000.png").convert("RGB")
+    rgb.convert("CMYK").save(train / "001.tif")
+    (train / "001.png").unlink()
+    sideways = rgb.transpose(Image.Transpose.ROTATE_90)
+    exif = sideways.getexif()
+    exif[0x0112] = 6
+    sideways.save(train / "002.jpg", exif=exif, quality=95)
+    (train / "002.png").unlink()
+
+
 def _different_sizes(root: Path) -> None:
     train = root / CAT / "train" / "good"
     Image.open(train / "000.png").resize((48, 40)).save(train / "000.png")  # not square
@@ -272,7 +297,10 @@ BAD_TREES = {
     "truncated_png": BadTree(_truncated_png, ImageReadError, when_loaded=True),
     "zero_byte_png": BadTree(_zero_byte_png, ImageReadError, when_loaded=True),
     "text_file_named_png": BadTree(_text_named_png, ImageReadError, when_loaded=True),
+    "unreadable_mask": BadTree(_unreadable_mask, ImageReadError),  # named by the scan, before training
+    "broken_image_symlink": BadTree(_broken_image_symlink, DatasetLayoutError),
     "grey_rgba_16bit_palette_jpeg_mixed": BadTree(_mixed_modes),
+    "cmyk_and_exif_rotated": BadTree(_cmyk_and_exif_rotated),
     "images_of_different_sizes": BadTree(_different_sizes),
     "upper_case_extensions": BadTree(_upper_case_extensions),
     "unknown_category": BadTree(_unknown_category, DatasetLayoutError, categories=f"[{CAT},no_such_category]"),

@@ -73,3 +73,55 @@ def test_disk_cache_matches_memory_cache(tmp_path, synthetic_root) -> None:
     # the cache reuses features: a second request runs no backbone
     memory.get("t/test", lambda: dm.test_dataloader_for(0), with_masks=True)
     assert memory.extractions == 1
+
+
+def _data(root) -> object:
+    from omegaconf import OmegaConf
+
+    cfg = {"root": str(root), "categories": ["stripes"], "image_size": 64, "train_batch_size": 4}
+    dm = build_datamodule(OmegaConf.create({**cfg, "eval_batch_size": 8, "num_workers": 0, "generate": None}))
+    dm.set_task(0)
+    return dm
+
+
+def test_disk_cache_is_keyed_on_content(tmp_path, synthetic_root) -> None:
+    """A shared cache folder never serves features of other images, another data root or other weights."""
+    import os
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "stripes", root / "stripes")
+    cache_dir = tmp_path / "cache"
+    extractor = FeatureExtractor("resnet10t", ("layer2", "layer3"), embed_dim=16, pretrained=False)
+
+    def get(extractor, root) -> tuple[FeatureCache, torch.Tensor]:
+        dm = _data(root)
+        cache = FeatureCache(extractor, torch.device("cpu"), mode="disk", directory=cache_dir, fingerprint={"a": 1})
+        return cache, cache.get("00_stripes/train", dm.train_dataloader, with_masks=False).features.clone()
+
+    first, before = get(extractor, root)
+    again, same = get(extractor, root)
+    assert (first.extractions, again.extractions) == (1, 0) and torch.equal(before, same)
+
+    image = sorted((root / "stripes" / "train" / "good").glob("*.png"))[3]
+    pixels = np.asarray(Image.open(image).convert("RGB")).copy()
+    Image.fromarray(255 - pixels).save(image)  # same name, new content
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a coarse file system may keep the mtime
+    changed, after = get(extractor, root)
+    assert changed.extractions == 1, "a changed image must be extracted again"
+    assert not torch.equal(after[3], before[3]) and torch.equal(after[:3], before[:3])
+
+    moved = tmp_path / "copy_of_data"
+    shutil.copytree(root, moved)
+    other_root, _ = get(extractor, moved)
+    assert other_root.extractions == 1  # another data root: never served from the first root's files
+
+    other_weights = FeatureExtractor("resnet10t", ("layer2", "layer3"), embed_dim=16, pretrained=False)
+    with torch.no_grad():
+        next(other_weights.parameters()).mul_(1.5)  # e.g. a fine-tuned backbone saved under the same name
+    reweighted, _ = get(other_weights, root)
+    assert reweighted.extractions == 1  # same backbone name and config, other weights

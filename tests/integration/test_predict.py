@@ -27,6 +27,7 @@ from moleflow.data.images import load_rgb
 from moleflow.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_mvtec
 from moleflow.inference import (
     VERDICT_UNKNOWN,
+    CalibratedCopyError,
     ExportError,
     MoLEFlowDetector,
     load_exported,
@@ -42,7 +43,7 @@ from moleflow.inference.calibration import (
 )
 from moleflow.inference.runner import run_from_config
 from moleflow.models.router import PrototypeRouter
-from tests.helpers import CONF_DIR
+from tests.helpers import CONF_DIR, flip_tensor_byte
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ["stripes", "checker", "dots"]
@@ -137,15 +138,42 @@ def test_calibration_on_training_images_is_stored_and_reloaded(detector: MoLEFlo
         assert again.calibration.tasks["dots"].test_report == cal.tasks["dots"].test_report
 
 
-def test_calibrated_copy_of_another_checkpoint_is_ignored(tiny_run, ckpt: Path, detector, tmp_path: Path) -> None:
+def test_calibrated_copy_of_another_checkpoint_is_refused(tiny_run, ckpt: Path, detector, tmp_path: Path) -> None:
     _, run_dir, _ = tiny_run
     other = tmp_path / "last.ckpt"
     shutil.copyfile(run_dir / "checkpoints" / "task_01_checker.ckpt", other)
     shutil.copyfile(calibrated_path(ckpt), calibrated_path(other))
-    loaded = MoLEFlowDetector.load(other, auto_calibrate=False)
+    with pytest.raises(CalibratedCopyError, match="calibrated for a different version") as err:
+        MoLEFlowDetector.load(other)
+    assert str(calibrated_path(other)) in str(err.value) and "recalibrate" in str(err.value)
+    loaded = MoLEFlowDetector.load(other, auto_calibrate=False, recalibrate=True)
     assert loaded.calibration is None and loaded.task_names == TASKS[:2]
     with pytest.raises(RuntimeError, match="calibrate"):
         loaded.predict(torch.zeros(1, 3, 64, 64))
+
+
+def test_damaged_calibrated_copy_is_an_error_unless_recalibrate(ckpt: Path, detector, synthetic_root, tmp_path) -> None:
+    """predict must not quietly recalibrate in-sample and save over a copy that may hold held-out thresholds."""
+    own = tmp_path / "run" / "last.ckpt"
+    own.parent.mkdir()
+    shutil.copyfile(ckpt, own)
+    shutil.copyfile(calibrated_path(ckpt), calibrated_path(own))
+    flip_tensor_byte(calibrated_path(own))
+    damaged = calibrated_path(own).read_bytes()
+    image = _test_images(synthetic_root, "stripes")[0]
+    cfg = _predict_config([f"ckpt={own}", f"input={image}", "overlays=none", "progress=false"], tmp_path / "out")
+    with pytest.raises(CalibratedCopyError, match="does not match its content hash") as err:
+        run_from_config(cfg, tmp_path / "out")
+    assert str(calibrated_path(own)) in str(err.value)
+    assert calibrated_path(own).read_bytes() == damaged  # left as it was, for the user to look at
+
+    cfg = _predict_config(
+        [f"ckpt={own}", f"input={image}", "overlays=none", "progress=false", "calibration.recalibrate=true"],
+        tmp_path / "again",
+    )
+    payload = run_from_config(cfg, tmp_path / "again")
+    assert payload["predictions"][0]["verdict"] in ("normal", "defective")
+    assert MoLEFlowDetector.load(own, auto_calibrate=False).thresholds == payload["thresholds"]["score"]  # replaced
 
 
 def test_calibrate_on_held_out_normal_folder(ckpt: Path, synthetic_root: Path, tmp_path: Path) -> None:
@@ -278,6 +306,34 @@ def test_pt2_export_gives_the_python_scores(detector: MoLEFlowDetector, syntheti
     got, ref = module(images), detector.run_batch(images)
     assert meta["format"] == "pt2" and torch.equal(got["task"], ref["task"])
     torch.testing.assert_close(got["score"], ref["score"], rtol=1e-4, atol=1e-3)
+
+
+def test_predict_follows_symlinked_folders_and_lists_every_skipped_file(
+    ckpt: Path, detector: MoLEFlowDetector, synthetic_root: Path, tmp_path: Path
+) -> None:
+    image = _test_images(synthetic_root, "stripes")[0]
+    outside = tmp_path / "elsewhere" / "camera_c"
+    outside.mkdir(parents=True)
+    shutil.copyfile(image, outside / "c.png")
+    inp = tmp_path / "input"
+    (inp / "real_dir").mkdir(parents=True)
+    shutil.copyfile(image, inp / "a.png")
+    shutil.copyfile(image, inp / "real_dir" / "b.png")
+    (inp / "outside_link").symlink_to(outside, target_is_directory=True)  # followed
+    (inp / "another_name").symlink_to(inp / "real_dir", target_is_directory=True)  # same folder twice
+    (inp / "real_dir" / "loop").symlink_to(inp, target_is_directory=True)  # a loop
+    (inp / "dangling.png").symlink_to(tmp_path / "gone.png")
+    shutil.copyfile(image, inp / ".hidden.png")
+    (inp / "notes.txt").write_text("not an image")
+    cfg = _predict_config([f"ckpt={ckpt}", f"input={inp}", "overlays=none", "progress=false"], tmp_path / "out")
+    payload = run_from_config(cfg, tmp_path / "out")
+    assert [row["file"] for row in payload["predictions"]] == ["a.png", "outside_link/c.png", "real_dir/b.png"]
+    skipped = {item["file"]: item["reason"] for item in payload["skipped"]}
+    assert set(skipped) == {"another_name", "real_dir/loop", "dangling.png", ".hidden.png", "notes.txt"}
+    assert "already searched as" in skipped["another_name"] and "already searched as" in skipped["real_dir/loop"]
+    assert skipped["dangling.png"] == f"broken symlink to {tmp_path / 'gone.png'}"
+    assert "hidden" in skipped[".hidden.png"] and "not an image file extension (.txt" in skipped["notes.txt"]
+    assert json.loads((tmp_path / "out" / "predictions.json").read_text())["skipped"] == payload["skipped"]
 
 
 # -------------------------------------------------------------------------------------- CLI

@@ -249,3 +249,39 @@ def test_real_multirun_end_to_end(tmp_path: Path) -> None:
     md = (out / "table3_2_depth.md").read_text()
     assert "data: generated (synthetic), not MVTec AD" in md
     assert (out / "table3_2_depth.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("data", "says", "called_mvtec"),
+    [
+        (  # MVTec layout read with data=mvtec, but not MVTec's categories: never called MVTec AD
+            {"name": "mvtec", "source": "mvtec", "root": "/data/parts", "categories": ["stripes", "dots"]},
+            "a data set in MVTec layout, not MVTec AD (categories ['stripes', 'dots'] are not MVTec AD's) "
+            "(read from root /data/parts; categories stripes, dots)",
+            False,
+        ),
+        (
+            {"name": "mvtec", "source": "mvtec", "root": "/data/mvtec_ad", "categories": ["bottle", "cable"]},
+            "MVTec AD (2 of 15 categories) (read from root /data/mvtec_ad; categories bottle, cable)",
+            True,
+        ),
+        (
+            {"name": "mpdd", "source": "mvtec", "root": "/data/mpdd", "categories": ["tubes"]},
+            "mpdd (source mvtec), not MVTec AD (read from root /data/mpdd; categories tubes)",
+            False,
+        ),
+        (
+            {"name": "elpv", "source": "elpv", "root": None, "categories": ["mono", "poly"]},
+            "ELPV solar cells, not MVTec AD (read from the elpv-dataset package; categories mono, poly)",
+            False,
+        ),
+    ],
+    ids=["mvtec_layout_other_categories", "mvtec_subset", "mpdd", "elpv"],
+)
+def test_provenance_names_what_was_read(real_metrics, tmp_path: Path, data, says: str, called_mvtec: bool) -> None:
+    config = {"data": {**real_metrics["config"]["data"], **data}}
+    table = "table1_core_ablation"
+    run = fake_run(real_metrics, tmp_path / "run", table, ["+ablation=main"], 0, 0.9, 0.5, config=config)
+    line = build_table(table, collect_runs([run])).data_line
+    assert f"data: {says};" in line
+    assert line.split("data: ")[1].startswith("MVTec AD") == called_mvtec

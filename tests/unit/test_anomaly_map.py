@@ -108,3 +108,57 @@ def test_sanitize_edge_cases() -> None:
     assert n == 3 and torch.equal(clean, torch.zeros(3))
     ints = torch.arange(4)
     assert sanitize_nonfinite(ints) == (ints, 0)
+
+
+def test_per_image_sanitising_uses_each_image_alone() -> None:
+    from moleflow.evaluation import sanitize_nonfinite_per_image
+
+    x = torch.tensor([[[1.0, math.nan], [3.0, -math.inf]], [[9.0, 8.0], [math.inf, 7.0]], [[math.nan] * 2] * 2])
+    clean, replaced = sanitize_nonfinite_per_image(x)
+    expected = torch.tensor([[[1.0, 3.0], [3.0, 1.0]], [[9.0, 8.0], [9.0, 7.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    assert torch.equal(clean, expected) and replaced.tolist() == [2, 1, 4]
+    alone, _ = sanitize_nonfinite_per_image(x[:1])
+    assert torch.equal(alone, clean[:1])  # image 0 does not see image 1's larger values
+
+
+class _StubRouter:
+    def route(self, features: torch.Tensor, num_seen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tasks = (features[:, 0] > 0).long() % num_seen  # some images misrouted
+        return tasks, features[:, 1].double().abs()
+
+
+class _StubModel:
+    """Patch NLLs from the features, NaN/inf wherever a feature is extreme (as a diverged expert gives)."""
+
+    router = _StubRouter()
+
+    def eval(self) -> _StubModel:
+        return self
+
+    def nll_routed(self, features: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
+        nll = 100 + 10 * features[..., 0] + tasks[:, None, None]
+        nll = torch.where(features[..., 1] > 1.8, torch.full_like(nll, math.nan), nll)
+        return torch.where(features[..., 2] > 2.2, torch.full_like(nll, math.inf), nll)
+
+
+def test_evaluation_does_not_depend_on_the_batch_size() -> None:
+    """Non-finite patches are replaced image by image and maps blurred per image: any batch size, same bits."""
+    from moleflow.evaluation.evaluate import ScoreConfig, evaluate_task
+    from moleflow.training.feature_cache import FeatureSet
+
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(11, 6, 6, 4, generator=gen)
+    masks = torch.zeros(11, 24, 24, dtype=torch.uint8)
+    masks[1::2, 4:12, 6:14] = 1
+    labels = torch.tensor([0, 1] * 5 + [0])
+    test = FeatureSet(features, features.mean(dim=(1, 2)), labels, masks)
+    runs = [
+        evaluate_task(_StubModel(), test, 1, "t", 2, ScoreConfig(3, 2.0, 24, batch), torch.device("cpu"))
+        for batch in (1, 3, 11)
+    ]
+    assert runs[0].nonfinite_oracle > 0 and runs[0].nonfinite_routed > 0
+    for other in runs[1:]:
+        for field in ("oracle_nll", "routed_nll", "oracle_image_scores", "routed_image_scores", "routed_pixel_maps"):
+            assert torch.equal(getattr(runs[0], field), getattr(other, field)), field
+        assert runs[0].routed.as_dict() == other.routed.as_dict()
+        assert (runs[0].nonfinite_oracle, runs[0].nonfinite_routed) == (other.nonfinite_oracle, other.nonfinite_routed)

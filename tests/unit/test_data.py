@@ -383,3 +383,101 @@ def test_datamodule_workers(synthetic_root: Path) -> None:
     loader = dm.train_dataloader()
     assert loader.persistent_workers
     assert sum(len(b["label"]) for b in loader) == 12
+
+
+def _grey_ramp() -> np.ndarray:
+    return (np.arange(32 * 32).reshape(32, 32) % 251).astype(np.uint8)
+
+
+def test_integer_images_are_scaled_by_their_real_bit_depth(tmp_path: Path) -> None:
+    """8-bit data in a 32-bit 'I' image stays 8-bit; 16-bit containers stay 16-bit; 32-bit data by 2^32-1."""
+    grey = _grey_ramp()
+    Image.fromarray(grey).save(tmp_path / "l8.png")
+    Image.fromarray(grey.astype(np.int32)).save(tmp_path / "i32_holding_8bit.tif")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "i16.png")
+    Image.fromarray(grey.astype(np.int32) * 257).save(tmp_path / "i32_holding_16bit.tif")
+    assert Image.open(tmp_path / "i32_holding_8bit.tif").mode == "I"
+    reference, _ = load_rgb(tmp_path / "l8.png", 32)
+    for name in ("i32_holding_8bit.tif", "i16.png", "i32_holding_16bit.tif"):
+        image, _ = load_rgb(tmp_path / name, 32)
+        assert torch.equal(image, reference), name
+    dark16 = Image.fromarray((grey // 4).astype(np.uint16))  # a dark 16-bit image is not brightened 257x
+    dark16.save(tmp_path / "dark16.png")
+    assert float(_denormalise(load_rgb(tmp_path / "dark16.png", 32)[0]).max()) < 0.01
+
+
+def test_cmyk_images_are_converted(tmp_path: Path) -> None:
+    rgb = np.stack([_grey_ramp(), 255 - _grey_ramp(), _grey_ramp() // 2], axis=-1)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    for name in ("cmyk.tif", "cmyk.jpg"):
+        Image.fromarray(rgb).convert("CMYK").save(tmp_path / name, **({"quality": 100} if "jpg" in name else {}))
+        assert Image.open(tmp_path / name).mode == "CMYK"
+        image, hw = load_rgb(tmp_path / name, 32)
+        expected, _ = load_rgb(tmp_path / "rgb.png", 32)
+        assert hw == (32, 32) and (_denormalise(image) - _denormalise(expected)).abs().max() < 0.06, name
+
+
+def test_exif_rotated_image_and_its_mask_are_read_upright(tmp_path: Path) -> None:
+    """A camera JPEG stored sideways with EXIF orientation 6; its mask drawn on the upright picture."""
+    upright = np.zeros((40, 24, 3), dtype=np.uint8)
+    upright[:10] = 255  # a white band at the top of the picture as shown
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # what the camera wrote: 40 x 24
+    exif = stored.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    mask = np.zeros((40, 24), dtype=np.uint8)
+    mask[:10] = 255
+    Image.fromarray(mask).save(tmp_path / "photo_mask.png")
+    image, hw = load_rgb(tmp_path / "photo.jpg", 40)
+    assert hw == (40, 24)  # upright (H, W), not the stored (24, 40)
+    top, bottom = _denormalise(image)[:, :5].mean(), _denormalise(image)[:, -5:].mean()
+    assert top > 0.9 and bottom < 0.1
+    loaded = load_mask(tmp_path / "photo_mask.png", 40, expected_hw=hw, image_path=tmp_path / "photo.jpg")
+    assert loaded[0, :5].min() == 1 and loaded[0, -5:].max() == 0
+    from moleflow.data.mvtec import _check_mask_size
+
+    _check_mask_size(tmp_path / "photo.jpg", tmp_path / "photo_mask.png")  # upright sizes agree: no error
+
+
+def test_unreadable_mask_is_named_at_scan_time(small_root: Path) -> None:
+    mask = small_root / "stripes/ground_truth/blob/000_mask.png"
+    mask.write_bytes(b"\x89PNG\r\n\x1a\n cut off")
+    with pytest.raises(ImageReadError, match=re.escape(str(mask))) as info:
+        scan_category(small_root, "stripes")
+    assert "mask" in str(info.value)
+    with pytest.raises(ImageReadError, match=re.escape(str(mask))):
+        load_mask(mask, 32, None)
+
+
+def test_unconvertible_image_mode_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "odd.tif"
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).convert("LAB").save(path)
+    image, _ = load_rgb(path, 8)  # LAB converts
+    assert image.shape == (3, 8, 8)
+    from moleflow.data.images import _converted
+
+    with pytest.raises(ImageReadError, match=re.escape(str(path)) + r".*mode 'La'"):
+        _converted(lambda img: img.convert("RGB"), Image.new("La", (2, 2)), path, "Image")
+
+
+def test_broken_image_symlink_in_a_data_set_is_named(small_root: Path) -> None:
+    good = small_root / "stripes/train/good"
+    (good / "zz_link.png").symlink_to(small_root / "moved_away.png")
+    with pytest.raises(DatasetLayoutError, match=re.escape(str(good / "zz_link.png"))) as info:
+        scan_category(small_root, "stripes")
+    assert "moved_away.png" in str(info.value)
+    (good / "zz_link.png").unlink()
+    masks = small_root / "stripes/ground_truth/blob"
+    (masks / "000_mask.png").rename(small_root / "elsewhere.png")
+    (masks / "000_mask.png").symlink_to(small_root / "gone.png")
+    with pytest.raises(DatasetLayoutError, match=re.escape(str(masks / "000_mask.png"))):
+        scan_category(small_root, "stripes")
+
+
+def test_uint16_array_is_read_like_a_16bit_png(tmp_path: Path) -> None:
+    from moleflow.inference.inputs import array_to_pil, pil_to_tensor
+
+    values = (_grey_ramp().astype(np.uint16) * 3).astype(np.uint16)  # 16-bit data that happens to be dark
+    Image.fromarray(values).save(tmp_path / "grey16.png")
+    from_file, _ = load_rgb(tmp_path / "grey16.png", 32)
+    assert torch.equal(pil_to_tensor(array_to_pil(values), 32), from_file)

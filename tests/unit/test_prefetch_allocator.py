@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import platform
 import threading
 
@@ -57,12 +59,34 @@ def test_prefetch_raises_a_load_error_at_its_item() -> None:
     assert got == [0, 1]
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (glibc >= 2.33): what malloc holds, and how."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+def _mallinfo() -> _MallInfo2:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc older than 2.33 has no mallinfo2")
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2()
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting exists on glibc only")
-def test_keep_freed_memory_applies_on_glibc() -> None:
+def test_keep_freed_memory_serves_large_tensors_from_the_heap_and_keeps_them() -> None:
+    """After the call a 64 MB tensor is not a fresh mmap (hblkhd, mapped bytes, stays put), and freeing it
+    keeps its memory in malloc's heap (fordblks, free heap bytes, grows) instead of returning it."""
     assert keep_freed_memory() is True
     assert keep_freed_memory() is True  # idempotent
-    x = torch.randn(4096, 2048)  # 32 MB: above glibc's largest mmap threshold
-    assert torch.equal((x * 2) / 2, x)
+    mapped_before = _mallinfo().hblkhd
+    x = torch.empty(16 * 1024 * 1024, dtype=torch.float32).fill_(1.0)  # 64 MB, far above the mmap threshold
+    assert _mallinfo().hblkhd - mapped_before < 1024 * 1024, "the tensor was mmapped: the setting is not applied"
+    del x
+    assert _mallinfo().fordblks >= 64 * 1024 * 1024, "freed memory was returned to the system, not kept"
 
 
 def test_overlap_only_where_cores_are_left_for_decoding() -> None:

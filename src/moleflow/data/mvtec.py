@@ -12,6 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from moleflow.data.images import ImageReadError, oriented_size
+
 MVTEC_CATEGORIES: tuple[str, ...] = (
     "bottle",
     "cable",
@@ -93,8 +95,33 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def _broken_links(folder: Path) -> list[Path]:
+    """Symlinks with an image extension whose target is gone (a data set copied without its targets)."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_symlink() and not p.exists() and not p.name.startswith(".")
+    )
+
+
+def _check_no_broken_links(folder: Path) -> None:
+    broken = _broken_links(folder)
+    if broken:
+        listed = "\n  ".join(f"{p} -> {p.readlink()}" for p in broken)
+        msg = (
+            f"{len(broken)} image symlink(s) in {folder} point at files that do not exist:\n  {listed}\n"
+            "Restore their targets or remove the links; a data set must not lose images silently."
+        )
+        raise DatasetLayoutError(msg)
+
+
 def _list_images(folder: Path) -> list[Path]:
-    """Image files of a folder sorted by name, so that sample order is deterministic."""
+    """Image files of a folder sorted by name, so that sample order is deterministic.
+
+    Raises:
+        DatasetLayoutError: an image symlink in the folder is broken (named, never skipped quietly).
+    """
+    _check_no_broken_links(folder)
     return sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: p.name)
 
 
@@ -114,6 +141,7 @@ def _find_mask(mask_dir: Path, image: Path) -> Path | None:
     """Mask of `image`: `<stem>_mask.<ext>` preferred, `<stem>.<ext>` accepted, any image extension."""
     if not mask_dir.is_dir():
         return None
+    _check_no_broken_links(mask_dir)
     by_name = {p.name.lower(): p for p in mask_dir.iterdir() if _is_image(p)}
     stem = image.stem.lower()
     suffixes = [".png", *sorted(IMAGE_EXTENSIONS - {".png"})]
@@ -126,13 +154,21 @@ def _find_mask(mask_dir: Path, image: Path) -> Path | None:
 
 
 def _check_mask_size(image: Path, mask: Path) -> None:
-    """Compare image and mask sizes from their file headers (cheap), so a bad mask of a late task
-    is reported before any training starts. Unreadable headers are left to the loader's own error."""
-    try:
-        with Image.open(image) as img, Image.open(mask) as msk:
-            image_size, mask_size = img.size, msk.size
-    except (OSError, ValueError):
-        return
+    """Compare image and mask sizes from their file headers (cheap, upright by EXIF orientation), so a bad
+    mask of a late task is reported before any training starts. A header that cannot be read is an error
+    naming that file, here rather than hours later when the task's test images are loaded."""
+    sizes = []
+    for path, kind in ((image, "image"), (mask, "mask")):
+        try:
+            with Image.open(path) as img:
+                sizes.append(oriented_size(img))
+        except (OSError, ValueError, SyntaxError, EOFError) as err:
+            msg = (
+                f"Cannot read the {kind} {path} ({type(err).__name__}: {err}); it belongs to the pair image {image}, "
+                f"mask {mask}. The file is truncated, corrupt or not an image: re-extract it or remove the pair."
+            )
+            raise ImageReadError(msg) from err
+    image_size, mask_size = sizes
     if image_size != mask_size:
         msg = (
             f"Mask {mask} is {mask_size[0]}x{mask_size[1]} px but its image {image} is "

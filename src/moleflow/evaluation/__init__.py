@@ -6,6 +6,7 @@ from moleflow.evaluation.anomaly_map import (
     image_scores_topk,
     pixel_anomaly_map,
     sanitize_nonfinite,
+    sanitize_nonfinite_per_image,
 )
 from moleflow.evaluation.continual import (
     ResultMatrix,
@@ -46,4 +47,5 @@ __all__ = [
     "routing_accuracy",
     "routing_confusion",
     "sanitize_nonfinite",
+    "sanitize_nonfinite_per_image",
 ]

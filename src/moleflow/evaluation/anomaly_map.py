@@ -2,11 +2,14 @@
 
 The raw NLL map (B, h, w) from the flow is turned into an image score (top-k mean) and a pixel map
 (bilinear upsample with ``align_corners=True``, then Gaussian smoothing). Non-finite values must be
-replaced and counted with :func:`sanitize_nonfinite` first, so they are reported rather than hidden.
+replaced and counted first, so they are reported rather than hidden: evaluation and prediction use
+:func:`sanitize_nonfinite_per_image`, whose result for an image does not depend on which other images
+share its batch (a per-batch replacement made metrics depend on the evaluation batch size).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -19,6 +22,7 @@ __all__ = [
     "image_scores_topk",
     "pixel_anomaly_map",
     "sanitize_nonfinite",
+    "sanitize_nonfinite_per_image",
 ]
 
 
@@ -47,6 +51,31 @@ def sanitize_nonfinite(x: Tensor) -> tuple[Tensor, int]:
     hi = float(torch.where(finite, x, torch.full_like(x, -math.inf)).amax())
     lo = float(torch.where(finite, x, torch.full_like(x, math.inf)).amin())
     return torch.nan_to_num(x, nan=hi, posinf=hi, neginf=lo), n_bad
+
+
+def sanitize_nonfinite_per_image(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Replace NaN and infinities in each map of a batch from that map alone, and count them per map.
+
+    Rule (fixed, image by image): NaN and +inf become the largest finite value of the same map (a collapsed
+    patch counts as its image's most anomalous one), -inf its smallest; a map with no finite value becomes
+    zeros. Tensor ops only (no Python branches on values), so it traces into an exported model.
+
+    Args:
+        x: (B, ...) maps.
+
+    Returns:
+        ``(clean, replaced)``: clean maps, same shape and dtype; (B,) int64 count of replaced values per map.
+    """
+    finite = torch.isfinite(x)
+    flat = x.flatten(1)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    hi = torch.where(finite.flatten(1), flat, torch.full_like(flat, -math.inf)).amax(dim=1).view(shape)
+    lo = torch.where(finite.flatten(1), flat, torch.full_like(flat, math.inf)).amin(dim=1).view(shape)
+    clean = torch.where(torch.isnan(x) | (x == math.inf), hi.expand_as(x), x)
+    clean = torch.where(x == -math.inf, lo.expand_as(x), clean)
+    any_finite = finite.flatten(1).any(dim=1).view(shape)
+    clean = torch.where(any_finite, clean, torch.zeros_like(x))
+    return clean, (~finite).flatten(1).sum(dim=1)
 
 
 def image_scores_topk(nll_map: Tensor, k: int) -> Tensor:
@@ -126,13 +155,38 @@ def _mirror_indices(n: int, radius: int, device: torch.device) -> Tensor:
     return torch.where(idx >= n, period - idx, idx)
 
 
+def _blur_matrix(n: int, sigma: float, truncate: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return _blur_matrix64(n, float(sigma), float(truncate)).to(dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def _blur_matrix64(n: int, sigma: float, truncate: float) -> Tensor:
+    """(n, n) float64 matrix M with ``x @ M`` = the mirror-padded 1-D Gaussian blur of the rows of x (scipy's rule).
+
+    Padding and kernel are folded into one banded matrix, built in float64 then cast, so taps that fold
+    onto the same pixel (kernel wider than the image) are added exactly once.
+    """
+    kernel = gaussian_kernel1d(sigma, truncate, dtype=torch.float64)
+    radius = (kernel.numel() - 1) // 2
+    source = _mirror_indices(n, radius, torch.device("cpu"))  # padded position j reads pixel source[j]
+    out = torch.arange(n)
+    matrix = torch.zeros(n, n, dtype=torch.float64)
+    for tap in range(kernel.numel()):  # output i = sum_tap kernel[tap] * padded[i + tap]
+        matrix.index_put_((source[tap : tap + n], out), kernel[tap].expand(n), accumulate=True)
+    return matrix
+
+
 def gaussian_blur2d(x: Tensor, sigma: float, truncate: float = 4.0) -> Tensor:
     """Separable Gaussian blur of a batch of maps, equal to ``scipy.ndimage.gaussian_filter(mode='mirror')``.
 
     Smoothing the upsampled map suppresses the patch-grid blockiness and isolated spikes. Borders use
-    mirror padding (torch's ``'reflect'``, scipy's ``'mirror'``). The padding is built by index folding,
-    so it stays exact when the kernel radius is as large as or larger than the image side (tiny test
-    images): no fallback to another padding mode is needed.
+    mirror padding (torch's ``'reflect'``, scipy's ``'mirror'``), folded by index, so it stays exact when
+    the kernel radius is as large as or larger than the image side (tiny test images).
+
+    Each pass is one matrix product with a banded (n, n) matrix instead of a convolution: every output
+    pixel is then the same sum over the same taps whatever the batch size, where ``conv2d`` picked
+    batch-size-dependent kernels that changed the last bits of the maps (and could change pixel AUROC with
+    ``data.eval_batch_size``). It is also about 3x faster than ``conv2d`` at 224 px on a CPU.
 
     Args:
         x: (B, H, W) maps. Integer maps are converted to float32.
@@ -152,15 +206,10 @@ def gaussian_blur2d(x: Tensor, sigma: float, truncate: float = 4.0) -> Tensor:
         return x
     if not x.is_floating_point():
         x = x.float()
-    kernel = gaussian_kernel1d(sigma, truncate, dtype=x.dtype, device=x.device)
-    radius = (kernel.numel() - 1) // 2
     _, height, width = x.shape
-    out = x.unsqueeze(1)  # (B, 1, H, W)
-    out = out.index_select(3, _mirror_indices(width, radius, x.device))
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
-    out = out.index_select(2, _mirror_indices(height, radius, x.device))
-    out = F.conv2d(out, kernel.view(1, 1, -1, 1))
-    return out.squeeze(1)
+    rows = x @ _blur_matrix(width, sigma, truncate, x.dtype, x.device)
+    cols = rows.transpose(1, 2) @ _blur_matrix(height, sigma, truncate, x.dtype, x.device)
+    return cols.transpose(1, 2).contiguous()
 
 
 def pixel_anomaly_map(nll_map: Tensor, out_size: int | tuple[int, int], sigma: float = 4.0) -> Tensor:
@@ -170,7 +219,7 @@ def pixel_anomaly_map(nll_map: Tensor, out_size: int | tuple[int, int], sigma: f
     corners; the Gaussian blur (sigma in output pixels) then smooths the result.
 
     Args:
-        nll_map: (B, h, w) raw per-patch NLL. Must already be finite (see :func:`sanitize_nonfinite`):
+        nll_map: (B, h, w) raw per-patch NLL. Must already be finite (see :func:`sanitize_nonfinite_per_image`):
             a NaN or inf would spread over its whole neighbourhood.
         out_size: Output size, ``S`` for (S, S) or ``(H, W)``.
         sigma: Gaussian standard deviation in output pixels; <= 0 disables smoothing.

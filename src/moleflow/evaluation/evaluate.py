@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moleflow.evaluation.anomaly_map import image_scores_topk, pixel_anomaly_map, sanitize_nonfinite
+from moleflow.evaluation.anomaly_map import image_scores_topk, pixel_anomaly_map, sanitize_nonfinite_per_image
 from moleflow.evaluation.metrics import TaskMetrics, compute_task_metrics
 from moleflow.models.moleflow import MoLEFlowModel
 from moleflow.training.feature_cache import FeatureSet
@@ -42,7 +42,7 @@ class TaskEvaluation:
     routed_image_scores: torch.Tensor  # (N,)
     oracle_pixel_maps: torch.Tensor  # (N, S, S) float32
     routed_pixel_maps: torch.Tensor  # (N, S, S) float32
-    oracle_nll: torch.Tensor  # (N, H, W) raw patch NLL maps (non-finite values replaced)
+    oracle_nll: torch.Tensor  # (N, H, W) raw patch NLL maps (non-finite values replaced image by image)
     routed_nll: torch.Tensor  # (N, H, W)
     oracle: TaskMetrics
     routed: TaskMetrics
@@ -63,8 +63,8 @@ def _score_batches(
     for start in range(0, features.shape[0], cfg.batch_size):
         feats = features[start : start + cfg.batch_size].to(device)
         nll = model.nll_routed(feats, tasks[start : start + cfg.batch_size])
-        nonfinite.append((~torch.isfinite(nll)).flatten(1).sum(dim=1).cpu())
-        nll, _ = sanitize_nonfinite(nll.float())
+        nll, replaced = sanitize_nonfinite_per_image(nll.float())  # image by image: batch size cannot matter
+        nonfinite.append(replaced.cpu())
         nlls.append(nll.cpu())
         with torch.autocast(feats.device.type, enabled=False):  # maps and metrics always in float32
             maps.append(pixel_anomaly_map(nll, cfg.image_size, cfg.pixel_sigma).cpu())

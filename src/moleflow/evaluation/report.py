@@ -2,6 +2,10 @@
 
 R[j][i] (metric of task i after training task j) is kept for every metric, for routed and oracle
 scoring, plus routing accuracy; forgetting (FM) and backward transfer (BWT) come from them.
+
+A task marked as diverged (it could not train, or its test set got non-finite scores in some round) stays
+in the matrices and the per-task rows, marked, but is left out of every mean, FM and BWT: its numbers
+come from replaced NaNs and mean nothing. ``summary()["means"]`` says which tasks the means average.
 """
 
 from __future__ import annotations
@@ -19,9 +23,8 @@ from rich.table import Table
 
 from moleflow.evaluation.continual import (
     ResultMatrix,
-    backward_transfer,
-    final_mean,
-    forgetting_measure,
+    backward_transfer_per_task,
+    forgetting_per_task,
     routing_accuracy,
     routing_confusion,
 )
@@ -82,8 +85,34 @@ class ContinualTracker:
         self.diverged[name] = reason
         return True
 
-    def record_round(self, after_task: int, evaluations: list[TaskEvaluation]) -> None:
-        """Store the evaluations of tasks 0..after_task made after training ``after_task``."""
+    def included(self, last: int) -> list[int]:
+        """Tasks 0..last that the means average: all but those marked as diverged."""
+        return [i for i in range(last + 1) if self.task_names[i] not in self.diverged]
+
+    def _mean(self, matrix: ResultMatrix, last: int) -> float:
+        """Mean of row ``last`` over the included tasks (NaN if a value is undefined, or no task is left)."""
+        idx = self.included(last)
+        return float(np.mean(matrix.as_array()[last, idx])) if idx else math.nan
+
+    def _transfer(self, terms: np.ndarray, last: int) -> float:
+        """Mean of per-task FM or BWT terms (tasks i < last) over the included tasks."""
+        idx = [i for i in self.included(last) if i < last]
+        return float(np.mean(terms[idx])) if idx else math.nan
+
+    def record_round(self, after_task: int, evaluations: list[TaskEvaluation]) -> list[tuple[str, str]]:
+        """Store the evaluations of tasks 0..after_task made after training ``after_task``.
+
+        Returns the tasks newly marked as diverged because their scores were non-finite, with the reason.
+        """
+        newly: list[tuple[str, str]] = []
+        for ev in evaluations:
+            if ev.nonfinite_oracle or ev.nonfinite_routed:
+                reason = (
+                    f"non-finite scores on its test set after task {self.task_names[after_task]} "
+                    f"({ev.nonfinite_oracle} patch scores with its own expert, {ev.nonfinite_routed} as routed)"
+                )
+                if self.mark_diverged(ev.task, reason):
+                    newly.append((ev.name, reason))
         for ev in evaluations:
             for mode in MODES:
                 metrics = getattr(ev, mode).as_dict()
@@ -98,6 +127,7 @@ class ContinualTracker:
         pred = torch.cat([ev.routed_tasks for ev in evaluations])
         self.confusion = routing_confusion(true.numpy(), pred.numpy(), after_task + 1)
         self.last_task = after_task
+        return newly
 
     def state_dict(self) -> dict[str, Any]:
         """Everything recorded so far, JSON-safe, so a resumed run continues the same matrices."""
@@ -146,8 +176,9 @@ class ContinualTracker:
         for mode in MODES:
             suffix = "" if mode == "routed" else "_oracle"
             for m in METRIC_NAMES:
-                out[f"mean/{m}{suffix}"] = final_mean(self.matrices[mode][m].as_array(), last=after_task)
-        out["mean/routing_accuracy"] = final_mean(self.routing.as_array(), last=after_task)
+                out[f"mean/{m}{suffix}"] = self._mean(self.matrices[mode][m], after_task)
+        out["mean/routing_accuracy"] = self._mean(self.routing, after_task)
+        out["mean/tasks_averaged"] = float(len(self.included(after_task)))
         out["seen_tasks"] = float(after_task + 1)
         return out
 
@@ -155,9 +186,7 @@ class ContinualTracker:
         """The study's numbers after the last recorded task (means, per task, matrices, FM, BWT, routing)."""
         last = self.last_task
         names = self.task_names[: last + 1]
-        final = {
-            mode: {m: final_mean(self.matrices[mode][m].as_array(), last=last) for m in METRIC_NAMES} for mode in MODES
-        }
+        final = {mode: {m: self._mean(self.matrices[mode][m], last) for m in METRIC_NAMES} for mode in MODES}
         per_task: dict[str, Any] = {}
         for i, name in enumerate(names):
             per_task[name] = {
@@ -167,12 +196,13 @@ class ContinualTracker:
             per_task[name]["num_test_images"] = self.num_test_images[i]
             per_task[name]["pixel_metrics_available"] = self.has_masks[i]
             per_task[name]["diverged"] = self.diverged.get(name)  # None, or the reason
+            per_task[name]["in_means"] = name not in self.diverged
             per_task[name]["nonfinite_scores"] = {mode: self.nonfinite[mode][i] for mode in MODES}
         forgetting = {
             mode: {
                 m: {
-                    "fm": forgetting_measure(self.matrices[mode][m].as_array(), last=last),
-                    "bwt": backward_transfer(self.matrices[mode][m].as_array(), last=last),
+                    "fm": self._transfer(forgetting_per_task(self.matrices[mode][m].as_array(), last), last),
+                    "bwt": self._transfer(backward_transfer_per_task(self.matrices[mode][m].as_array(), last), last),
                 }
                 for m in METRIC_NAMES
             }
@@ -181,9 +211,17 @@ class ContinualTracker:
         overall, per_true = (float("nan"), [])
         if self.confusion is not None:
             overall, per_true = routing_accuracy(self.confusion)
+        included = [names[i] for i in self.included(last)]
         return {
             "tasks": names,
             "final": final,
+            "means": {
+                "tasks": included,
+                "averaged": len(included),
+                "of": len(names),
+                "excluded": {n: self.diverged[n] for n in names if n in self.diverged},
+                "note": "means, FM and BWT average the tasks listed; routing accuracy counts every test image",
+            },
             "per_task": per_task,
             "matrices": {
                 **{mode: {m: self.matrices[mode][m].to_json() for m in METRIC_NAMES} for mode in MODES},
@@ -209,6 +247,15 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.2f}"
 
 
+def _mean_label(summary: dict[str, Any], kind: str = "") -> str:
+    """ "mean", or "mean (2 of 3 tasks)" when diverged tasks are left out of it; ``kind`` e.g. "oracle"."""
+    means = summary.get("means") or {}
+    notes = [kind] if kind else []
+    if means.get("averaged", 0) != means.get("of", 0):
+        notes.append(f"{means['averaged']} of {means['of']} tasks")
+    return f"mean ({', '.join(notes)})" if notes else "mean"
+
+
 def results_table(summary: dict[str, Any], title: str = "MoLE-Flow results") -> Table:
     """Rich table: one row per task, then the mean (routed) and the oracle mean, in percent."""
     table = Table(title=title)
@@ -221,11 +268,13 @@ def results_table(summary: dict[str, Any], title: str = "MoLE-Flow results") -> 
         table.add_row(label, *[_pct(row["routed"][k]) for k, _ in TABLE_COLUMNS], _pct(row["routing_accuracy"]))
     table.add_section()
     table.add_row(
-        "mean",
+        _mean_label(summary),
         *[_pct(summary["final"]["routed"][k]) for k, _ in TABLE_COLUMNS],
         _pct(summary["routing"]["accuracy"]),
     )
-    table.add_row("mean (oracle)", *[_pct(summary["final"]["oracle"][k]) for k, _ in TABLE_COLUMNS], "100.00")
+    table.add_row(
+        _mean_label(summary, "oracle"), *[_pct(summary["final"]["oracle"][k]) for k, _ in TABLE_COLUMNS], "100.00"
+    )
     fm = summary["forgetting"]["routed"]
     table.add_row("FM", *[_pct(fm[k]["fm"]) for k, _ in TABLE_COLUMNS], "")
     table.add_row("BWT", *[_pct(fm[k]["bwt"]) for k, _ in TABLE_COLUMNS], "")
@@ -258,7 +307,11 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         for name, row in summary["per_task"].items()
     ]
     rows.append(
-        ["mean", *[pct(summary["final"]["routed"][k]) for k, _ in TABLE_COLUMNS], pct(summary["routing"]["accuracy"])]
+        [
+            _mean_label(summary),
+            *[pct(summary["final"]["routed"][k]) for k, _ in TABLE_COLUMNS],
+            pct(summary["routing"]["accuracy"]),
+        ]
     )
     return columns, rows
 

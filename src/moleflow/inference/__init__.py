@@ -7,7 +7,7 @@ for result in detector.predict(["part_001.png", "part_002.png"]):
 """
 
 from moleflow.inference.calibration import Calibration, TaskCalibration
-from moleflow.inference.detector import CalibrationDataError, MoLEFlowDetector
+from moleflow.inference.detector import CalibratedCopyError, CalibrationDataError, MoLEFlowDetector
 from moleflow.inference.export import EXPORT_FORMATS, ExportableMoLEFlow, ExportError, load_exported
 from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN, Prediction
 
@@ -17,6 +17,7 @@ __all__ = [
     "VERDICT_NORMAL",
     "VERDICT_UNKNOWN",
     "Calibration",
+    "CalibratedCopyError",
     "CalibrationDataError",
     "ExportError",
     "ExportableMoLEFlow",

@@ -32,7 +32,7 @@ from moleflow.inference.calibration import (
     tail_threshold,
     write_calibrated_checkpoint,
 )
-from moleflow.inference.inputs import scan_images, try_load
+from moleflow.inference.inputs import scan_inputs, try_load
 from moleflow.inference.scoring import image_scores
 from moleflow.models.feature_extractor import router_features
 from moleflow.utils.progress import track
@@ -121,7 +121,12 @@ class CalibrationMixin:
         if not folders:
             msg = f"normal_dir {root} has no task sub-folders; expected {root}/<task>/*.png, tasks {self.task_names}."
             raise CalibrationDataError(msg)
-        found = {name: scan_images(root / name) for name in folders}
+        found = {}
+        for name in folders:
+            scan = scan_inputs(root / name)
+            for item in scan.skipped:
+                log.warning("Calibration: not read %s (%s)", item["file"], item["reason"])
+            found[name] = scan.files
         empty = [name for name, paths in found.items() if not paths]
         if empty:
             msg = f"normal_dir sub-folders {[str(root / n) for n in empty]} hold no images."

@@ -44,7 +44,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -263,26 +262,16 @@ def write_calibrated_checkpoint(source: Path | str, calibration: Calibration, ta
     """Copy checkpoint ``source`` with ``calibration`` stored in it to ``target``, atomically.
 
     The checkpoint is otherwise unchanged, so the copy loads wherever the original does (prediction,
-    eval.py, resuming). Written to a temporary file, flushed and renamed: a crash never leaves a broken file.
+    eval.py, resuming). The source's content hash is verified first and the copy gets its own, so a
+    damaged source is never copied and a damaged copy is refused when read. Written to a unique temporary
+    file, flushed and renamed: a crash never leaves a broken file.
     """
+    from moleflow.training.checkpoint import read_checkpoint, write_checkpoint
+
     source, target = Path(source), Path(target)
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
-    if "moleflow" not in checkpoint:
-        msg = f"{source} is not a moleflow checkpoint (no 'moleflow' section); cannot store a calibration in it."
-        raise ValueError(msg)
+    checkpoint = read_checkpoint(source)
     checkpoint["moleflow"][SECTION] = calibration.to_dict()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+    return write_checkpoint(checkpoint, target)
 
 
 def read_calibration(info: dict[str, Any]) -> Calibration | None:

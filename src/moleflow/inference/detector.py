@@ -119,6 +119,7 @@ class MoLEFlowDetector(CalibrationMixin):
         data_root: str | Path | None = None,
         auto_calibrate: bool = True,
         save_calibration: bool = False,
+        recalibrate: bool = False,
     ) -> MoLEFlowDetector:
         """Load a training checkpoint (``run/checkpoints/*.ckpt``) or its calibrated copy.
 
@@ -130,6 +131,12 @@ class MoLEFlowDetector(CalibrationMixin):
             auto_calibrate: with no stored calibration, calibrate on the training images (in-sample: optimistic
                 thresholds, see :mod:`moleflow.inference.calibration`); a warning, not an error, if they are gone.
             save_calibration: write that calibration to ``<name>.calibrated.ckpt`` next to ``path``.
+            recalibrate: a calibrated copy next to ``path`` that cannot be read, fails its content hash or was
+                made for another checkpoint is ignored (and replaced if ``save_calibration``). Without it
+                such a copy is an error: it may hold thresholds from held-out images that must not be lost.
+
+        Raises:
+            CalibratedCopyError: the calibrated copy next to ``path`` is unusable and ``recalibrate`` is False.
         """
         from moleflow.training.builders import build_extractor
         from moleflow.training.checkpoint import load_checkpoint, read_checkpoint_info
@@ -147,7 +154,7 @@ class MoLEFlowDetector(CalibrationMixin):
         extractor = build_extractor(OmegaConf.create(backbone), int(run_config["model"]["flow"]["embed_dim"]))
         calibration = read_calibration(info)
         if calibration is None:
-            calibration = _calibrated_copy_of(path)
+            calibration = _calibrated_copy_of(path, recalibrate)
         score = run_config["model"].get("score", {})
         detector = cls(
             extractor,
@@ -345,20 +352,39 @@ class MoLEFlowDetector(CalibrationMixin):
         return export_detector(self, path, format=format, check_images=batch)
 
 
-def _calibrated_copy_of(path: Path) -> Calibration | None:
-    """The calibration of ``<name>.calibrated.ckpt`` next to ``path`` if it was made from exactly this file."""
-    from moleflow.training.checkpoint import read_checkpoint_info
+class CalibratedCopyError(RuntimeError):
+    """The calibrated copy next to a checkpoint cannot be used; the message names it and what to do."""
+
+
+def _calibrated_copy_of(path: Path, recalibrate: bool = False) -> Calibration | None:
+    """The calibration of ``<name>.calibrated.ckpt`` next to ``path`` if it was made from exactly this file.
+
+    A copy that is damaged or belongs to another checkpoint is an error unless ``recalibrate``: silently
+    calibrating again (in-sample) and saving over it would lose thresholds calibrated on held-out images.
+    """
+    from moleflow.training.checkpoint import CheckpointError, read_checkpoint_info
 
     copy = calibrated_path(path)
     if copy == path or not copy.is_file():
         return None
+    problem = None
     try:
         calibration = read_calibration(read_checkpoint_info(copy))
-    except (RuntimeError, ValueError, OSError) as err:
-        log.warning("Ignoring %s: %s", copy, err)
+    except (CheckpointError, ValueError, OSError) as err:
+        calibration, problem = None, f"it cannot be used: {err}"
+    if problem is None and calibration is None:
+        problem = "it holds no calibration"
+    if problem is None and calibration.source_sha256 != file_sha256(path):
+        problem = f"it was calibrated for a different version of {path.name} (content hash differs)"
+    if problem is None:
+        log.info("Using the thresholds stored in %s.", copy)
+        return calibration
+    if recalibrate:
+        log.warning("Ignoring %s (recalibrate=true): %s. A new calibration saved replaces it.", copy, problem)
         return None
-    if calibration is None or calibration.source_sha256 != file_sha256(path):
-        log.warning("Ignoring %s: it was calibrated for a different version of %s; recalibrate.", copy, path.name)
-        return None
-    log.info("Using the thresholds stored in %s.", copy)
-    return calibration
+    msg = (
+        f"Calibrated copy {copy} of {path}: {problem}. It may hold thresholds calibrated on held-out images, so it "
+        "is not replaced silently. Restore it from a backup, move it away, or calibrate again and replace it with "
+        "calibration.recalibrate=true (src/predict.py) or MoLEFlowDetector.load(..., recalibrate=True)."
+    )
+    raise CalibratedCopyError(msg)

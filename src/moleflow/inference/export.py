@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD
 from moleflow.inference.stacked_head import ExportError, RoutedFlowHead, check_exportable  # noqa: F401
 from moleflow.models.feature_extractor import FeatureExtractor
+from moleflow.utils.files import atomic_write_text, unique_temporary
 
 if TYPE_CHECKING:
     from moleflow.inference.detector import MoLEFlowDetector
@@ -163,7 +164,7 @@ def export_detector(
     example = check_images[:2] if check_images.shape[0] >= 2 else check_images
     meta = _metadata(detector, fmt)
     extra = {METADATA_NAME: json.dumps(meta, indent=2)}
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # torch.export wants the .pt2 suffix
+    tmp = unique_temporary(path).with_suffix(path.suffix)  # unique per process; torch.export wants .pt2
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit deprecation notice
@@ -184,7 +185,7 @@ def export_detector(
         tmp.unlink(missing_ok=True)
         msg = f"Exporting to {fmt} failed ({type(err).__name__}: {err}). Try the other format ({EXPORT_FORMATS})."
         raise ExportError(msg) from err
-    path.with_name(path.name + ".json").write_text(json.dumps(meta, indent=2))
+    atomic_write_text(path.with_name(path.name + ".json"), json.dumps(meta, indent=2))
     log.info("Exported %d-task model to %s (%s).", len(detector.task_names), path, fmt)
     return path
 

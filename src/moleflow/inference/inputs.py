@@ -8,14 +8,15 @@ way, because that is what the project's data loaders produce.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from moleflow.data.images import _DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, ImageReadError, _to_rgb, load_rgb
 from moleflow.data.mvtec import IMAGE_EXTENSIONS
@@ -39,6 +40,7 @@ class LoadedImage:
 
 def pil_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
     """PIL image of any mode -> normalised (3, S, S) float32, exactly as ``load_rgb`` does for files."""
+    img = ImageOps.exif_transpose(img) or img  # upright, as files are read
     if img.mode == "P":
         img = img.convert("RGBA")
     rgb = _to_rgb(img)
@@ -67,7 +69,7 @@ def array_to_pil(arr: np.ndarray) -> Image.Image:
         return Image.fromarray(a)
     if a.dtype == np.uint16:
         if a.ndim == 2:
-            return Image.fromarray(a.astype(np.int32))  # mode "I": load_rgb's 16-bit scaling applies
+            return Image.fromarray(a)  # mode "I;16": scaled as 16-bit, like a 16-bit PNG file
         return Image.fromarray((a.astype(np.float64) * (255.0 / 65535.0)).round().astype(np.uint8))
     if np.issubdtype(a.dtype, np.floating):
         finite = a[np.isfinite(a)]
@@ -141,31 +143,78 @@ def try_load(path: Path, image_size: int) -> LoadedImage | str:
     return LoadedImage(tensor, str(path), hw, path)
 
 
+@dataclass
+class InputScan:
+    """What a folder search found: image files to read, and everything passed over with the reason."""
+
+    files: list[Path]
+    skipped: list[dict[str, str]]  # {"file": path, "reason": why it was not read}
+
+
 def scan_images(root: Path | str, exclude: Sequence[Path | str] = ()) -> list[Path]:
-    """Image files under ``root`` (a file or a folder, searched recursively), sorted; hidden files skipped.
+    """Image files under ``root`` (a file or a folder, searched recursively); see :func:`scan_inputs`."""
+    return scan_inputs(root, exclude).files
+
+
+def scan_inputs(root: Path | str, exclude: Sequence[Path | str] = ()) -> InputScan:
+    """Image files under ``root`` (a file or a folder, searched recursively, symlinks followed), sorted.
 
     A file is taken by its extension (``IMAGE_EXTENSIONS``, case-insensitive); whether it decodes is
-    found out when it is read. Folders in ``exclude`` (e.g. the run's own output folder) are not searched.
+    found out when it is read. Nothing is passed over quietly: hidden files and folders, files with
+    other extensions, broken symlinks, folders in ``exclude`` (e.g. the run's own output folder) and
+    folders reached a second time through a symlink (a loop, or two links to one folder) are listed in
+    ``skipped`` with the reason.
     """
     root = Path(root).expanduser()
     if not root.exists():
-        msg = f"Input {root} does not exist; give an image file or a folder of images (searched recursively)."
+        what = "is a broken symlink" if root.is_symlink() else "does not exist"
+        msg = f"Input {root} {what}; give an image file or a folder of images (searched recursively)."
         raise FileNotFoundError(msg)
     if root.is_file():
-        return [root]
-    skipped = [Path(e).resolve() for e in exclude]
+        return InputScan([root], [])
+    excluded = [Path(e).resolve() for e in exclude]
     found: list[Path] = []
-    for path in _walk(root):
-        resolved = path.resolve()
-        if any(resolved == s or s in resolved.parents for s in skipped):
+    skipped: list[dict[str, str]] = []
+    visited: dict[Path, Path] = {}  # real folder -> the path it was first reached by
+    pending = [root]
+    links: list[Path] = []  # symlinked folders, searched after every real one (a real path is named first)
+    while pending or links:
+        folder = pending.pop() if pending else links.pop(0)
+        real = folder.resolve()
+        if real in visited:
+            reason = f"symlinked folder already searched as {visited[real]} (a loop, or two links to one folder)"
+            skipped.append({"file": str(folder), "reason": reason})
             continue
-        found.append(path)
-    return sorted(found)
+        if any(real == e or e in real.parents for e in excluded):
+            skipped.append({"file": str(folder), "reason": "the run's own output folder"})
+            continue
+        visited[real] = folder
+        try:
+            entries = sorted(folder.iterdir(), key=lambda p: p.name)
+        except OSError as err:
+            skipped.append({"file": str(folder), "reason": f"folder cannot be listed: {err.strerror or err}"})
+            continue
+        for path in entries:
+            reason = _skip_reason(path)
+            if reason is not None:
+                skipped.append({"file": str(path), "reason": reason})
+            elif path.is_dir():
+                (links if path.is_symlink() else pending).append(path)
+            else:
+                found.append(path)
+    return InputScan(sorted(found), sorted(skipped, key=lambda item: item["file"]))
 
 
-def _walk(root: Path) -> Iterable[Path]:
-    for path in root.rglob("*"):
-        if any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-            yield path
+def _skip_reason(path: Path) -> str | None:
+    """Why ``path`` (an entry of a searched folder) is not read, or None for an image file or a folder."""
+    if path.name.startswith("."):
+        return "hidden (name starts with '.')"
+    if path.is_symlink() and not path.exists():
+        return f"broken symlink to {os.readlink(path)}"
+    if path.is_dir():
+        return None
+    if not path.is_file():
+        return "not a regular file"
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file extension ({path.suffix or 'none'}; read: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+    return None

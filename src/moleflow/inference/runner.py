@@ -5,7 +5,8 @@
 * ``predictions.csv``: one row per input file (unreadable files included, with the error), written
   batch by batch so a long run keeps what it has done;
 * ``predictions.json``: the same rows plus the thresholds in use, where they come from (and the
-  in-sample caveat when they come from the training images), counts per verdict, unreadable files;
+  in-sample caveat when they come from the training images), counts per verdict, unreadable files, and
+  ``skipped``: every file or folder under the input that was not read, with the reason;
 * ``overlays/<relative path>.png``: image + anomaly-map overlay per image.
 """
 
@@ -26,9 +27,10 @@ from rich.table import Table
 
 from moleflow.inference.calibration import Calibration, calibrated_path, json_safe
 from moleflow.inference.detector import MoLEFlowDetector
-from moleflow.inference.inputs import LoadedImage, scan_images, try_load
+from moleflow.inference.inputs import LoadedImage, scan_inputs, try_load
 from moleflow.inference.overlay import save_overlay
 from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN
+from moleflow.utils.files import atomic_write_text
 from moleflow.utils.prefetch import map_threads, overlap_pays_off, prefetch
 from moleflow.utils.progress import track
 
@@ -74,6 +76,14 @@ def _relative(path: Path, root: Path) -> Path:
     return Path(path.name) if root.is_file() else path.relative_to(root)
 
 
+def _shown(path: Path, root: Path) -> str:
+    """A path under the input folder relative to it (as in predictions.csv), anything else as it is."""
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def predict_folder(
     detector: MoLEFlowDetector,
     input_path: str | Path,
@@ -84,7 +94,9 @@ def predict_folder(
 ) -> dict[str, Any]:
     """Predict every image under ``input_path`` (a file or a folder, recursively); returns predictions.json's payload.
 
-    Unreadable files are listed and skipped. Images are loaded, run and written ``batch_size`` at a time.
+    Unreadable files are listed and skipped; files that are not read at all (other extensions, hidden, broken
+    symlinks, folders reached twice through symlinks) are listed in ``skipped`` with the reason. Symlinked
+    folders are followed. Images are loaded, run and written ``batch_size`` at a time.
     """
     if overlays not in OVERLAY_CHOICES:
         msg = f"overlays must be one of {OVERLAY_CHOICES}, got {overlays!r}."
@@ -93,9 +105,14 @@ def predict_folder(
     root = Path(input_path).expanduser()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = scan_images(root, exclude=[out])
+    scan = scan_inputs(root, exclude=[out])
+    files = scan.files
+    skipped = [{"file": _shown(Path(item["file"]), root), "reason": item["reason"]} for item in scan.skipped]
+    for item in skipped:
+        log.warning("Not read: %s (%s)", item["file"], item["reason"])
     if not files:
-        msg = f"No image files under {root} (searched recursively for .png, .jpg, .jpeg, .bmp, .tif, .tiff)."
+        listed = "".join(f"\n  {item['file']}: {item['reason']}" for item in skipped[:20])
+        msg = f"No image files under {root} (searched recursively for .png, .jpg, .jpeg, .bmp, .tif, .tiff).{listed}"
         raise FileNotFoundError(msg)
     detector.require_thresholds()  # fail before reading thousands of files
     rows: list[dict[str, Any]] = []
@@ -160,9 +177,10 @@ def predict_folder(
         "images": len(files),
         "seconds": time.time() - started,
         "unreadable": unreadable,
+        "skipped": skipped,  # not images, hidden, broken links, loops: never read, each with the reason
         "predictions": json_safe(rows),
     }
-    (out / "predictions.json").write_text(json.dumps(payload, indent=2))
+    atomic_write_text(out / "predictions.json", json.dumps(payload, indent=2))
     _print_summary(payload)
     return payload
 
@@ -177,6 +195,8 @@ def _print_summary(payload: dict[str, Any]) -> None:
     console.print(table)
     for item in payload["unreadable"]:
         console.print(f"[yellow]unreadable, skipped:[/yellow] {item['file']}: {item['error']}")
+    for item in payload["skipped"]:
+        console.print(f"[yellow]not read:[/yellow] {item['file']}: {item['reason']}")
     for note in payload["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"Results: {payload['output_dir']}/predictions.csv, predictions.json, overlays/")
@@ -245,6 +265,8 @@ def run_from_config(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         data_root=cfg.get("data_root"),
         auto_calibrate=mode != "calibrate" and cal_cfg.get("normal_dir") is None,
         save_calibration=bool(cal_cfg.save),
+        # calibrating on purpose replaces an unusable copy; a plain predict must not lose one quietly
+        recalibrate=bool(cal_cfg.get("recalibrate", False) or mode == "calibrate" or cal_cfg.get("normal_dir")),
     )
     if mode == "calibrate" or cal_cfg.get("normal_dir") is not None:
         calibrated = detector.calibrate(
@@ -261,7 +283,7 @@ def run_from_config(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         summary = calibration_summary(calibrated) or {}
         if cal_cfg.save and detector.checkpoint is not None:
             summary["calibrated_checkpoint"] = str(calibrated_path(detector.checkpoint))
-        (out / "calibration.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(out / "calibration.json", json.dumps(summary, indent=2))
         if mode == "calibrate":
             return summary
     score, route = _threshold_overrides(cfg)

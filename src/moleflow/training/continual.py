@@ -38,11 +38,12 @@ from moleflow.training.builders import (
     build_trainer,
     resolve_device,
     to_dict,
+    to_dict_or_value,
 )
 from moleflow.training.checkpoint import link_checkpoint, load_checkpoint, read_checkpoint_info, save_checkpoint
 from moleflow.training.config_checks import check_backbone_accepts, validate_config
 from moleflow.training.feature_cache import FeatureCache
-from moleflow.training.resume import check_compatible, resolve_resume
+from moleflow.training.resume import ResumeMismatchError, check_compatible, check_same_config, resolve_resume
 from moleflow.utils.allocator import keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -162,16 +163,20 @@ def loss_curve_summary(losses: list[float]) -> dict[str, Any]:
     }
 
 
-def _check_divergence(tracker: ContinualTracker, module: Any, t: int, name: str, own: Any) -> None:
-    """Mark task t as diverged if it could not train or its own test scores were non-finite; warn once."""
+def _check_training(tracker: ContinualTracker, module: Any, t: int, name: str) -> list[tuple[str, str]]:
+    """Mark task t as diverged if it could not train (every batch skipped); returns [(name, reason)] if newly."""
     attempted, skipped = module.attempted_batches.get(name, 0), module.skipped_batches.get(name, 0)
-    reason = None
     if attempted == 0 or skipped == attempted:
         reason = f"could not train: {skipped} of {attempted} training batches skipped (NaN, inf or exploding loss)"
-    elif own.nonfinite_oracle:
-        reason = f"{own.nonfinite_oracle} non-finite patch scores on its own test set"
-    if reason and tracker.mark_diverged(t, reason):
-        log.warning("Task %s DIVERGED: %s. The run goes on; the task is marked in metrics.json.", name, reason)
+        if tracker.mark_diverged(t, reason):
+            return [(name, reason)]
+    return []
+
+
+def _warn_diverged(newly: list[tuple[str, str]]) -> None:
+    """One warning per task newly marked as diverged (it is then left out of the means)."""
+    for task, reason in newly:
+        log.warning("Task %s DIVERGED: %s. It is left out of the means; the run goes on.", task, reason)
 
 
 def _collapse_warnings(summary: dict[str, Any], skipped: dict[str, int]) -> list[str]:
@@ -179,12 +184,12 @@ def _collapse_warnings(summary: dict[str, Any], skipped: dict[str, int]) -> list
     warnings = []
     for name, row in summary["per_task"].items():
         if row.get("diverged"):
-            warnings.append(f"task {name} diverged: {row['diverged']}")
-        bad = row["nonfinite_scores"]["routed"]
-        if bad:
-            warnings.append(f"task {name}: {bad} non-finite patch scores were replaced (training diverged?)")
+            warnings.append(f"task {name} diverged and is left out of the means: {row['diverged']}")
         if skipped.get(name):
             warnings.append(f"task {name}: {skipped[name]} training batches skipped for unusable loss")
+    means = summary["means"]
+    if means["averaged"] < means["of"]:
+        warnings.append(f"the means average {means['averaged']} of {means['of']} tasks: {means['tasks']}")
     for name, row in summary["per_task"].items():
         if row["routed"]["image_auroc"] is None or not math.isfinite(row["routed"]["image_auroc"]):
             warnings.append(f"task {name}: image AUROC undefined (its test set lacks normal or defective images)")
@@ -206,6 +211,10 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
 
     t0 = time.time()
     dm = build_datamodule(cfg.data)
+    # Random initialisations are seeded right where they happen, so they do not depend on what ran before:
+    # the first run on a machine writes the packaged-weights cache (building a throw-away timm model) and
+    # draws random numbers that a later run does not, which gave two different flow initialisations.
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     extractor = build_extractor(cfg.model.backbone, int(cfg.model.flow.embed_dim)).to(device)
     runtime = cfg.get("runtime") or {}
     if runtime.get("keep_freed_memory", True):
@@ -218,15 +227,18 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
     tracker = ContinualTracker(names)
     start_task = 0
     point = resolve_resume(cfg, output_dir, overrides or [])
+    run_log: dict[str, Any] = {}
     if point is not None and point.run_dir != output_dir and (point.run_dir / "metrics.json").is_file():
         done = json.loads((point.run_dir / "metrics.json").read_text())
         if done.get("status") == "finished":
+            _check_finished_run(done, cfg, point.run_dir)
             log.info("resume: %s already finished; nothing to do.", point.run_dir)
             return done
     if point is not None and point.checkpoint is not None:
-        module, start_task = _restore(point.checkpoint, cfg, names, tracker, timings)
+        module, start_task = _restore(point.checkpoint, cfg, names, tracker, timings, run_log)
         output_dir = point.run_dir
     else:
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # see the note above build_extractor
         module = build_module(cfg.model)
     if runtime.get("compile", False):
         for flow in module.model.flows.values():
@@ -242,6 +254,12 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             "backbone": to_dict(cfg.model.backbone),
             "d": cfg.model.flow.embed_dim,
             "size": cfg.data.image_size,
+            "data_root": str(Path(str(cfg.data.root)).resolve()) if cfg.data.get("root") else None,
+            "source": cfg.data.get("source", "mvtec"),
+            "source_options": to_dict(cfg.data.get("source_options")),
+            "sources": to_dict_or_value(cfg.data.get("sources")),
+            "amp": str(runtime.get("amp")),
+            "channels_last": bool(runtime.get("channels_last", False)),
         },
     )
     score_cfg = ScoreConfig(
@@ -280,6 +298,7 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
                     return cache.get(train_key, dm.train_dataloader, with_masks=False).features
 
             _fit_task(cfg, module, train_set.features, t, name, loggers, output_dir, refresh)
+            untrainable = _check_training(tracker, module, t, name)
             times["fit_s"] = time.time() - tic
 
             tic = time.time()
@@ -291,8 +310,7 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
             with model.merged_experts(bool(runtime.get("merge_experts", True))), amp:
                 evaluations = _evaluate_seen(model, cache, dm, names, t, score_cfg, device)
-            tracker.record_round(t, evaluations)
-            _check_divergence(tracker, module, t, name, evaluations[t])
+            _warn_diverged(untrainable + tracker.record_round(t, evaluations))
             times["evaluate_s"] = time.time() - tic
 
             round_metrics = tracker.round_metrics(t)
@@ -307,12 +325,14 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             )
             timings["per_task"][name] = times
             payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir, extractor.images_seen)
+            payload["run"].update(run_log)
             tic = time.time()
             extra = {
                 "summary": payload["final"],
                 "run_config": payload["config"],
                 "tracker": tracker.state_dict(),
                 "timings": timings,
+                "run_log": run_log,
             }
             task_ckpt = save_checkpoint(ckpt_dir / f"task_{t:02d}_{name}.ckpt", module, extra)
             link_checkpoint(task_ckpt, ckpt_dir / "last.ckpt")
@@ -322,6 +342,7 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
 
         tic = time.time()
         payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir, extractor.images_seen)
+        payload["run"].update(run_log)
         if any(len(dm.task_categories(i)) > 1 for i in range(len(names))) and evaluations:
             payload["per_category"] = {}
             for ev in evaluations:  # the last round: every task, after the last task
@@ -348,8 +369,22 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
         _finish_loggers(loggers)
 
 
+def _check_finished_run(done: dict[str, Any], cfg: DictConfig, run_dir: Path) -> None:
+    """A finished run is returned by resume only if it was made with this configuration."""
+    try:
+        check_same_config(done.get("config"), cfg, run_dir, force=False)
+    except ResumeMismatchError as err:
+        msg = f"{err}\n{run_dir} has finished: resume_force cannot add tasks to it; start a new run instead."
+        raise ResumeMismatchError(msg) from None
+
+
 def _restore(
-    checkpoint: Path, cfg: DictConfig, names: list[str], tracker: ContinualTracker, timings: dict[str, Any]
+    checkpoint: Path,
+    cfg: DictConfig,
+    names: list[str],
+    tracker: ContinualTracker,
+    timings: dict[str, Any],
+    run_log: dict[str, Any],
 ) -> tuple[Any, int]:
     """Load a run's module and results after its last finished task; returns (module, next task)."""
     info = read_checkpoint_info(checkpoint)
@@ -357,14 +392,20 @@ def _restore(
         msg = f"{checkpoint} holds no results to resume from (made by an older moleflow); start a new run."
         raise ValueError(msg)
     module = load_checkpoint(checkpoint)
-    check_compatible(dict(module.hparams), info.get("run_config"), cfg)
+    check_compatible(dict(module.hparams), info.get("run_config"), cfg)  # the model itself: never forced
+    force = bool(cfg.get("resume_force", False))
+    mismatches = check_same_config(info.get("run_config"), cfg, checkpoint, force)
     if module.task_names != names[: len(module.task_names)]:
         msg = f"{checkpoint} holds tasks {module.task_names}, but this run's task order is {names}."
         raise ValueError(msg)
     tracker.load_state_dict(info["tracker"])
     timings.update(info.get("timings", {}))
+    run_log.update(info.get("run_log", {}))
     start_task = len(module.task_names)
     timings.setdefault("resumed_at_tasks", []).append(start_task)
+    if mismatches:
+        entry = {"at_task": start_task, "checkpoint": str(checkpoint), "differences": mismatches}
+        run_log.setdefault("forced_resumes", []).append(entry)
     log.info("Resuming from %s after task %d (%s).", checkpoint, start_task, module.task_names[-1])
     return module, start_task
 
@@ -394,6 +435,7 @@ def _payload(
             "host": socket.gethostname(),
             "platform": platform.platform(),
             "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),  # CPU results are bitwise repeatable for a given count
             "device": str(resolve_device(str(cfg.trainer.get("accelerator", "auto")))),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         },

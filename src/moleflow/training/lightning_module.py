@@ -17,8 +17,10 @@ from torch import nn
 from moleflow.models.moleflow import MoLEFlowConfig, MoLEFlowModel
 from moleflow.training.losses import LossConfig, is_unusable_loss, moleflow_loss
 from moleflow.training.optim import OptimConfig, build_optimizer, build_scheduler
+from moleflow.utils.integrity import verify
 
 log = logging.getLogger(__name__)
+VERIFIED_MARK = "_moleflow_hash_verified"  # set in memory by moleflow's reader once the hash was checked
 
 
 class BatchCounters(nn.Module):
@@ -150,7 +152,13 @@ class MoLEFlowLitModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Recreate the tasks' experts and router slots before Lightning loads the state dict."""
+        """Check the content hash, then recreate the tasks' experts and router slots before the state dict loads.
+
+        ``moleflow.training.checkpoint.load_checkpoint`` verifies (naming the file) before it gets here; this
+        check covers ``MoLEFlowLitModule.load_from_checkpoint``.
+        """
+        if not checkpoint.get(VERIFIED_MARK):
+            verify(checkpoint, "the checkpoint given to MoLEFlowLitModule.load_from_checkpoint")
         info = checkpoint.get("moleflow", {})
         for name in info.get("task_names", [])[len(self.task_names) :]:
             self.add_task(name)
