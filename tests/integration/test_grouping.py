@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from moleflow.evaluation.metrics import METRIC_NAMES
 from tests.helpers import TINY_OVERRIDES, compose_config
 
 
@@ -19,5 +20,5 @@ def test_two_categories_in_one_task_report_per_category(tmp_path, synthetic_root
     assert set(per_category) == {"stripes", "checker", "dots"}
     assert per_category["checker"]["task"] == "stripes+checker"
     assert per_category["checker"]["num_test_images"] == 12
-    assert set(per_category["dots"]["routed"]) == {"image_auroc", "image_ap", "pixel_auroc", "pixel_ap"}
+    assert set(per_category["dots"]["routed"]) == set(METRIC_NAMES)
     assert metrics["routing"]["confusion"][0][0] + metrics["routing"]["confusion"][0][1] == 24
