@@ -127,6 +127,9 @@ def test_calibration_on_training_images_is_stored_and_reloaded(detector: MoLEFlo
         rep = task.test_report  # the tiny run's data root has labelled test images
         assert rep["available"] and 0.0 <= rep["f1_optimal"] <= 1.0
         assert {"f1_optimal_threshold", "fpr_at_threshold", "recall_at_threshold"} <= set(rep)
+        routing = rep["routing_by_label"]  # unknown-category and misrouted counts, defect-free and defective apart
+        assert routing["normal"]["images"] == rep["test_normal"]
+        assert routing["defective"]["images"] == rep["test_defective"]
     assert any("in-sample" in note and "optimistic" in note for note in cal.notes())
 
     copy = calibrated_path(ckpt)

@@ -23,6 +23,7 @@ def write_figures(
     confusion: np.ndarray | None,
     overlays_per_task: int,
     loggers: list[Any],
+    confusion_by_label: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Overlays per task, the routing confusion matrix and ROC curves; returns their paths (relative)."""
     fig_dir = output_dir / "figures"
@@ -39,7 +40,9 @@ def write_figures(
         path = save_overlays(ev, images, masks, indices, names, fig_dir / f"overlays_{ev.task:02d}_{ev.name}.png")
         written["overlays"][ev.name] = str(path.relative_to(output_dir))
     if confusion is not None:
-        path = save_confusion_matrix(confusion, names[: len(confusion)], fig_dir / "routing_confusion.png")
+        path = save_confusion_matrix(
+            confusion, names[: len(confusion)], fig_dir / "routing_confusion.png", confusion_by_label
+        )
         written["routing_confusion"] = str(path.relative_to(output_dir))
     path = save_roc_curves(evaluations, fig_dir / "roc_curves.png")
     written["roc_curves"] = str(path.relative_to(output_dir))

@@ -29,6 +29,7 @@ from moleflow.inference.calibration import (
     f1_report,
     file_sha256,
     fpr_threshold,
+    routing_report,
     tail_threshold,
     write_calibrated_checkpoint,
 )
@@ -209,7 +210,7 @@ class CalibrationMixin:
                     "flagged_unknown": int((d > route[None, :]).all(dim=1).sum()),
                 }
         if test_labels:
-            self._test_reports(tasks, dm, data_root, batch_size, progress)
+            self._test_reports(tasks, dm, data_root, batch_size, progress, route)
         calibration = Calibration(
             target_fpr=float(target_fpr),
             unknown_rate=float(unknown_rate),
@@ -225,9 +226,19 @@ class CalibrationMixin:
         return calibration
 
     def _test_reports(
-        self, tasks: dict[str, TaskCalibration], dm: Any, data_root: str | Path | None, batch_size: int, progress: bool
+        self,
+        tasks: dict[str, TaskCalibration],
+        dm: Any,
+        data_root: str | Path | None,
+        batch_size: int,
+        progress: bool,
+        route_thresholds: torch.Tensor | None = None,
     ) -> None:
-        """F1-optimal threshold per task on the run's labelled test images (reported, never the default)."""
+        """F1-optimal threshold per task on the run's labelled test images (reported, never the default).
+
+        With ``route_thresholds`` (T,) the report also counts, separately for defect-free and defective test
+        images, how many are routed to another task and how many are flagged "unknown category".
+        """
         try:
             dm = dm if dm is not None else self._datamodule(data_root)
         except CalibrationDataError as err:
@@ -237,13 +248,16 @@ class CalibrationMixin:
         for t, name in enumerate(self.task_names):
             samples = dm.test_dataset(t).samples
             labels = np.array([s.label for s in samples])
-            _, scores, bad = self._score_paths(
+            feats, scores, bad = self._score_paths(
                 [s.image_path for s in samples], t, batch_size, f"Test scores {name}", progress
             )
             if bad:
                 unreadable = set(bad)
                 labels = labels[np.array([str(s.image_path) not in unreadable for s in samples])]
             tasks[name].test_report = f1_report(scores, labels, tasks[name].score_threshold)
+            if route_thresholds is not None:
+                dists = self.model.router.distances(feats.to(self.device), len(self.task_names)).cpu()
+                tasks[name].test_report["routing_by_label"] = routing_report(dists, t, labels, route_thresholds)
 
     def _set_source(self, calibration: Calibration) -> None:
         """Record which original checkpoint (path and content hash) the calibration belongs to."""

@@ -165,6 +165,34 @@ def f1_report(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -
     return report
 
 
+def routing_report(
+    distances: torch.Tensor, task: int, labels: np.ndarray, route_thresholds: torch.Tensor
+) -> dict[str, dict[str, Any]]:
+    """Routing of one task's labelled test images, defect-free and defective apart.
+
+    ``distances`` (N, T) of the images to every task, ``labels`` (N,) 0/1, ``route_thresholds`` (T,): an image
+    is an unknown category when its distance exceeds every task's threshold. Returns, per label
+    (``normal``, ``defective``), the image count and the counts and rates of images routed to another task and
+    flagged unknown (rates None when there is no image with that label).
+    """
+    d = distances.double()
+    unknown = (d > route_thresholds.double()[None, :]).all(dim=1).numpy()
+    elsewhere = (d.argmin(dim=1) != task).numpy()
+    y = np.asarray(labels).ravel().astype(int)
+    out: dict[str, dict[str, Any]] = {}
+    for kind, label in (("normal", 0), ("defective", 1)):
+        keep = y == label
+        n = int(keep.sum())
+        out[kind] = {
+            "images": n,
+            "routed_to_other_task": int(elsewhere[keep].sum()),
+            "flagged_unknown": int(unknown[keep].sum()),
+            "routed_to_other_task_rate": float(elsewhere[keep].mean()) if n else None,
+            "unknown_rate": float(unknown[keep].mean()) if n else None,
+        }
+    return out
+
+
 @dataclass
 class TaskCalibration:
     """Thresholds of one task and where they come from."""

@@ -202,12 +202,25 @@ def _print_summary(payload: dict[str, Any]) -> None:
     console.print(f"Results: {payload['output_dir']}/predictions.csv, predictions.json, overlays/")
 
 
+def _routing_cells(routing: dict[str, Any] | None) -> list[str]:
+    """'flagged/images' unknown-category and misrouted counts of the test images, defect-free and defective."""
+    if not routing:
+        return ["-"] * 4
+    cells = []
+    for key in ("flagged_unknown", "routed_to_other_task"):
+        for kind in ("normal", "defective"):
+            row = routing[kind]
+            cells.append(f"{row[key]}/{row['images']}" if row["images"] else "-")
+    return cells
+
+
 def print_calibration(calibration: Calibration) -> None:
     """One row per task: sources, thresholds, and the test-set report when labels exist."""
     table = Table(
         title=f"Calibration (target FPR {calibration.target_fpr:g}, unknown rate {calibration.unknown_rate:g})"
     )
-    for col in ("task", "source", "images", "score thr", "route thr", "F1-opt thr", "F1-opt", "test FPR", "recall"):
+    columns = ("task", "source", "images", "score thr", "route thr", "F1-opt thr", "F1-opt", "test FPR", "recall")
+    for col in (*columns, "unknown nrm", "unknown def", "misrouted nrm", "misrouted def"):
         table.add_column(col, justify="right")
     for name, t in calibration.tasks.items():
         rep = t.test_report or {}
@@ -227,6 +240,7 @@ def print_calibration(calibration: Calibration) -> None:
             num("f1_optimal"),
             num("fpr_at_threshold"),
             num("recall_at_threshold"),
+            *_routing_cells(rep.get("routing_by_label")),
         )
     Console().print(table)
     for note in calibration.notes():

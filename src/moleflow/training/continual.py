@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
-from moleflow.evaluation.evaluate import ScoreConfig, category_breakdown, evaluate_task
+from moleflow.evaluation.evaluate import ScoreConfig, category_breakdown, evaluate_task, routing_by_defect_type
 from moleflow.evaluation.figures import write_figures
 from moleflow.evaluation.report import ContinualTracker, log_results_table, print_table, write_json_atomic
 from moleflow.training.builders import (
@@ -317,11 +317,14 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             for lg in loggers:
                 lg.log_metrics(round_metrics, step=t)
             log.info(
-                "After task %s: mean image AUROC %.4f, pixel AUROC %.4f, routing %.4f",
+                "After task %s: mean image AUROC %.4f, pixel AUROC %.4f, routing %.4f (defect-free %.4f, "
+                "defective %.4f)",
                 name,
                 round_metrics["mean/image_auroc"],
                 round_metrics["mean/pixel_auroc"],
                 round_metrics["mean/routing_accuracy"],
+                round_metrics["routing/accuracy_normal"],
+                round_metrics["routing/accuracy_defective"],
             )
             timings["per_task"][name] = times
             payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir, extractor.images_seen)
@@ -343,6 +346,11 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
         tic = time.time()
         payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir, extractor.images_seen)
         payload["run"].update(run_log)
+        if evaluations:  # routing of the last round per defect type (the data set's test sub-folders / grades)
+            payload["routing"]["per_defect_type"] = {
+                ev.name: routing_by_defect_type(ev, [s.defect_type for s in dm.test_dataset(ev.task).samples])
+                for ev in evaluations
+            }
         if any(len(dm.task_categories(i)) > 1 for i in range(len(names))) and evaluations:
             payload["per_category"] = {}
             for ev in evaluations:  # the last round: every task, after the last task
@@ -353,7 +361,14 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
                 )
         if cfg.get("report", {}).get("figures", True) and evaluations:
             payload["figures"] = write_figures(
-                output_dir, dm, evaluations, names, tracker.confusion, int(cfg.report.overlays_per_task), loggers
+                output_dir,
+                dm,
+                evaluations,
+                names,
+                tracker.confusion,
+                int(cfg.report.overlays_per_task),
+                loggers,
+                tracker.confusion_by_label,
             )
         timings["figures_s"] = time.time() - tic
         payload["warnings"] = _collapse_warnings(payload, module.skipped_batches)
