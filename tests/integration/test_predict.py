@@ -78,7 +78,7 @@ def test_cross_validated_distances_are_out_of_sample() -> None:
     router = PrototypeRouter(32)
     router.fit_task(0, feats)
     in_sample = router.distances(feats)[:, 0]
-    held_out = cross_validated_distances(feats, ridge=1e-5)
+    held_out = cross_validated_distances(feats, 1e-5)
     assert (held_out > 100 * in_sample).all()
 
 

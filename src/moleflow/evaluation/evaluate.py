@@ -82,6 +82,14 @@ def _score_batches(
     return torch.cat(nlls), torch.cat(maps), torch.cat(nonfinite)
 
 
+def router_inputs(router: torch.nn.Module, features: FeatureSet) -> torch.Tensor:
+    """What ``router`` routes by for a cached feature set: the cached global means for the prototype router
+    (exactly what MAIN used), else the router's own summary of the patch features."""
+    if getattr(router, "kind", "prototype") == "prototype":
+        return features.router
+    return router.summarize(features.features)
+
+
 @torch.no_grad()
 def evaluate_task(
     model: MoLEFlowModel,
@@ -100,7 +108,7 @@ def evaluate_task(
     """
     model.eval()
     n = len(test)
-    routed, dist = model.router.route(test.router.to(device), num_seen)
+    routed, dist = model.router.route(router_inputs(model.router, test).to(device), num_seen)
     routed, dist = routed.cpu(), dist.cpu()
     oracle_tasks = torch.full((n,), task, dtype=torch.int64)
     o_nll, o_maps, o_bad = _score_batches(model, test.features, oracle_tasks, cfg, device)

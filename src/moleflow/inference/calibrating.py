@@ -35,7 +35,6 @@ from moleflow.inference.calibration import (
 )
 from moleflow.inference.inputs import scan_inputs, try_load
 from moleflow.inference.scoring import image_scores
-from moleflow.models.feature_extractor import router_features
 from moleflow.utils.progress import track
 
 log = logging.getLogger(__name__)
@@ -102,7 +101,7 @@ class CalibrationMixin:
             features = self.extractor(torch.stack([x.tensor for x in loaded]).to(self.device))
             tasks = torch.full((features.shape[0],), task, dtype=torch.int64, device=self.device)
             _, s, _ = image_scores(self.model.nll_routed(features, tasks), self.score_top_k)
-            feats.append(router_features(features).cpu())
+            feats.append(self.model.router.summarize(features).cpu())
             scores.append(s.double().cpu())
         if not feats:
             msg = f"None of the {len(paths)} calibration images of task {self.task_names[task]!r} could be read."
@@ -167,7 +166,6 @@ class CalibrationMixin:
         dm = None
         if len(held) < len(self.task_names):
             dm = self._datamodule(data_root)
-        ridge = float(self.model.router.ridge)
         n_tasks = len(self.task_names)
         tasks: dict[str, TaskCalibration] = {}
         held_dists: dict[str, torch.Tensor] = {}
@@ -185,10 +183,10 @@ class CalibrationMixin:
                 held_dists[name] = dists
                 own = dists[:, t]
             elif feats.shape[0] >= MIN_ROUTE_IMAGES:
-                own = cross_validated_distances(feats, ridge)
+                own = cross_validated_distances(feats, self.model.router)
             else:
                 own = torch.empty(0, dtype=torch.float64)
-            route_thr = tail_threshold(own.numpy(), unknown_rate)
+            route_thr = tail_threshold(own.numpy(), unknown_rate, float(self.model.router.floors(n_tasks)[t]))
             if not math.isfinite(route_thr):
                 log.warning("Task %s: too few images to calibrate its unknown-category threshold.", name)
             tasks[name] = TaskCalibration(

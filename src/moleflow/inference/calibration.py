@@ -98,21 +98,29 @@ def fpr_threshold(scores: np.ndarray | torch.Tensor, target_fpr: float) -> tuple
     return threshold, float(np.mean(s > threshold))
 
 
-def tail_threshold(distances: np.ndarray | torch.Tensor, rate: float) -> float:
-    """Unknown-category threshold from out-of-sample distances of normal images (see the module docstring)."""
-    d = np.asarray(distances, dtype=np.float64).ravel()
+def tail_threshold(distances: np.ndarray | torch.Tensor, rate: float, floor: float = 0.0) -> float:
+    """Unknown-category threshold from out-of-sample distances of normal images (see the module docstring).
+
+    ``floor``: a value no distance of this task goes below (0 for squared Mahalanobis distances; the positional
+    router's log-likelihood distances have a negative one); the tail is fitted to ``distance - floor``.
+    """
+    d = np.asarray(distances, dtype=np.float64).ravel() - floor
     if d.size < MIN_ROUTE_IMAGES:
         return math.inf
     roots = np.cbrt(np.clip(d, 0.0, None))
     z = NormalDist().inv_cdf(1.0 - check_rate("unknown_rate", rate))
     fitted = float(roots.mean() + z * roots.std(ddof=1)) ** 3
-    return float(max(float(d.max()), fitted))
+    return float(max(float(d.max()), fitted)) + floor
 
 
-def cross_validated_distances(features: torch.Tensor, ridge: float, folds: int = MAX_CV_FOLDS) -> torch.Tensor:
-    """Each row's squared Mahalanobis distance to a prototype fitted on the other folds: (N, D) -> (N,) float64.
+def cross_validated_distances(
+    features: torch.Tensor, router: float | torch.nn.Module, folds: int = MAX_CV_FOLDS
+) -> torch.Tensor:
+    """Each row's routing distance to a task fitted on the other folds: (N, ...) -> (N,) float64.
 
-    Folds are interleaved (image i in fold i mod K), so the result does not depend on any random draw.
+    ``router``: a router whose kind and settings the folds use (``empty_copy()``), or a ridge (float) for the
+    prototype router's squared Mahalanobis distances. Folds are interleaved (image i in fold i mod K), so the
+    result does not depend on any random draw.
     """
     n = features.shape[0]
     if n < MIN_ROUTE_IMAGES:
@@ -123,9 +131,13 @@ def cross_validated_distances(features: torch.Tensor, ridge: float, folds: int =
     out = torch.empty(n, dtype=torch.float64)
     for fold in range(k):
         held, fit = idx[idx % k == fold], idx[idx % k != fold]
-        router = PrototypeRouter(features.shape[1], ridge=ridge)
-        router.fit_task(0, features[fit])
-        out[held] = router.distances(features[held], 1)[:, 0].cpu()
+        fold_router = (
+            PrototypeRouter(features.shape[1], ridge=float(router))
+            if isinstance(router, int | float)
+            else router.empty_copy()
+        )
+        fold_router.fit_task(0, features[fit])
+        out[held] = fold_router.distances(features[held], 1)[:, 0].cpu()
     return out
 
 

@@ -45,7 +45,7 @@ from moleflow.inference.calibration import (
 from moleflow.inference.inputs import LoadedImage, to_model_inputs
 from moleflow.inference.prediction import Prediction
 from moleflow.inference.scoring import score_maps
-from moleflow.models.feature_extractor import FeatureExtractor, router_features
+from moleflow.models.feature_extractor import FeatureExtractor
 from moleflow.models.moleflow import MoLEFlowModel
 from moleflow.utils.prefetch import overlap_pays_off, prefetch
 
@@ -253,7 +253,7 @@ class MoLEFlowDetector(CalibrationMixin):
         """Normalised images (B, 3, S, S) -> the same tensors the exported model returns (see export.OUTPUTS)."""
         x = images.to(self.device, torch.float32)
         features = self.extractor(x)
-        dists = self.model.router.distances(router_features(features), len(self.task_names))
+        dists = self.model.router.distances(self.model.router.summarize(features), len(self.task_names))
         best, tasks = dists.min(dim=1)
         nll = self.model.nll_routed(features, tasks)
         clean, scores, pixels, replaced = score_maps(nll, self.score_top_k, self.image_size, self.pixel_sigma)

@@ -60,6 +60,12 @@ _KNOWN_MODULES = (
 
 def check_exportable(model: MoLEFlowModel) -> None:
     """Refuse a model with parts the export module does not know, naming them."""
+    if getattr(model.router, "kind", "prototype") != "prototype":
+        msg = (
+            f"Cannot export: the model routes with the {model.router.kind!r} router; the exported module implements "
+            "the prototype router only (model.flow.router=prototype). Predict with the Python detector instead."
+        )
+        raise ExportError(msg)
     unknown = sorted({type(m).__name__ for m in model.modules() if type(m) not in _KNOWN_MODULES})
     if unknown:
         msg = (

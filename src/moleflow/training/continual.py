@@ -27,7 +27,13 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
-from moleflow.evaluation.evaluate import ScoreConfig, category_breakdown, evaluate_task, routing_by_defect_type
+from moleflow.evaluation.evaluate import (
+    ScoreConfig,
+    category_breakdown,
+    evaluate_task,
+    router_inputs,
+    routing_by_defect_type,
+)
 from moleflow.evaluation.figures import write_figures
 from moleflow.evaluation.report import ContinualTracker, log_results_table, print_table, write_json_atomic
 from moleflow.training.builders import (
@@ -303,7 +309,7 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
 
             tic = time.time()
             model = module.model.to(device).eval()
-            model.router.fit_task(t, train_set.router)
+            model.router.fit_task(t, router_inputs(model.router, train_set))
             times["router_s"] = time.time() - tic
 
             tic = time.time()
