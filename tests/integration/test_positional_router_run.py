@@ -1,4 +1,5 @@
-"""A tiny 3-task run with ``model.flow.router=positional``: training, checkpoints, predict's unknown category."""
+"""A tiny 3-task run with ``model.flow.router=positional`` and thresholds made in training (3 of each task's 12
+training images held out): training, checkpoints, metrics.json's verdicts, predict without a calibration pass."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def positional_run(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Pat
 
     out = tmp_path_factory.mktemp("positional_run")
     overrides = [*TINY_OVERRIDES, f"data.root={synthetic_root}", "data.generate=null"]
-    overrides += ["model.flow.router=positional", "model.flow.router_grid=4"]
+    overrides += ["model.flow.router=positional", "model.flow.router_grid=4", "training.calibration_share=0.25"]
     cfg = compose_config(overrides, out)
     return out, train(cfg)
 
@@ -41,6 +42,7 @@ def test_run_routes_with_the_positional_router_and_never_changes_earlier_statist
     first = load_checkpoint(out / "checkpoints" / "task_00_stripes.ckpt").model.router
     last = load_checkpoint(out / "checkpoints" / "last.ckpt").model.router
     assert isinstance(last, PositionalRouter) and last.num_tasks == 3 and last.grid == 4
+    assert last.train_counts.tolist() == [9, 9, 9]  # 3 of 12 images per task held out for the thresholds
     assert torch.equal(first.means[0], last.means[0]) and torch.equal(first.variances[0], last.variances[0])
 
 
@@ -50,7 +52,8 @@ def test_predict_flags_never_trained_categories_and_not_known_ones(
     out, _ = positional_run
     ckpt = tmp_path_factory.mktemp("positional_ckpt") / "last.ckpt"
     shutil.copyfile(out / "checkpoints" / "last.ckpt", ckpt)
-    detector = MoLEFlowDetector.load(ckpt)  # calibrates the thresholds (cross-validated routing distances)
+    detector = MoLEFlowDetector.load(ckpt, auto_calibrate=False)  # thresholds stored by training: no calibration
+    assert detector.calibration is not None and detector.calibration.in_sample_tasks == []
     known = [(t, p) for t in TASKS for p in sorted((synthetic_root / t / "test" / "good").glob("*.png"))]
     results = detector.predict([p for _, p in known])
     assert [r.task for r in results] == [t for t, _ in known]
@@ -61,3 +64,31 @@ def test_predict_flags_never_trained_categories_and_not_known_ones(
     assert unseen and all(r.is_unknown for r in detector.predict(unseen))
     with pytest.raises(ExportError, match="prototype router only"):
         detector.export(tmp_path_factory.mktemp("export") / "model.pt")
+
+
+def test_thresholds_made_in_training_are_stored_and_predict_gives_the_reported_verdicts(
+    positional_run, synthetic_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, _ = positional_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    thresholds = metrics["thresholds"]
+    assert thresholds["held_out_images"] == {t: 3 for t in TASKS} and thresholds["calibration_share"] == 0.25
+    first = MoLEFlowDetector.load(out / "checkpoints" / "task_00_stripes.ckpt", auto_calibrate=False)
+    assert list(first.calibration.tasks) == ["stripes"]
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("predict calibrated although the checkpoint holds thresholds")
+
+    monkeypatch.setattr(MoLEFlowDetector, "calibrate", no_calibration)
+    detector = MoLEFlowDetector.load(out / "checkpoints" / "last.ckpt")
+    assert first.thresholds["stripes"] == detector.thresholds["stripes"]  # later tasks never change it
+    for task in TASKS:
+        row = thresholds["per_task"][task]
+        assert row["score_threshold"] == detector.thresholds[task]
+        good = sorted((synthetic_root / task / "test" / "good").glob("*.png"))
+        bad = sorted(p for p in (synthetic_root / task / "test").rglob("*.png") if p.parent.name != "good")
+        assert (row["test_normal"], row["test_defective"]) == (len(good), len(bad))
+        called = [r.is_defective for r in detector.predict(good)]  # predict's verdicts match metrics.json's rates
+        assert row["fpr"] == pytest.approx(sum(called) / len(good))
+        found = [r.is_defective for r in detector.predict(bad)]
+        assert row["recall"] == pytest.approx(sum(found) / len(bad))

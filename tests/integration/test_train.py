@@ -46,6 +46,8 @@ def test_metrics_json_is_complete(tiny_run) -> None:
     assert set(m["routing"]["per_defect_type"]) == set(TASKS)
     assert sum(v["images"] for v in m["routing"]["per_defect_type"]["dots"].values()) == 12
     assert "Rt Def" in (out / "results_table.txt").read_text()
+    assert "thresholds" not in m  # training.calibration_share=0 (MAIN): nothing held out, nothing stored
+    assert "calibration" not in torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["moleflow"]
     p = m["parameters"]
     assert p["total"] == p["shared"] + sum(p["per_task"].values())
     assert len(set(p["per_task"].values())) == 1  # every task adds the same parameter count

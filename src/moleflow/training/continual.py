@@ -36,6 +36,8 @@ from moleflow.evaluation.evaluate import (
 )
 from moleflow.evaluation.figures import write_figures
 from moleflow.evaluation.report import ContinualTracker, log_results_table, print_table, write_json_atomic
+from moleflow.inference.calibration import SECTION as CALIBRATION_SECTION
+from moleflow.inference.calibration import read_calibration
 from moleflow.training.builders import (
     build_datamodule,
     build_extractor,
@@ -50,6 +52,13 @@ from moleflow.training.checkpoint import link_checkpoint, load_checkpoint, read_
 from moleflow.training.config_checks import check_backbone_accepts, validate_config
 from moleflow.training.feature_cache import FeatureCache
 from moleflow.training.resume import ResumeMismatchError, check_compatible, check_same_config, resolve_resume
+from moleflow.training.thresholds import (
+    fit_task_thresholds,
+    held_out_scores,
+    holdout_split,
+    new_calibration,
+    verdict_report,
+)
 from moleflow.utils.allocator import keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -240,8 +249,17 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             _check_finished_run(done, cfg, point.run_dir)
             log.info("resume: %s already finished; nothing to do.", point.run_dir)
             return done
+    share = float(cfg.training.get("calibration_share", 0.0) or 0.0)
+    calibration = new_calibration(
+        float(cfg.training.get("calibration_fpr", 0.01)),
+        float(cfg.training.get("unknown_rate", 0.01)),
+        int(cfg.model.score.top_k),
+    )
     if point is not None and point.checkpoint is not None:
         module, start_task = _restore(point.checkpoint, cfg, names, tracker, timings, run_log)
+        stored = read_calibration(read_checkpoint_info(point.checkpoint))
+        if stored is not None:  # thresholds of the finished tasks, made when each of them ended
+            calibration = stored
         output_dir = point.run_dir
     else:
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # see the note above build_extractor
@@ -292,7 +310,10 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
 
             tic = time.time()
             train_set = cache.get(f"{t:02d}_{name}/train", dm.train_dataloader, with_masks=False)
-            module.model.fit_task_statistics(t, train_set.features)  # before training; never changed later
+            # a seeded share of the (defect-free) training images is held out for the thresholds (0: none)
+            kept, held = holdout_split(len(train_set), share, int(cfg.seed) + 1000 * (t + 1))
+            fit_features = train_set.features if len(held) == 0 else train_set.features[kept]
+            module.model.fit_task_statistics(t, fit_features)  # before training; never changed later
             times["extract_train_s"] = time.time() - tic
 
             tic = time.time()
@@ -300,21 +321,27 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             refresh = None
             if cache.mode == "none":  # reference pipeline: the backbone runs again before every epoch
 
-                def refresh(train_key: str = train_key) -> torch.Tensor:
-                    return cache.get(train_key, dm.train_dataloader, with_masks=False).features
+                def refresh(train_key: str = train_key, kept: torch.Tensor = kept) -> torch.Tensor:
+                    features = cache.get(train_key, dm.train_dataloader, with_masks=False).features
+                    return features if len(kept) == len(features) else features[kept]
 
-            _fit_task(cfg, module, train_set.features, t, name, loggers, output_dir, refresh)
+            _fit_task(cfg, module, fit_features, t, name, loggers, output_dir, refresh)
             untrainable = _check_training(tracker, module, t, name)
             times["fit_s"] = time.time() - tic
 
             tic = time.time()
             model = module.model.to(device).eval()
-            model.router.fit_task(t, router_inputs(model.router, train_set))
+            router_in = router_inputs(model.router, train_set)
+            model.router.fit_task(t, router_in if len(held) == 0 else router_in[kept])
             times["router_s"] = time.time() - tic
 
             tic = time.time()
             amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
             with model.merged_experts(bool(runtime.get("merge_experts", True))), amp:
+                if len(held):
+                    tic_thr = time.time()
+                    calibration.tasks[name] = _task_thresholds(model, train_set, held, router_in, t, cfg, device)
+                    times["thresholds_s"] = time.time() - tic_thr
                 evaluations = _evaluate_seen(model, cache, dm, names, t, score_cfg, device)
             _warn_diverged(untrainable + tracker.record_round(t, evaluations))
             times["evaluate_s"] = time.time() - tic
@@ -335,6 +362,8 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             timings["per_task"][name] = times
             payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir, extractor.images_seen)
             payload["run"].update(run_log)
+            if calibration.tasks:
+                payload["thresholds"] = _threshold_payload(model, cache, dm, names, evaluations, calibration, share)
             tic = time.time()
             extra = {
                 "summary": payload["final"],
@@ -343,6 +372,8 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
                 "timings": timings,
                 "run_log": run_log,
             }
+            if calibration.tasks:  # predict uses these thresholds as they are: no calibration pass
+                extra[CALIBRATION_SECTION] = calibration.to_dict()
             task_ckpt = save_checkpoint(ckpt_dir / f"task_{t:02d}_{name}.ckpt", module, extra)
             link_checkpoint(task_ckpt, ckpt_dir / "last.ckpt")
             times["checkpoint_s"] = time.time() - tic
@@ -352,6 +383,8 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
         tic = time.time()
         payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir, extractor.images_seen)
         payload["run"].update(run_log)
+        if calibration.tasks and evaluations:
+            payload["thresholds"] = _threshold_payload(module.model, cache, dm, names, evaluations, calibration, share)
         if evaluations:  # routing of the last round per defect type (the data set's test sub-folders / grades)
             payload["routing"]["per_defect_type"] = {
                 ev.name: routing_by_defect_type(ev, [s.defect_type for s in dm.test_dataset(ev.task).samples])
@@ -388,6 +421,58 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
         return payload
     finally:
         _finish_loggers(loggers)
+
+
+def _task_thresholds(
+    model: Any, train_set: Any, held: torch.Tensor, router_in: torch.Tensor, t: int, cfg: DictConfig, device: Any
+) -> Any:
+    """Task t's score and unknown-category thresholds from its held-out training images (training/thresholds)."""
+    scores = held_out_scores(
+        model,
+        train_set.features[held],
+        t,
+        int(cfg.model.score.top_k),
+        int(cfg.data.eval_batch_size),
+        device,
+    )
+    distances = model.router.distances(router_in[held].to(device), t + 1)[:, t].cpu()
+    floor = float(model.router.floors(t + 1)[t])
+    result = fit_task_thresholds(
+        scores,
+        distances,
+        floor,
+        float(cfg.training.get("calibration_fpr", 0.01)),
+        float(cfg.training.get("unknown_rate", 0.01)),
+    )
+    log.info(
+        "Task %d: thresholds from %d held-out images: score %.4g, unknown-category distance %.4g",
+        t,
+        len(held),
+        result.score_threshold,
+        result.route_threshold,
+    )
+    return result
+
+
+def _threshold_payload(
+    model: Any, cache: FeatureCache, dm: Any, names: list[str], evaluations: list, calibration: Any, share: float
+) -> dict[str, Any]:
+    """metrics.json's ``thresholds``: the stored thresholds and what they decide on every seen task's test set."""
+    distances = {}
+    for ev in evaluations:
+        test_set = cache.get(f"{ev.task:02d}_{ev.name}/test", lambda t=ev.task: dm.test_dataloader_for(t), True)
+        inputs = router_inputs(model.router, test_set)
+        distances[ev.task] = model.router.distances(inputs.to(model.router.means.device), len(evaluations)).cpu()
+    return {
+        "calibration_share": share,
+        "target_fpr": calibration.target_fpr,
+        "unknown_rate": calibration.unknown_rate,
+        "held_out_images": {n: c.score_images for n, c in calibration.tasks.items()},
+        "per_task": verdict_report(evaluations, calibration, names, distances),
+        "note": "thresholds fitted at the end of each task on its held-out defect-free training images; "
+        "fpr/recall: verdicts as predict gives them (routed, unknown category excluded); oracle_*: the true "
+        "task's expert and threshold",
+    }
 
 
 def _check_finished_run(done: dict[str, Any], cfg: DictConfig, run_dir: Path) -> None:
