@@ -28,11 +28,12 @@ def positional_run(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Pat
     overrides = [*TINY_OVERRIDES, f"data.root={synthetic_root}", "data.generate=null"]
     overrides += ["model.flow.router=positional", "model.flow.router_grid=4", "training.calibration_share=0.25"]
     cfg = compose_config(overrides, out)
-    return out, train(cfg)
+    train(cfg)
+    return out, overrides
 
 
 def test_run_routes_with_the_positional_router_and_never_changes_earlier_statistics(positional_run) -> None:
-    out, payload = positional_run
+    out, _ = positional_run
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["config"]["model"]["flow"]["router"] == "positional"
     assert metrics["routing"]["by_label"]["defective"]["images"] == 24
@@ -92,3 +93,14 @@ def test_thresholds_made_in_training_are_stored_and_predict_gives_the_reported_v
         assert row["fpr"] == pytest.approx(sum(called) / len(good))
         found = [r.is_defective for r in detector.predict(bad)]
         assert row["recall"] == pytest.approx(sum(found) / len(bad))
+
+
+def test_resume_keeps_the_thresholds_of_finished_tasks(positional_run, tmp_path: Path) -> None:
+    """Resumed after task 1 from its checkpoint: the same routing, thresholds and verdicts as uninterrupted."""
+    from train import train
+
+    out, overrides = positional_run
+    train(compose_config([*overrides, f"resume={out / 'checkpoints' / 'task_01_checker.ckpt'}"], tmp_path))
+    resumed, whole = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path, out))
+    for key in ("routing", "per_task", "thresholds"):
+        assert resumed[key] == whole[key], key
