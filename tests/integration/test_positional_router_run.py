@@ -91,8 +91,11 @@ def test_thresholds_made_in_training_are_stored_and_predict_gives_the_reported_v
         assert (row["test_normal"], row["test_defective"]) == (len(good), len(bad))
         called = [r.is_defective for r in detector.predict(good)]  # predict's verdicts match metrics.json's rates
         assert row["fpr"] == pytest.approx(sum(called) / len(good))
-        found = [r.is_defective for r in detector.predict(bad)]
-        assert row["recall"] == pytest.approx(sum(found) / len(bad))
+        found = detector.predict(bad)
+        assert row["recall"] == pytest.approx(sum(r.is_defective for r in found) / len(bad))
+        assert row["unknown_rate_defective"] == pytest.approx(sum(r.is_unknown for r in found) / len(bad))
+        look = sum(r.is_defective or r.is_unknown for r in found) / len(bad)
+        assert row["recall_with_unknown"] == pytest.approx(look)
 
 
 def test_resume_keeps_the_thresholds_of_finished_tasks(positional_run, tmp_path: Path) -> None:

@@ -105,8 +105,9 @@ def verdict_report(
     An image goes to its routed task; it is "unknown" when its routing distance exceeds every task's route
     threshold, else "defective" when its routed score exceeds the routed task's score threshold. Per task:
     the false-positive rate (defect-free images called defective), recall (defective images called
-    defective), the unknown-category rate per label, and the same rates with the true task's expert and
-    threshold (oracle routing: the threshold alone).
+    defective), the unknown-category rate per label, both rates counting "unknown" as a finding too
+    (``*_with_unknown``: what needs a look), and the rates with the true task's expert and threshold
+    (oracle routing: the threshold alone).
     """
     seen = [n for n in names if n in calibration.tasks]
     if seen != names[: len(evaluations)]:  # e.g. a run resumed from one made without held-out images
@@ -136,6 +137,8 @@ def verdict_report(
             "recall": rate(defective, bad),
             "unknown_rate_normal": rate(unknown, normal),
             "unknown_rate_defective": rate(unknown, bad),
+            "fpr_with_unknown": rate(defective | unknown, normal),  # "needs a look": defective or unknown
+            "recall_with_unknown": rate(defective | unknown, bad),
             "oracle_fpr": rate(oracle, normal),
             "oracle_recall": rate(oracle, bad),
         }
