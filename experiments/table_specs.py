@@ -1,4 +1,4 @@
-"""The study's tables as data: rows, columns, MAIN row and reference figures of seed_experiments.md.
+"""The study's tables as data: rows, columns, MAIN row and reference figures of docs/study.md.
 
 Kept apart from make_tables.py so that the shape of every table (and the reference figures it is
 compared against) can be read and checked without reading any aggregation code. Reference
@@ -89,9 +89,7 @@ DATA_NAMES: dict[str, str] = {
 }
 MVTEC_CATEGORIES = 15
 
-REFERENCE_SETTING = (
-    "full MVTec AD (15 tasks), WideResNet-50-2, 60 epochs per task, GPU; typed in from seed_experiments.md"
-)
+REFERENCE_SETTING = "full MVTec AD (15 tasks), WideResNet-50-2, 60 epochs per task, GPU; typed in from docs/study.md"
 REFERENCE_SPREAD = "the reference study's two MAIN runs differ by about 0.25 Img AUC and 1.6 Pix AP"
 
 FIVE = ("img_auc", "pix_auc", "img_ap", "pix_ap", "rt_acc")
@@ -413,7 +411,7 @@ SWEEPS = (
         ((0.01, "0.01"), (0.02, "0.02"), (0.05, "0.05"), (0.1, "0.1")),
         0.02,
         "Sweep: tail-aware loss top-k ratio",
-        reading="not in the study's sweep list (method.md section 8 adds it); MAIN's value is the only reference",
+        reading="not in the study's sweep list (docs/method.md section 8 adds it); MAIN's value is the only reference",
     ),
     _sweep(
         "sweep_score_top_k",
