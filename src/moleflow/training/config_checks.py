@@ -26,6 +26,21 @@ if TYPE_CHECKING:
     from moleflow.models.feature_extractor import FeatureExtractor
 
 _ABSENT = object()
+
+# The study's knobs: the only user-facing name of each of these settings (``ncl=8``), and the derived copy
+# the model reads (``model.flow.ncl: ${ncl}`` in conf/model/moleflow.yaml). Setting a copy directly is
+# rejected (:func:`derived_copy_problems`): the run would record ``ncl: 6`` beside a model built with 8.
+STUDY_KNOBS: dict[str, str] = {
+    "ncl": "model.flow.ncl",
+    "lora_rank": "model.flow.lora_rank",
+    "dia_blocks": "model.flow.dia_blocks",
+    "scale_context_kernel": "model.flow.scale_context_kernel",
+    "spatial_context_kernel": "model.flow.spatial_context_kernel",
+    "tail_weight": "model.loss.tail_weight",
+    "tail_top_k_ratio": "model.loss.tail_top_k_ratio",
+    "lambda_logdet": "model.loss.lambda_logdet",
+    "score_top_k": "model.score.top_k",
+}
 _SIMPLE_INTERPOLATION = re.compile(r"^\$\{([A-Za-z_][\w.]*)\}$")
 _ODD_KERNEL = "0 (off) or a positive odd number (an even kernel changes the patch grid)"
 
