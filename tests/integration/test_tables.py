@@ -175,6 +175,18 @@ def test_cli_rejects_unknown_or_ambiguous_table(real_metrics, tmp_path: Path, ca
     assert "several tables" in capsys.readouterr().err
 
 
+def test_runs_are_filed_under_the_values_the_model_was_built_with(real_metrics, tmp_path: Path) -> None:
+    """A run whose derived copy differs from the knob (``model.flow.ncl=8`` before that was refused records
+    ``ncl: 6`` beside ``model.flow.ncl: 8``) is filed under 8, the depth it really had."""
+    t = "table3_2_depth"
+    run = fake_run(real_metrics, tmp_path / "depth" / "0_x", t, ["model.flow.ncl=8"], 0, 0.9, 0.5, config={"ncl": 8})
+    data = json.loads((run / "metrics.json").read_text())
+    data["config"]["ncl"] = 6
+    (run / "metrics.json").write_text(json.dumps(data))
+    result = build_table(t, collect_runs([tmp_path / "depth"]))
+    assert result.row("8").n_seeds == 1 and result.row("6").n_seeds == 0
+
+
 def test_depth_table_rows_in_ncl_order_with_missing_row_and_plot(real_metrics, tmp_path: Path) -> None:
     multirun = tmp_path / "depth"
     t = "table3_2_depth"

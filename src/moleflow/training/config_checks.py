@@ -4,7 +4,8 @@ Without them a negative ``ncl`` fails only once the model is built, an even cont
 inside torch after the backbone has run over the whole training set (padding ``k // 2`` makes an even
 kernel's output one patch larger than its input), and ``training.epochs=0`` "finishes" a run that
 trained nothing. :func:`validate_config` collects every problem and reports them together, naming each
-key the way the user sets it (``ncl`` for the top-level knob, ``model.flow.ncl`` when set there).
+key the way the user sets it (``ncl`` for the top-level knob). Study knobs have one name: setting their
+derived copy (``model.flow.ncl=8`` instead of ``ncl=8``) is itself a problem that names the knob.
 :func:`check_backbone_accepts` runs the backbone once on a blank image of the configured size.
 """
 
@@ -122,9 +123,32 @@ def _check_rule(cfg: DictConfig, rule: _Rule) -> str | None:
     return None
 
 
+def derived_copy_problems(cfg: DictConfig) -> list[str]:
+    """A study knob's derived copy set directly (``model.flow.ncl=8``): one sentence naming the knob to set.
+
+    The copy would build the model with 8 blocks while the run records ``ncl: 6`` and the tables file it
+    under 6, so each knob keeps one user-facing name. A copy the config does not have is left alone.
+    """
+    problems = []
+    for knob, path in STUDY_KNOBS.items():
+        parent_path, _, key = path.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_path)
+        if not isinstance(parent, DictConfig) or key not in parent:
+            continue
+        raw = OmegaConf.to_container(parent, resolve=False)[key]  # type: ignore[index]
+        if raw == f"${{{knob}}}":
+            continue
+        problems.append(
+            f"{path} is a copy of the study knob `{knob}` and cannot be set on its own (got {_shown(raw)}); "
+            f"set `{knob}={raw}` instead, so that the run records the value the model is built with"
+        )
+    return problems
+
+
 def config_problems(cfg: DictConfig) -> list[str]:
     """Every invalid setting of ``cfg``, one sentence each naming the key; empty when all is well."""
-    problems = [p for rule in _RULES if (p := _check_rule(cfg, rule)) is not None]
+    problems = derived_copy_problems(cfg)
+    problems += [p for rule in _RULES if (p := _check_rule(cfg, rule)) is not None]
     steps, problem = _lookup(cfg, "training.steps")
     if problem is not None:
         problems.append(f"training.steps {problem}")
