@@ -1,4 +1,6 @@
-"""OmegaConf resolvers the configs use; the entry points register them before Hydra composes anything.
+"""OmegaConf resolvers the configs use. Importing ``moleflow.training`` registers them (every process that
+runs a job imports it, a launcher's worker included, and resolves the job's folder name there); the entry
+points register them again with their own ``conf/`` before Hydra composes anything.
 
 - ``${ablation_rows:TABLE}``: the ``+ablation`` sweep of a table, from the ablation files' ``table_rows``
   (``conf/experiment/table*.yaml``), so that adding a row is one file.
@@ -20,7 +22,10 @@ def path_safe(text: object) -> str:
     return str(text).replace("/", "-").replace("\\", "-")
 
 
-def register_resolvers(conf_dir: Path | str) -> None:
+DEFAULT_CONF_DIR = Path(__file__).resolve().parents[3] / "conf"  # the repository's conf/ (src layout)
+
+
+def register_resolvers(conf_dir: Path | str = DEFAULT_CONF_DIR) -> None:
     """Register (again, idempotently) the resolvers for the configs in ``conf_dir``."""
     ablation_dir = Path(conf_dir) / "ablation"
     OmegaConf.register_new_resolver("ablation_rows", lambda table: sweep_of(ablation_dir, table), replace=True)
