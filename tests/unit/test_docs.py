@@ -117,3 +117,25 @@ def test_every_docs_path_mentioned_exists() -> None:
         missing += [f"{path.relative_to(ROOT)}: {m}" for m in re.findall(r"docs/[\w.-]+\.md", text)
                     if not (ROOT / m).is_file()]  # fmt: skip
     assert missing == []
+
+
+def test_study_page_lists_every_table_and_row() -> None:
+    """docs/study.md names every table (with its command) and every named row with its label."""
+    from experiments.table_specs import TABLES
+
+    text = (DOCS / "study.md").read_text()
+    for table in TABLES.values():
+        assert f"`{table.name}`" in text or f"experiment={table.name}" in text, table.name
+        if table.source == "train":
+            assert f"experiment={table.name}" in text, f"no command for {table.name}"
+        if table.row_by != "ablation":
+            continue
+        heading = "## " + table.title.split(" (")[0]
+        assert heading in text, heading
+        section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+        for row in table.rows:
+            line = next((ln for ln in section.splitlines() if ln.startswith(f"| `{row.key}` | {row.label} |")), None)
+            assert line is not None, f"{table.name}: row {row.key} ({row.label})"
+            cells = [c.strip() for c in line.split("|")]
+            for metric, value in row.ref.items():  # the reference figures, as the row's file types them
+                assert f"{value:.2f}" in cells or f"{value:.1f}" in cells, f"{table.name} {row.key} {metric}"
