@@ -21,7 +21,7 @@ from moleflow.training.feature_cache import FeatureSet
 
 @dataclass
 class ScoreConfig:
-    """Evaluation settings (method.md 7): image score top-k, pixel smoothing sigma, output size."""
+    """Evaluation settings (docs/method.md 7): image score top-k, pixel smoothing sigma, output size."""
 
     top_k: int = 3
     pixel_sigma: float = 4.0

@@ -1,4 +1,4 @@
-"""Frozen pretrained CNN -> patch features F (B, H, W, D) (method.md 2).
+"""Frozen pretrained CNN -> patch features F (B, H, W, D) (docs/method.md 2).
 
 Two patch embeddings (``model.backbone.embedding``):
 

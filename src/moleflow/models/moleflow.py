@@ -1,6 +1,6 @@
 """The MoLE-Flow model on patch features: adapters, mixer, coupling flow with task experts, DIA, router.
 
-A plain ``nn.Module`` (no Lightning, no Hydra). Per patch, for active task t (method.md 3):
+A plain ``nn.Module`` (no Lightning, no Hydra). Per patch, for active task t (docs/method.md 3):
 x = [standardise F with t's statistics, if enabled] + P -> input adapter of t -> spatial context mixer
 -> coupling flow (shared base + t's experts) -> DIA blocks of t -> z, with per-patch log-determinant.
 
@@ -34,7 +34,7 @@ SHARED_KEY = "shared"  # ModuleDict key of the flow / mixer used by every task
 
 @dataclass
 class MoLEFlowConfig:
-    """Hyperparameters of the flow head (method.md defaults = the MAIN configuration)."""
+    """Hyperparameters of the flow head (docs/method.md defaults = the MAIN configuration)."""
 
     embed_dim: int = 768
     ncl: int = 6
@@ -185,7 +185,7 @@ class MoLEFlowModel(nn.Module):
             self.standardizers[str(task)].fit(features)
 
     def set_trainable(self, task: int) -> list[str]:
-        """Set requires_grad for training ``task`` (method.md 3.4 table); returns the trainable names.
+        """Set requires_grad for training ``task`` (docs/method.md 3.4 table); returns the trainable names.
 
         Shared parts (base linears, scale contexts, mixer) train in task 0 only, or on every task
         with ``base_sharing="sequential"``; a task's own parts train only during that task.

@@ -1,4 +1,4 @@
-"""Prototype router (method.md 6): per-task Gaussian prototypes, Mahalanobis argmin at test time.
+"""Prototype router (docs/method.md 6): per-task Gaussian prototypes, Mahalanobis argmin at test time.
 
 Each task t keeps the mean mu_t and the precision (Sigma_t + ridge I)^-1 of its training images'
 router features (the global average of the patch features, (B, D)). Statistics are kept in

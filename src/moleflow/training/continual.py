@@ -1,6 +1,6 @@
 """The continual run: task after task, train on cached features, fit the router, evaluate all seen tasks.
 
-Per task t (method.md 1 and 5):
+Per task t (docs/method.md 1 and 5):
 1. add task t's expert/adapter and set what trains (before the optimizer is built);
 2. extract (once) and cache task t's training features;
 3. fit with a fresh Trainer (AdamP, cosine + warm-up, clipping);
