@@ -1,4 +1,4 @@
-"""Import structure of ``src/``: layers only import downwards, and no module imports itself in a circle.
+"""Structure of ``src/``: layers only import downwards, no import cycles, no look-alike module names.
 
 Layers, lowest first (a package may import its own modules and any lower layer, never a higher one or a
 sibling of its own rank):
@@ -13,6 +13,7 @@ dependency from the reader but not from the design.
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -98,8 +99,8 @@ def test_imports_only_go_down() -> None:
     assert not upward, "imports from a higher layer or a sibling:\n" + "\n".join(upward)
 
 
-def test_no_import_cycles() -> None:
-    graph = _graph()
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Import cycles found by a depth-first search, each as the modules around it."""
     cycles: list[list[str]] = []
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     path: list[str] = []
@@ -107,7 +108,7 @@ def test_no_import_cycles() -> None:
     def visit(node: str) -> None:
         state[node] = 1
         path.append(node)
-        for nxt in sorted(graph[node]):
+        for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
                 cycles.append([*path[path.index(nxt) :], nxt])
             elif nxt not in state:
@@ -118,7 +119,17 @@ def test_no_import_cycles() -> None:
     for node in sorted(graph):
         if node not in state:
             visit(node)
+    return cycles
+
+
+def test_no_import_cycles() -> None:
+    cycles = _cycles(_graph())
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_search_finds_a_cycle() -> None:
+    graph = {"detector": {"export", "scoring"}, "export": {"pipeline"}, "pipeline": {"detector"}, "scoring": set()}
+    assert _cycles(graph) == [["detector", "export", "pipeline", "detector"]]
 
 
 @pytest.mark.parametrize(
@@ -136,3 +147,26 @@ def test_the_parser_sees_every_kind_of_import(source: str, expected: set[str], t
     fake = tmp_path / "evaluation_probe.py"
     fake.write_text(source)
     assert _imports("moleflow.evaluation.probe", fake, _modules()) == expected
+
+
+def _look_alikes(names: list[str]) -> list[tuple[str, str]]:
+    """Pairs of module names of one package that begin alike (6+ letters), e.g. calibration / calibrating."""
+    return [
+        (a, b)
+        for i, a in enumerate(sorted(names))
+        for b in sorted(names)[i + 1 :]
+        if len(os.path.commonprefix([a, b])) >= 6
+    ]
+
+
+def test_module_names_do_not_look_alike() -> None:
+    """Names say what a module is: unique across the package, and no two in one folder that begin alike."""
+    files = [p for p in (SRC / PACKAGE).rglob("*.py") if p.name != "__init__.py"]
+    stems = [p.stem for p in files]
+    assert sorted({s for s in stems if stems.count(s) > 1}) == []
+    for folder in sorted({p.parent for p in files}):
+        assert _look_alikes([p.stem for p in files if p.parent == folder]) == [], folder.name
+    assert _look_alikes(["calibration", "calibrating", "stacked_head", "stacked_layers", "scoring"]) == [
+        ("calibrating", "calibration"),
+        ("stacked_head", "stacked_layers"),
+    ]

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
 from moleflow.evaluation.evaluate import ScoreConfig, category_breakdown, evaluate_task
-from moleflow.evaluation.figures import write_figures
+from moleflow.evaluation.plots import write_figures
 from moleflow.evaluation.report import ContinualTracker, log_results_table, print_table, write_json_atomic
 from moleflow.training.builders import (
     build_datamodule,

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moleflow.evaluation.anomaly_map import image_scores_topk
-from moleflow.evaluation.continual import routing_accuracy, routing_confusion
+from moleflow.evaluation.continual_metrics import routing_accuracy, routing_confusion
 from moleflow.evaluation.evaluate import ScoreConfig, TaskEvaluation, evaluate_task
 from moleflow.evaluation.metrics import METRIC_NAMES, binary_auroc, binary_average_precision
 from moleflow.training.builders import build_datamodule, build_extractor
