@@ -152,3 +152,41 @@ def test_per_image_sanitize_matches_evaluation_per_image() -> None:
     for b in range(4):
         ref, n = sanitize_nonfinite(x[b : b + 1])
         assert torch.equal(clean[b : b + 1], ref) and int(replaced[b]) == n
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
+def test_detector_exports_with_the_quality_switches(fmt: str, tmp_path) -> None:
+    """pool_concat embedding, per-position standardizer, no adapter: exported end to end, parity-checked."""
+    from omegaconf import OmegaConf
+
+    from moleflow.inference import MoLEFlowDetector, load_exported
+    from moleflow.training.builders import build_extractor
+    from tests.helpers import CONF_DIR
+
+    backbone = OmegaConf.load(CONF_DIR / "model" / "backbone" / "tiny_random.yaml")
+    backbone.embedding = "pool_concat"
+    torch.manual_seed(0)
+    extractor = build_extractor(backbone, 384).eval()  # pool_concat: D = 128 + 256 channels
+    model = MoLEFlowModel(
+        MoLEFlowConfig(embed_dim=384, ncl=1, hidden=32, lora_rank=2, standardize="position", adapter="none")
+    )
+    gen = torch.Generator().manual_seed(5)
+    images = [torch.randn(4, 3, 32, 32, generator=gen) + 2.0 * t for t in range(2)]  # two "categories"
+    with torch.no_grad():
+        for t, batch in enumerate(images):
+            model.add_task()
+            feats = extractor(batch)
+            model.fit_task_statistics(t, feats)
+            model.router.fit_task(t, router_features(feats))
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    detector = MoLEFlowDetector(extractor, model.eval(), ["a", "b"], image_size=32, score_top_k=2, pixel_sigma=1.0)
+    probe = torch.cat([images[0][:2], images[1][:1]])
+    module, meta = load_exported(detector.export(tmp_path / f"model.{fmt}", format=fmt, check_images=probe))
+    assert meta["format"] == fmt
+    batch = torch.cat([images[1][1:], images[0][2:]])
+    with torch.no_grad():
+        got, ref = module(batch), detector.run_batch(batch)
+    assert set(ref["task"].tolist()) == {0, 1} and torch.equal(got["task"], ref["task"])
+    torch.testing.assert_close(got["score"], ref["score"], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(got["anomaly_map"], ref["anomaly_map"], rtol=1e-4, atol=1e-3)
