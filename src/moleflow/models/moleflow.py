@@ -256,7 +256,7 @@ class MoLEFlowModel(nn.Module):
 
         Default: one pass per distinct task of the batch. ``every_task=True``: one pass per task of the
         model, each over that task's images only (possibly none), written with tensor ops alone, so that
-        no Python branch depends on the values of ``tasks``: the same layers then trace, script and
+        no Python branch depends on the values of ``tasks``: the same layers then trace (TorchScript) and
         ``torch.export`` (this is how :mod:`moleflow.inference.export` exports them). Same values.
         """
         if every_task:
