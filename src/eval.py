@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moleflow.evaluation.report import write_json_atomic
-from moleflow.evaluation.rescore import rescore_checkpoint
+from moleflow.training.rescore import rescore_checkpoint
 from moleflow.training.resolvers import register_resolvers
 from moleflow.utils.allocator import keep_freed_memory
 

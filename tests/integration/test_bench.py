@@ -94,6 +94,7 @@ def test_bench_smoke_every_section_and_target(tmp_path: Path) -> None:
     assert e2e["losses_bit_identical"]
     assert data["inference"]["routed_mixed"]["flow_passes_split"] == data["inference"]["routed_mixed"]["distinct_tasks"]
     assert data["inference"]["merged_vs_unmerged"]["within_tolerance"]
+    assert data["inference"]["exported_vs_eager"]["same_tasks"]
 
 
 def test_flop_and_parameter_formulas_match_the_design() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moleflow.inference import MoLEFlowDetector
-from moleflow.inference.calibration import calibrated_path
+from moleflow.inference.thresholds import calibrated_path
 from moleflow.training.checkpoint import (
     CheckpointIntegrityError,
     load_checkpoint,

@@ -32,7 +32,8 @@ from moleflow.inference import (
     MoLEFlowDetector,
     load_exported,
 )
-from moleflow.inference.calibration import (
+from moleflow.inference.runner import run_from_config
+from moleflow.inference.thresholds import (
     SOURCE_HELD_OUT,
     SOURCE_TRAINING,
     calibrated_path,
@@ -41,7 +42,6 @@ from moleflow.inference.calibration import (
     fpr_threshold,
     tail_threshold,
 )
-from moleflow.inference.runner import run_from_config
 from moleflow.models.router import PrototypeRouter
 from tests.helpers import CONF_DIR, flip_tensor_byte
 

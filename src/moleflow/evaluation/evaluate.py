@@ -15,8 +15,8 @@ import torch
 
 from moleflow.evaluation.anomaly_map import image_scores_topk, pixel_anomaly_map, sanitize_nonfinite_per_image
 from moleflow.evaluation.metrics import TaskMetrics, compute_task_metrics
+from moleflow.models.feature_extractor import FeatureSet
 from moleflow.models.moleflow import MoLEFlowModel
-from moleflow.training.feature_cache import FeatureSet
 
 
 @dataclass

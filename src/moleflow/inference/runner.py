@@ -25,11 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from moleflow.inference.calibration import Calibration, calibrated_path, json_safe
 from moleflow.inference.detector import MoLEFlowDetector
 from moleflow.inference.inputs import LoadedImage, scan_inputs, try_load
 from moleflow.inference.overlay import save_overlay
 from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN
+from moleflow.inference.thresholds import Calibration, calibrated_path, json_safe
 from moleflow.utils.files import atomic_write_text
 from moleflow.utils.prefetch import map_threads, overlap_pays_off, prefetch
 from moleflow.utils.progress import track

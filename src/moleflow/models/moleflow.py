@@ -251,8 +251,20 @@ class MoLEFlowModel(nn.Module):
         return nll, logdet
 
     @torch.no_grad()
-    def nll_routed(self, features: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
-        """NLL maps (B, H, W) with image b scored by expert ``tasks[b]``; one pass per distinct task."""
+    def nll_routed(self, features: torch.Tensor, tasks: torch.Tensor, every_task: bool = False) -> torch.Tensor:
+        """NLL maps (B, H, W) with image b scored by expert ``tasks[b]``.
+
+        Default: one pass per distinct task of the batch. ``every_task=True``: one pass per task of the
+        model, each over that task's images only (possibly none), written with tensor ops alone, so that
+        no Python branch depends on the values of ``tasks``: the same layers then trace (TorchScript) and
+        ``torch.export`` (this is how :mod:`moleflow.inference.export` exports them). Same values.
+        """
+        if every_task:
+            out = features.new_zeros(features.shape[:3])
+            for task in range(self.num_tasks):
+                idx = (tasks == task).nonzero()[:, 0]
+                out = out.index_copy(0, idx, self.nll(features.index_select(0, idx), task)[0])
+            return out
         distinct = torch.unique(tasks).tolist()
         if len(distinct) == 1:  # the usual batch (one category): no gather and scatter copies of the features
             return self.nll(features, int(distinct[0]))[0]

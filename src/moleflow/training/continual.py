@@ -1,12 +1,17 @@
 """The continual run: task after task, train on cached features, fit the router, evaluate all seen tasks.
 
-Per task t (docs/method.md 1 and 5):
-1. add task t's expert/adapter and set what trains (before the optimizer is built);
-2. extract (once) and cache task t's training features;
-3. fit with a fresh Trainer (AdamP, cosine + warm-up, clipping);
-4. fit task t's routing prototype;
-5. evaluate tasks 0..t task-agnostically (and with oracle routing), update the R matrices;
-6. save a checkpoint and the metrics so far.
+:func:`run_continual` is a loop over named steps, each a function of the run's shared state
+(:class:`ContinualRun`) and the task's round (:class:`TaskRound`), so each can be called and tested alone:
+
+* :func:`open_run`: data, backbone, model (new or resumed), feature cache, loggers;
+* per task t (docs/method.md 1 and 5):
+  1. :func:`begin_task`: seed, add task t's expert/adapter and set what trains (before the optimizer is built);
+  2. :func:`extract_train_features`: extract (once) and cache task t's training features, fit its statistics;
+  3. :func:`train_task`: fit with a fresh Trainer (AdamP, cosine + warm-up, clipping);
+  4. :func:`fit_router`: task t's routing prototype;
+  5. :func:`evaluate_seen_tasks`: tasks 0..t task-agnostically (and with oracle routing), the R matrices;
+  6. :func:`report_round`, :func:`save_round`: loggers, a checkpoint and the metrics so far;
+* :func:`finish_run`: per-category breakdown, figures, warnings, the results table.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +34,9 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
 from moleflow.evaluation.evaluate import ScoreConfig, category_breakdown, evaluate_task
-from moleflow.evaluation.figures import write_figures
+from moleflow.evaluation.plots import write_figures
 from moleflow.evaluation.report import ContinualTracker, log_results_table, print_table, write_json_atomic
+from moleflow.models.feature_extractor import FeatureSet
 from moleflow.training.builders import (
     build_datamodule,
     build_extractor,
@@ -199,10 +206,86 @@ def _collapse_warnings(summary: dict[str, Any], skipped: dict[str, int]) -> list
     return warnings
 
 
+@dataclass
+class ContinualRun:
+    """What the steps of a run share: its parts, its results so far, and where it writes."""
+
+    cfg: DictConfig
+    output_dir: Path
+    overrides: list[str] | None
+    device: torch.device
+    dm: Any
+    extractor: Any
+    module: Any
+    names: list[str]
+    tracker: ContinualTracker
+    cache: FeatureCache
+    score_cfg: ScoreConfig
+    loggers: list
+    amp_dtype: torch.dtype | None
+    started: float
+    timings: dict[str, Any]
+    run_log: dict[str, Any]
+    start_task: int = 0
+    payload: dict[str, Any] = field(default_factory=dict)
+    evaluations: list = field(default_factory=list)
+
+    @property
+    def runtime(self) -> Any:
+        return self.cfg.get("runtime") or {}
+
+    def make_payload(self) -> dict[str, Any]:
+        """The metrics.json payload of the results so far (status "running")."""
+        payload = _payload(
+            self.cfg,
+            self.overrides,
+            self.tracker,
+            self.module,
+            self.timings,
+            self.started,
+            self.output_dir,
+            self.extractor.images_seen,
+        )
+        payload["run"].update(self.run_log)
+        return payload
+
+
+@dataclass
+class TaskRound:
+    """One task's pass through the loop: its id, name, stage times, training features and training problems."""
+
+    t: int
+    name: str
+    times: dict[str, float] = field(default_factory=dict)
+    train_set: FeatureSet | None = None
+    untrainable: list[tuple[str, str]] = field(default_factory=list)
+
+
 def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the whole continual study described by ``cfg``; returns the metrics.json payload."""
     validate_config(cfg)  # every bad setting named at once, before anything heavy is built
-    output_dir = Path(output_dir)
+    run = open_run(cfg, Path(output_dir), overrides)
+    if isinstance(run, dict):  # resume found the run finished
+        return run
+    try:
+        for t in range(run.start_task, len(run.names)):
+            task = begin_task(run, t)
+            extract_train_features(run, task)
+            train_task(run, task)
+            fit_router(run, task)
+            evaluate_seen_tasks(run, task)
+            report_round(run, task)
+            save_round(run, task)
+        return finish_run(run)
+    finally:
+        _finish_loggers(run.loggers)
+
+
+def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> ContinualRun | dict[str, Any]:
+    """Build the run's parts (data, backbone, model or its resumed state, feature cache, loggers).
+
+    Returns the finished run's payload instead when ``resume`` points at a run that has finished.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     timings: dict[str, Any] = {"per_task": {}}
@@ -244,8 +327,42 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
         for flow in module.model.flows.values():
             flow.forward = torch.compile(flow.forward)  # per instance: state_dict keys stay the same
     timings["setup_s"] = time.time() - t0
+    cache = _feature_cache(cfg, extractor, device)
+    score_cfg = ScoreConfig(
+        top_k=int(cfg.model.score.top_k),
+        pixel_sigma=float(cfg.model.score.pixel_sigma),
+        image_size=int(cfg.data.image_size),
+        batch_size=int(cfg.data.eval_batch_size),
+    )
+    loggers = build_loggers(cfg.get("logger"))
+    for lg in loggers:
+        lg.log_hyperparams(to_dict(cfg))  # the resolved config, so every dashboard row says what it ran
+    return ContinualRun(
+        cfg=cfg,
+        output_dir=output_dir,
+        overrides=overrides,
+        device=device,
+        dm=dm,
+        extractor=extractor,
+        module=module,
+        names=names,
+        tracker=tracker,
+        cache=cache,
+        score_cfg=score_cfg,
+        loggers=loggers,
+        amp_dtype=amp_dtype,
+        started=started,
+        timings=timings,
+        run_log=run_log,
+        start_task=start_task,
+    )
+
+
+def _feature_cache(cfg: DictConfig, extractor: Any, device: torch.device) -> FeatureCache:
+    """The run's feature cache, keyed on everything that makes the features."""
+    runtime = cfg.get("runtime") or {}
     train_cfg = cfg.training
-    cache = FeatureCache(
+    return FeatureCache(
         extractor,
         device,
         mode=str(train_cfg.feature_cache),
@@ -262,111 +379,131 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             "channels_last": bool(runtime.get("channels_last", False)),
         },
     )
-    score_cfg = ScoreConfig(
-        top_k=int(cfg.model.score.top_k),
-        pixel_sigma=float(cfg.model.score.pixel_sigma),
-        image_size=int(cfg.data.image_size),
-        batch_size=int(cfg.data.eval_batch_size),
+
+
+def begin_task(run: ContinualRun, t: int) -> TaskRound:
+    """Seed task t, point the data module at it and add its expert, adapter and DIA to the model."""
+    name = run.names[t]
+    log.info("=== Task %d/%d: %s ===", t + 1, len(run.names), name)
+    task = TaskRound(t, name)
+    pl.seed_everything(int(run.cfg.seed) + t, workers=True, verbose=False)
+    run.dm.set_task(t)
+    run.module.start_task(name)
+    return task
+
+
+def _train_key(task: TaskRound) -> str:
+    return f"{task.t:02d}_{task.name}/train"
+
+
+def extract_train_features(run: ContinualRun, task: TaskRound) -> None:
+    """Task t's training features (extracted once, cached) and its feature statistics (never changed later)."""
+    tic = time.time()
+    task.train_set = run.cache.get(_train_key(task), run.dm.train_dataloader, with_masks=False)
+    run.module.model.fit_task_statistics(task.t, task.train_set.features)
+    task.times["extract_train_s"] = time.time() - tic
+
+
+def train_task(run: ContinualRun, task: TaskRound) -> None:
+    """Fit task t with a fresh Trainer; a task that could not train is marked diverged."""
+    tic = time.time()
+    cache, dm = run.cache, run.dm
+    refresh = None
+    if cache.mode == "none":  # reference pipeline: the backbone runs again before every epoch
+
+        def refresh(train_key: str = _train_key(task)) -> torch.Tensor:
+            return cache.get(train_key, dm.train_dataloader, with_masks=False).features
+
+    _fit_task(run.cfg, run.module, task.train_set.features, task.t, task.name, run.loggers, run.output_dir, refresh)
+    task.untrainable = _check_training(run.tracker, run.module, task.t, task.name)
+    task.times["fit_s"] = time.time() - tic
+
+
+def fit_router(run: ContinualRun, task: TaskRound) -> None:
+    """Task t's routing prototype from its training features."""
+    tic = time.time()
+    model = run.module.model.to(run.device).eval()
+    model.router.fit_task(task.t, task.train_set.router)
+    task.times["router_s"] = time.time() - tic
+
+
+def evaluate_seen_tasks(run: ContinualRun, task: TaskRound) -> None:
+    """Evaluate tasks 0..t task-agnostically and record the round in the tracker."""
+    tic = time.time()
+    model = run.module.model
+    amp = torch.autocast(run.device.type, dtype=run.amp_dtype) if run.amp_dtype else nullcontext()
+    with model.merged_experts(bool(run.runtime.get("merge_experts", True))), amp:
+        run.evaluations = _evaluate_seen(model, run.cache, run.dm, run.names, task.t, run.score_cfg, run.device)
+    _warn_diverged(task.untrainable + run.tracker.record_round(task.t, run.evaluations))
+    task.times["evaluate_s"] = time.time() - tic
+
+
+def report_round(run: ContinualRun, task: TaskRound) -> None:
+    """The round's metrics to the loggers and the console."""
+    round_metrics = run.tracker.round_metrics(task.t)
+    for lg in run.loggers:
+        lg.log_metrics(round_metrics, step=task.t)
+    log.info(
+        "After task %s: mean image AUROC %.4f, pixel AUROC %.4f, routing %.4f",
+        task.name,
+        round_metrics["mean/image_auroc"],
+        round_metrics["mean/pixel_auroc"],
+        round_metrics["mean/routing_accuracy"],
     )
-    loggers = build_loggers(cfg.get("logger"))
-    for lg in loggers:
-        lg.log_hyperparams(to_dict(cfg))  # the resolved config, so every dashboard row says what it ran
-    ckpt_dir = output_dir / "checkpoints"
-    payload: dict[str, Any] = {}
-    evaluations: list = []
-    try:
-        for t, name in enumerate(names):
-            if t < start_task:
-                continue
-            log.info("=== Task %d/%d: %s ===", t + 1, len(names), name)
-            times: dict[str, float] = {}
-            pl.seed_everything(int(cfg.seed) + t, workers=True, verbose=False)
-            dm.set_task(t)
-            module.start_task(name)
 
-            tic = time.time()
-            train_set = cache.get(f"{t:02d}_{name}/train", dm.train_dataloader, with_masks=False)
-            module.model.fit_task_statistics(t, train_set.features)  # before training; never changed later
-            times["extract_train_s"] = time.time() - tic
 
-            tic = time.time()
-            train_key = f"{t:02d}_{name}/train"
-            refresh = None
-            if cache.mode == "none":  # reference pipeline: the backbone runs again before every epoch
+def save_round(run: ContinualRun, task: TaskRound) -> None:
+    """Checkpoint after task t (``last.ckpt`` linked to it) and metrics.json with the results so far."""
+    run.timings["per_task"][task.name] = task.times
+    run.payload = run.make_payload()
+    tic = time.time()
+    extra = {
+        "summary": run.payload["final"],
+        "run_config": run.payload["config"],
+        "tracker": run.tracker.state_dict(),
+        "timings": run.timings,
+        "run_log": run.run_log,
+    }
+    ckpt_dir = run.output_dir / "checkpoints"
+    task_ckpt = save_checkpoint(ckpt_dir / f"task_{task.t:02d}_{task.name}.ckpt", run.module, extra)
+    link_checkpoint(task_ckpt, ckpt_dir / "last.ckpt")
+    task.times["checkpoint_s"] = time.time() - tic
+    write_json_atomic(run.output_dir / "metrics.json", run.payload)
+    run.module.model.cpu()
 
-                def refresh(train_key: str = train_key) -> torch.Tensor:
-                    return cache.get(train_key, dm.train_dataloader, with_masks=False).features
 
-            _fit_task(cfg, module, train_set.features, t, name, loggers, output_dir, refresh)
-            untrainable = _check_training(tracker, module, t, name)
-            times["fit_s"] = time.time() - tic
-
-            tic = time.time()
-            model = module.model.to(device).eval()
-            model.router.fit_task(t, train_set.router)
-            times["router_s"] = time.time() - tic
-
-            tic = time.time()
-            amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-            with model.merged_experts(bool(runtime.get("merge_experts", True))), amp:
-                evaluations = _evaluate_seen(model, cache, dm, names, t, score_cfg, device)
-            _warn_diverged(untrainable + tracker.record_round(t, evaluations))
-            times["evaluate_s"] = time.time() - tic
-
-            round_metrics = tracker.round_metrics(t)
-            for lg in loggers:
-                lg.log_metrics(round_metrics, step=t)
-            log.info(
-                "After task %s: mean image AUROC %.4f, pixel AUROC %.4f, routing %.4f",
-                name,
-                round_metrics["mean/image_auroc"],
-                round_metrics["mean/pixel_auroc"],
-                round_metrics["mean/routing_accuracy"],
-            )
-            timings["per_task"][name] = times
-            payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir, extractor.images_seen)
-            payload["run"].update(run_log)
-            tic = time.time()
-            extra = {
-                "summary": payload["final"],
-                "run_config": payload["config"],
-                "tracker": tracker.state_dict(),
-                "timings": timings,
-                "run_log": run_log,
-            }
-            task_ckpt = save_checkpoint(ckpt_dir / f"task_{t:02d}_{name}.ckpt", module, extra)
-            link_checkpoint(task_ckpt, ckpt_dir / "last.ckpt")
-            times["checkpoint_s"] = time.time() - tic
-            write_json_atomic(output_dir / "metrics.json", payload)
-            module.model.cpu()
-
-        tic = time.time()
-        payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir, extractor.images_seen)
-        payload["run"].update(run_log)
-        if any(len(dm.task_categories(i)) > 1 for i in range(len(names))) and evaluations:
-            payload["per_category"] = {}
-            for ev in evaluations:  # the last round: every task, after the last task
-                loader = lambda t=ev.task: dm.test_dataloader_for(t)  # noqa: E731 - only used if not cached
-                test_set = cache.get(f"{ev.task:02d}_{ev.name}/test", loader, with_masks=True)
-                payload["per_category"].update(
-                    category_breakdown(ev, dm.test_sample_categories(ev.task), test_set.masks)
-                )
-        if cfg.get("report", {}).get("figures", True) and evaluations:
-            payload["figures"] = write_figures(
-                output_dir, dm, evaluations, names, tracker.confusion, int(cfg.report.overlays_per_task), loggers
-            )
-        timings["figures_s"] = time.time() - tic
-        payload["warnings"] = _collapse_warnings(payload, module.skipped_batches)
-        for w in payload["warnings"]:
-            log.warning(w)
-        log_results_table(loggers, payload)
-        table = print_table(payload, title=f"MoLE-Flow after {len(names)} tasks ({output_dir.name})")
-        (output_dir / "results_table.txt").write_text(table)
-        payload["status"] = "finished"
-        write_json_atomic(output_dir / "metrics.json", payload)
-        return payload
-    finally:
-        _finish_loggers(loggers)
+def finish_run(run: ContinualRun) -> dict[str, Any]:
+    """After the last task: per-category breakdown, figures, warnings, the results table; status finished."""
+    cfg, dm, names, evaluations = run.cfg, run.dm, run.names, run.evaluations
+    tic = time.time()
+    payload = run.make_payload()
+    if any(len(dm.task_categories(i)) > 1 for i in range(len(names))) and evaluations:
+        payload["per_category"] = {}
+        for ev in evaluations:  # the last round: every task, after the last task
+            loader = lambda t=ev.task: dm.test_dataloader_for(t)  # noqa: E731 - only used if not cached
+            test_set = run.cache.get(f"{ev.task:02d}_{ev.name}/test", loader, with_masks=True)
+            payload["per_category"].update(category_breakdown(ev, dm.test_sample_categories(ev.task), test_set.masks))
+    if cfg.get("report", {}).get("figures", True) and evaluations:
+        payload["figures"] = write_figures(
+            run.output_dir,
+            dm,
+            evaluations,
+            names,
+            run.tracker.confusion,
+            int(cfg.report.overlays_per_task),
+            run.loggers,
+        )
+    run.timings["figures_s"] = time.time() - tic
+    payload["warnings"] = _collapse_warnings(payload, run.module.skipped_batches)
+    for w in payload["warnings"]:
+        log.warning(w)
+    log_results_table(run.loggers, payload)
+    table = print_table(payload, title=f"MoLE-Flow after {len(names)} tasks ({run.output_dir.name})")
+    (run.output_dir / "results_table.txt").write_text(table)
+    payload["status"] = "finished"
+    write_json_atomic(run.output_dir / "metrics.json", payload)
+    run.payload = payload
+    return payload
 
 
 def _check_finished_run(done: dict[str, Any], cfg: DictConfig, run_dir: Path) -> None:

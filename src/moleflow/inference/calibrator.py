@@ -2,7 +2,7 @@
 
 Kept apart from the detector so each module has one job: the detector turns images into verdicts;
 this mixin finds the per-task thresholds those verdicts use (without defect labels) and stores them.
-The threshold maths lives in :mod:`moleflow.inference.calibration`.
+The threshold maths lives in :mod:`moleflow.inference.thresholds`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from moleflow.inference.calibration import (
+from moleflow.inference.inputs import scan_inputs, try_load
+from moleflow.inference.scoring import image_scores
+from moleflow.inference.thresholds import (
     MIN_ROUTE_IMAGES,
     SOURCE_HELD_OUT,
     SOURCE_TRAINING,
@@ -32,8 +34,6 @@ from moleflow.inference.calibration import (
     tail_threshold,
     write_calibrated_checkpoint,
 )
-from moleflow.inference.inputs import scan_inputs, try_load
-from moleflow.inference.scoring import image_scores
 from moleflow.models.feature_extractor import router_features
 from moleflow.utils.progress import track
 
