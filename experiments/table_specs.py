@@ -82,6 +82,8 @@ EXTRA_METRICS: dict[str, MetricSpec] = {
     "fm_pix_ap": MetricSpec("FM Pix AP", ("forgetting", "routed", "pixel_ap", "fm")),
     "bwt_pix_ap": MetricSpec("BWT Pix AP", ("forgetting", "routed", "pixel_ap", "bwt")),
     "params_total": MetricSpec("Params", ("parameters", "total"), scale=1.0),
+    "rt_nrm": MetricSpec("Rt Nrm", ("routing", "by_label", "normal", "accuracy")),
+    "rt_def": MetricSpec("Rt Def", ("routing", "by_label", "defective", "accuracy")),
 }
 
 ALL_METRICS: dict[str, MetricSpec] = {**METRICS, **EXTRA_METRICS}

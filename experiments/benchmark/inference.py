@@ -22,7 +22,7 @@ from moleflow.inference.export import ExportableMoLEFlow
 from moleflow.inference.inputs import to_model_inputs
 from moleflow.inference.pipeline import RoutedPipeline
 from moleflow.models.experts import TaskExpertLinear
-from moleflow.models.feature_extractor import FeatureExtractor, router_features
+from moleflow.models.feature_extractor import FeatureExtractor
 from moleflow.models.moleflow import SHARED_KEY, MoLEFlowModel
 from moleflow.training.lightning_module import MoLEFlowLitModule
 from moleflow.utils.prefetch import overlap_pays_off, prefetch
@@ -107,7 +107,7 @@ def _compute(
     t3 = time.perf_counter()
     times["backbone CNN"] = clock.elapsed
     times["patch embedding"] = (t3 - t2) - clock.elapsed
-    tasks, _ = model.router.route(router_features(feats), s.tasks)
+    tasks, _ = model.router.route(model.router.summarize(feats), s.tasks)
     sync(device)
     t4 = time.perf_counter()
     times["routing"] = t4 - t3
@@ -282,7 +282,7 @@ def bench_inference(
                 stream_runs[overlap].append(_stream(paths, s, extractor, clock, model, device, overlap))
         out["stream"] = _stream_summary(stream_runs, s, out["batch"], overlap_pays_off(device))
         feats = batch_feats["batch"]
-        tasks_routed, _ = model.router.route(router_features(feats), s.tasks)
+        tasks_routed, _ = model.router.route(model.router.summarize(feats), s.tasks)
         out["batch"]["distinct_routed_tasks"] = int(torch.unique(tasks_routed).numel())
 
         # routed mixed batch: one flow pass per distinct task, against one pass per image

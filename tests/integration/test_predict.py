@@ -25,15 +25,7 @@ from PIL import Image
 
 from moleflow.data.images import load_rgb
 from moleflow.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_mvtec
-from moleflow.inference import (
-    VERDICT_UNKNOWN,
-    CalibratedCopyError,
-    ExportError,
-    MoLEFlowDetector,
-    load_exported,
-)
-from moleflow.inference.runner import run_from_config
-from moleflow.inference.thresholds import (
+from moleflow.evaluation.thresholds import (
     SOURCE_HELD_OUT,
     SOURCE_TRAINING,
     calibrated_path,
@@ -42,6 +34,14 @@ from moleflow.inference.thresholds import (
     fpr_threshold,
     tail_threshold,
 )
+from moleflow.inference import (
+    VERDICT_UNKNOWN,
+    CalibratedCopyError,
+    ExportError,
+    MoLEFlowDetector,
+    load_exported,
+)
+from moleflow.inference.runner import run_from_config
 from moleflow.models.router import PrototypeRouter
 from tests.helpers import CONF_DIR, flip_tensor_byte
 
@@ -78,7 +78,7 @@ def test_cross_validated_distances_are_out_of_sample() -> None:
     router = PrototypeRouter(32)
     router.fit_task(0, feats)
     in_sample = router.distances(feats)[:, 0]
-    held_out = cross_validated_distances(feats, ridge=1e-5)
+    held_out = cross_validated_distances(feats, 1e-5)
     assert (held_out > 100 * in_sample).all()
 
 
@@ -127,6 +127,9 @@ def test_calibration_on_training_images_is_stored_and_reloaded(detector: MoLEFlo
         rep = task.test_report  # the tiny run's data root has labelled test images
         assert rep["available"] and 0.0 <= rep["f1_optimal"] <= 1.0
         assert {"f1_optimal_threshold", "fpr_at_threshold", "recall_at_threshold"} <= set(rep)
+        routing = rep["routing_by_label"]  # unknown-category and misrouted counts, defect-free and defective apart
+        assert routing["normal"]["images"] == rep["test_normal"]
+        assert routing["defective"]["images"] == rep["test_defective"]
     assert any("in-sample" in note and "optimistic" in note for note in cal.notes())
 
     copy = calibrated_path(ckpt)

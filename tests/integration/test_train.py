@@ -40,6 +40,14 @@ def test_metrics_json_is_complete(tiny_run) -> None:
             assert m["timings"]["per_task"][name][phase] >= 0
     assert len(m["routing"]["confusion"]) == 3
     assert sum(map(sum, m["routing"]["confusion"])) == 36
+    by_label = m["routing"]["by_label"]  # defect-free and defective test images counted apart (4 + 8 per task)
+    assert by_label["normal"]["images"] == 12 and by_label["defective"]["images"] == 24
+    assert all(set(row) >= {"routing_accuracy_normal", "routing_accuracy_defective"} for row in m["per_task"].values())
+    assert set(m["routing"]["per_defect_type"]) == set(TASKS)
+    assert sum(v["images"] for v in m["routing"]["per_defect_type"]["dots"].values()) == 12
+    assert "Rt Def" in (out / "results_table.txt").read_text()
+    assert "thresholds" not in m  # training.calibration_share=0 (MAIN): nothing held out, nothing stored
+    assert "calibration" not in torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["moleflow"]
     p = m["parameters"]
     assert p["total"] == p["shared"] + sum(p["per_task"].values())
     assert len(set(p["per_task"].values())) == 1  # every task adds the same parameter count

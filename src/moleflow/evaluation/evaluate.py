@@ -10,6 +10,7 @@ misrouted images again, with one pass per routed task.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -54,6 +55,16 @@ class TaskEvaluation:
     def routing_accuracy(self) -> float:
         return float((self.routed_tasks == self.task).double().mean()) if len(self.routed_tasks) else float("nan")
 
+    def routing_accuracy_of(self, label: int) -> float:
+        """Share of this task's test images with ``label`` (0 defect-free, 1 defective) routed to this task.
+
+        NaN when the test set has no image with that label (nothing to count, never a silent 0 or 1).
+        """
+        keep = self.labels == label
+        if not bool(keep.any()):
+            return float("nan")
+        return float((self.routed_tasks[keep] == self.task).double().mean())
+
 
 def _score_batches(
     model: MoLEFlowModel, features: torch.Tensor, tasks: torch.Tensor, cfg: ScoreConfig, device: torch.device
@@ -69,6 +80,14 @@ def _score_batches(
         with torch.autocast(feats.device.type, enabled=False):  # maps and metrics always in float32
             maps.append(pixel_anomaly_map(nll, cfg.image_size, cfg.pixel_sigma).cpu())
     return torch.cat(nlls), torch.cat(maps), torch.cat(nonfinite)
+
+
+def router_inputs(router: torch.nn.Module, features: FeatureSet) -> torch.Tensor:
+    """What ``router`` routes by for a cached feature set: the cached global means for the prototype router
+    (exactly what MAIN used), else the router's own summary of the patch features."""
+    if getattr(router, "kind", "prototype") == "prototype":
+        return features.router
+    return router.summarize(features.features)
 
 
 @torch.no_grad()
@@ -89,7 +108,7 @@ def evaluate_task(
     """
     model.eval()
     n = len(test)
-    routed, dist = model.router.route(test.router.to(device), num_seen)
+    routed, dist = model.router.route(router_inputs(model.router, test).to(device), num_seen)
     routed, dist = routed.cpu(), dist.cpu()
     oracle_tasks = torch.full((n,), task, dtype=torch.int64)
     o_nll, o_maps, o_bad = _score_batches(model, test.features, oracle_tasks, cfg, device)
@@ -125,6 +144,28 @@ def evaluate_task(
     )
 
 
+def routing_by_defect_type(ev: TaskEvaluation, defect_types: list[str | None]) -> dict[str, dict[str, Any]]:
+    """Routing of one task's test images per defect type (the data set's ``Sample.defect_type``, in test order).
+
+    Returns ``{defect_type: {"images", "routed_here", "accuracy", "label"}}``; ``label`` is 0 for the defect-free
+    type(s) and 1 otherwise. Images without a type are counted under ``"unknown"``.
+    """
+    if len(defect_types) != len(ev.routed_tasks):
+        msg = f"{len(defect_types)} defect types for {len(ev.routed_tasks)} test images of task {ev.name}."
+        raise ValueError(msg)
+    out: dict[str, dict[str, Any]] = {}
+    for kind in dict.fromkeys(str(d) if d is not None else "unknown" for d in defect_types):
+        idx = torch.tensor([i for i, d in enumerate(defect_types) if (str(d) if d is not None else "unknown") == kind])
+        right = int((ev.routed_tasks[idx] == ev.task).sum())
+        out[kind] = {
+            "images": len(idx),
+            "routed_here": right,
+            "accuracy": right / len(idx),
+            "label": int(ev.labels[idx].max()),
+        }
+    return out
+
+
 def category_breakdown(ev: TaskEvaluation, categories: list[str], masks: torch.Tensor | None) -> dict[str, dict]:
     """Metrics per category inside a task that groups several categories (routed scores).
 
@@ -146,6 +187,14 @@ def category_breakdown(ev: TaskEvaluation, categories: list[str], masks: torch.T
             "task": ev.name,
             "routed": metrics.as_dict(),
             "routing_accuracy": float((ev.routed_tasks[idx] == ev.task).double().mean()),
+            "routing_accuracy_normal": _share_routed(ev, idx, 0),
+            "routing_accuracy_defective": _share_routed(ev, idx, 1),
             "num_test_images": len(idx),
         }
     return out
+
+
+def _share_routed(ev: TaskEvaluation, idx: torch.Tensor, label: int) -> float:
+    """Share of the images ``idx`` with ``label`` routed to ev's task (NaN if there are none)."""
+    keep = idx[ev.labels[idx] == label]
+    return float((ev.routed_tasks[keep] == ev.task).double().mean()) if len(keep) else float("nan")

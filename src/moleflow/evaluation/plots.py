@@ -83,19 +83,33 @@ def save_overlays(
     return path
 
 
-def save_confusion_matrix(confusion: np.ndarray, names: Sequence[str], path: str | Path) -> Path:
-    """Routing confusion matrix (rows: true task, columns: routed task) with counts in the cells."""
-    confusion = np.asarray(confusion)
+def save_confusion_matrix(
+    confusion: np.ndarray,
+    names: Sequence[str],
+    path: str | Path,
+    by_label: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """Routing confusion matrix (rows: true task, columns: routed task) with counts in the cells.
+
+    With ``by_label`` ({"normal": C, "defective": C}) the defect-free and the defective test images get a
+    panel each next to the matrix of all images, each titled with its routing accuracy: a router that
+    defects fool shows it there even when the overall matrix looks fine.
+    """
+    panels = [("all test images", np.asarray(confusion))]
+    panels += [(f"{kind} images", np.asarray(c)) for kind, c in (by_label or {}).items()]
     size = max(4.0, 0.5 * len(names) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(confusion, cmap="Blues")
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("routed to")
-    ax.set_ylabel("true task")
-    for (r, c), value in np.ndenumerate(confusion):
-        ax.text(c, r, str(value), ha="center", va="center", fontsize=7)
-    ax.set_title("Routing confusion matrix")
+    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
+    for ax, (title, matrix) in zip(axes[0], panels, strict=True):
+        ax.imshow(matrix, cmap="Blues")
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("routed to")
+        ax.set_ylabel("true task")
+        for (r, c), value in np.ndenumerate(matrix):
+            ax.text(c, r, str(value), ha="center", va="center", fontsize=7)
+        total = matrix.sum()
+        accuracy = f"{100 * np.trace(matrix) / total:.1f} %" if total else "n/a"
+        ax.set_title(f"Routing, {title}: {accuracy}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -130,6 +144,7 @@ def write_figures(
     confusion: np.ndarray | None,
     overlays_per_task: int,
     loggers: list[Any],
+    confusion_by_label: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Overlays per task, the routing confusion matrix and ROC curves; returns their paths (relative)."""
     fig_dir = output_dir / "figures"
@@ -146,7 +161,9 @@ def write_figures(
         path = save_overlays(ev, images, masks, indices, names, fig_dir / f"overlays_{ev.task:02d}_{ev.name}.png")
         written["overlays"][ev.name] = str(path.relative_to(output_dir))
     if confusion is not None:
-        path = save_confusion_matrix(confusion, names[: len(confusion)], fig_dir / "routing_confusion.png")
+        path = save_confusion_matrix(
+            confusion, names[: len(confusion)], fig_dir / "routing_confusion.png", confusion_by_label
+        )
         written["routing_confusion"] = str(path.relative_to(output_dir))
     path = save_roc_curves(evaluations, fig_dir / "roc_curves.png")
     written["roc_curves"] = str(path.relative_to(output_dir))

@@ -33,6 +33,7 @@ from moleflow.evaluation.metrics import METRIC_NAMES
 from moleflow.utils.files import atomic_write_text
 
 MODES = ("routed", "oracle")
+LABELS = {"normal": 0, "defective": 1}  # routing is also counted per test label: a defect must not fool it
 TABLE_COLUMNS = (  # (metric key, header) in the study's column order
     ("image_auroc", "Img AUC"),
     ("pixel_auroc", "Pix AUC"),
@@ -70,10 +71,12 @@ class ContinualTracker:
         t = len(task_names)
         self.matrices = {mode: {m: ResultMatrix(t) for m in METRIC_NAMES} for mode in MODES}
         self.routing = ResultMatrix(t)
+        self.routing_by_label = {kind: ResultMatrix(t) for kind in LABELS}
         self.nonfinite = {mode: [0] * t for mode in MODES}
         self.num_test_images = [0] * t
         self.has_masks = [True] * t
         self.confusion: np.ndarray | None = None
+        self.confusion_by_label: dict[str, np.ndarray] = {}
         self.last_task = -1
         self.diverged: dict[str, str] = {}  # task name -> why it is marked as diverged
 
@@ -119,6 +122,8 @@ class ContinualTracker:
                 for name in METRIC_NAMES:
                     self.matrices[mode][name].set(after_task, ev.task, metrics[name])
             self.routing.set(after_task, ev.task, ev.routing_accuracy)
+            for kind, label in LABELS.items():
+                self.routing_by_label[kind].set(after_task, ev.task, ev.routing_accuracy_of(label))
             self.nonfinite["oracle"][ev.task] = ev.nonfinite_oracle
             self.nonfinite["routed"][ev.task] = ev.nonfinite_routed
             self.num_test_images[ev.task] = len(ev.routed_tasks)
@@ -126,6 +131,11 @@ class ContinualTracker:
         true = torch.cat([torch.full_like(ev.routed_tasks, ev.task) for ev in evaluations])
         pred = torch.cat([ev.routed_tasks for ev in evaluations])
         self.confusion = routing_confusion(true.numpy(), pred.numpy(), after_task + 1)
+        labels = torch.cat([ev.labels for ev in evaluations])
+        self.confusion_by_label = {
+            kind: routing_confusion(true[labels == label].numpy(), pred[labels == label].numpy(), after_task + 1)
+            for kind, label in LABELS.items()
+        }
         self.last_task = after_task
         return newly
 
@@ -136,10 +146,12 @@ class ContinualTracker:
                 "task_names": self.task_names,
                 "matrices": {mode: {m: self.matrices[mode][m].to_json() for m in METRIC_NAMES} for mode in MODES},
                 "routing": self.routing.to_json(),
+                "routing_by_label": {kind: m.to_json() for kind, m in self.routing_by_label.items()},
                 "nonfinite": self.nonfinite,
                 "num_test_images": self.num_test_images,
                 "has_masks": self.has_masks,
                 "confusion": self.confusion,
+                "confusion_by_label": self.confusion_by_label,
                 "last_task": self.last_task,
                 "diverged": self.diverged,
             }
@@ -153,12 +165,17 @@ class ContinualTracker:
             for m in METRIC_NAMES:
                 self.matrices[mode][m] = ResultMatrix.from_json(_pad(state["matrices"][mode][m], len(self.task_names)))
         self.routing = ResultMatrix.from_json(_pad(state["routing"], len(self.task_names)))
+        for kind, matrix in (state.get("routing_by_label") or {}).items():  # absent in checkpoints before 0.14
+            self.routing_by_label[kind] = ResultMatrix.from_json(_pad(matrix, len(self.task_names)))
         n = len(state["task_names"])
         for mode in MODES:
             self.nonfinite[mode][:n] = state["nonfinite"][mode][:n]
         self.num_test_images[:n] = state["num_test_images"][:n]
         self.has_masks[:n] = state["has_masks"][:n]
         self.confusion = None if state["confusion"] is None else np.asarray(state["confusion"], dtype=np.int64)
+        self.confusion_by_label = {
+            kind: np.asarray(c, dtype=np.int64) for kind, c in (state.get("confusion_by_label") or {}).items()
+        }
         self.last_task = int(state["last_task"])
         self.diverged = dict(state.get("diverged", {}))
 
@@ -172,12 +189,18 @@ class ContinualTracker:
                 for m in METRIC_NAMES:
                     out[f"task/{name}/{m}{suffix}"] = float(self.matrices[mode][m].as_array()[after_task, i])
             out[f"task/{name}/routing_accuracy"] = float(self.routing.as_array()[after_task, i])
+            for kind, matrix in self.routing_by_label.items():
+                out[f"task/{name}/routing_accuracy_{kind}"] = float(matrix.as_array()[after_task, i])
             out[f"task/{name}/diverged"] = float(name in self.diverged)
         for mode in MODES:
             suffix = "" if mode == "routed" else "_oracle"
             for m in METRIC_NAMES:
                 out[f"mean/{m}{suffix}"] = self._mean(self.matrices[mode][m], after_task)
         out["mean/routing_accuracy"] = self._mean(self.routing, after_task)
+        for kind in LABELS:
+            out[f"mean/routing_accuracy_{kind}"] = self._mean(self.routing_by_label[kind], after_task)
+            if self.confusion_by_label.get(kind) is not None:
+                out[f"routing/accuracy_{kind}"] = routing_accuracy(self.confusion_by_label[kind])[0]
         out["mean/tasks_averaged"] = float(len(self.included(after_task)))
         out["seen_tasks"] = float(after_task + 1)
         return out
@@ -193,6 +216,8 @@ class ContinualTracker:
                 mode: {m: float(self.matrices[mode][m].as_array()[last, i]) for m in METRIC_NAMES} for mode in MODES
             }
             per_task[name]["routing_accuracy"] = float(self.routing.as_array()[last, i])
+            for kind, matrix in self.routing_by_label.items():
+                per_task[name][f"routing_accuracy_{kind}"] = float(matrix.as_array()[last, i])
             per_task[name]["num_test_images"] = self.num_test_images[i]
             per_task[name]["pixel_metrics_available"] = self.has_masks[i]
             per_task[name]["diverged"] = self.diverged.get(name)  # None, or the reason
@@ -211,6 +236,16 @@ class ContinualTracker:
         overall, per_true = (float("nan"), [])
         if self.confusion is not None:
             overall, per_true = routing_accuracy(self.confusion)
+        by_label: dict[str, Any] = {}
+        for kind in LABELS:
+            confusion = self.confusion_by_label.get(kind)
+            acc, per = routing_accuracy(confusion) if confusion is not None else (float("nan"), [])
+            by_label[kind] = {
+                "accuracy": acc,
+                "images": int(confusion.sum()) if confusion is not None else 0,
+                "per_task": dict(zip(names, per, strict=False)),
+                "confusion": confusion,
+            }
         included = [names[i] for i in self.included(last)]
         return {
             "tasks": names,
@@ -233,6 +268,9 @@ class ContinualTracker:
                 "per_task": dict(zip(names, per_true, strict=False)),
                 "confusion": self.confusion,
                 "confusion_axes": "rows = true task, columns = routed task, in task order",
+                "by_label": by_label,
+                "note": "by_label counts defect-free (normal) and defective test images apart; "
+                "accuracy counts every test image of that label",
             },
         }
 
@@ -256,28 +294,56 @@ def _mean_label(summary: dict[str, Any], kind: str = "") -> str:
     return f"mean ({', '.join(notes)})" if notes else "mean"
 
 
+ROUTING_COLUMNS = (  # routing accuracy: every test image, the defect-free ones, the defective ones
+    ("routing_accuracy", "Rt Acc"),
+    ("routing_accuracy_normal", "Rt Nrm"),
+    ("routing_accuracy_defective", "Rt Def"),
+)
+
+
+def _task_routing(row: dict[str, Any]) -> list[float | None]:
+    """A task row's routing accuracies in ROUTING_COLUMNS order (None where not recorded)."""
+    return [row.get(key) for key, _ in ROUTING_COLUMNS]
+
+
+def _overall_routing(summary: dict[str, Any]) -> list[float | None]:
+    """Routing accuracy over every test image: all, defect-free, defective (ROUTING_COLUMNS order)."""
+    routing = summary["routing"]
+    by_label = routing.get("by_label") or {}
+    return [
+        routing["accuracy"],
+        (by_label.get("normal") or {}).get("accuracy"),
+        (by_label.get("defective") or {}).get("accuracy"),
+    ]
+
+
 def results_table(summary: dict[str, Any], title: str = "MoLE-Flow results") -> Table:
     """Rich table: one row per task, then the mean (routed) and the oracle mean, in percent."""
     table = Table(title=title)
     table.add_column("task")
     for _, header in TABLE_COLUMNS:
         table.add_column(header, justify="right")
-    table.add_column("Rt Acc", justify="right")
+    for _, header in ROUTING_COLUMNS:
+        table.add_column(header, justify="right")
     for name, row in summary["per_task"].items():
         label = f"{name} (diverged)" if row.get("diverged") else name
-        table.add_row(label, *[_pct(row["routed"][k]) for k, _ in TABLE_COLUMNS], _pct(row["routing_accuracy"]))
+        routed = [_pct(row["routed"][k]) for k, _ in TABLE_COLUMNS]
+        table.add_row(label, *routed, *[_pct(v) for v in _task_routing(row)])
     table.add_section()
     table.add_row(
         _mean_label(summary),
         *[_pct(summary["final"]["routed"][k]) for k, _ in TABLE_COLUMNS],
-        _pct(summary["routing"]["accuracy"]),
+        *[_pct(v) for v in _overall_routing(summary)],
     )
     table.add_row(
-        _mean_label(summary, "oracle"), *[_pct(summary["final"]["oracle"][k]) for k, _ in TABLE_COLUMNS], "100.00"
+        _mean_label(summary, "oracle"),
+        *[_pct(summary["final"]["oracle"][k]) for k, _ in TABLE_COLUMNS],
+        *(["100.00"] * len(ROUTING_COLUMNS)),
     )
     fm = summary["forgetting"]["routed"]
-    table.add_row("FM", *[_pct(fm[k]["fm"]) for k, _ in TABLE_COLUMNS], "")
-    table.add_row("BWT", *[_pct(fm[k]["bwt"]) for k, _ in TABLE_COLUMNS], "")
+    blank = [""] * len(ROUTING_COLUMNS)
+    table.add_row("FM", *[_pct(fm[k]["fm"]) for k, _ in TABLE_COLUMNS], *blank)
+    table.add_row("BWT", *[_pct(fm[k]["bwt"]) for k, _ in TABLE_COLUMNS], *blank)
     return table
 
 
@@ -293,7 +359,7 @@ def print_table(summary: dict[str, Any], title: str = "MoLE-Flow results") -> st
 
 def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """The results table as plain rows (percent, None where not available), for W&B and CSV."""
-    columns = ["task", *[h for _, h in TABLE_COLUMNS], "Rt Acc"]
+    columns = ["task", *[h for _, h in TABLE_COLUMNS], *[h for _, h in ROUTING_COLUMNS]]
 
     def pct(v: float | None) -> float | None:
         return None if v is None or not math.isfinite(v) else round(100 * v, 2)
@@ -302,7 +368,7 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         [
             f"{name} (diverged)" if row.get("diverged") else name,
             *[pct(row["routed"][k]) for k, _ in TABLE_COLUMNS],
-            pct(row["routing_accuracy"]),
+            *[pct(v) for v in _task_routing(row)],
         ]
         for name, row in summary["per_task"].items()
     ]
@@ -310,7 +376,7 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         [
             _mean_label(summary),
             *[pct(summary["final"]["routed"][k]) for k, _ in TABLE_COLUMNS],
-            pct(summary["routing"]["accuracy"]),
+            *[pct(v) for v in _overall_routing(summary)],
         ]
     )
     return columns, rows

@@ -2,7 +2,7 @@
 
 Kept apart from the detector so each module has one job: the detector turns images into verdicts;
 this mixin finds the per-task thresholds those verdicts use (without defect labels) and stores them.
-The threshold maths lives in :mod:`moleflow.inference.thresholds`.
+The threshold maths lives in :mod:`moleflow.evaluation.thresholds`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from moleflow.inference.inputs import scan_inputs, try_load
-from moleflow.inference.scoring import image_scores
-from moleflow.inference.thresholds import (
+from moleflow.evaluation.thresholds import (
     MIN_ROUTE_IMAGES,
+    SECTION,
     SOURCE_HELD_OUT,
     SOURCE_TRAINING,
     Calibration,
@@ -31,10 +30,12 @@ from moleflow.inference.thresholds import (
     f1_report,
     file_sha256,
     fpr_threshold,
+    routing_report,
     tail_threshold,
-    write_calibrated_checkpoint,
 )
-from moleflow.models.feature_extractor import router_features
+from moleflow.inference.inputs import scan_inputs, try_load
+from moleflow.inference.scoring import image_scores
+from moleflow.training.checkpoint import read_checkpoint, write_checkpoint
 from moleflow.utils.progress import track
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class CalibrationMixin:
             features = self.extractor(torch.stack([x.tensor for x in loaded]).to(self.device))
             tasks = torch.full((features.shape[0],), task, dtype=torch.int64, device=self.device)
             _, s, _ = image_scores(self.model.nll_routed(features, tasks), self.score_top_k)
-            feats.append(router_features(features).cpu())
+            feats.append(self.model.router.summarize(features).cpu())
             scores.append(s.double().cpu())
         if not feats:
             msg = f"None of the {len(paths)} calibration images of task {self.task_names[task]!r} could be read."
@@ -166,7 +167,6 @@ class CalibrationMixin:
         dm = None
         if len(held) < len(self.task_names):
             dm = self._datamodule(data_root)
-        ridge = float(self.model.router.ridge)
         n_tasks = len(self.task_names)
         tasks: dict[str, TaskCalibration] = {}
         held_dists: dict[str, torch.Tensor] = {}
@@ -184,10 +184,10 @@ class CalibrationMixin:
                 held_dists[name] = dists
                 own = dists[:, t]
             elif feats.shape[0] >= MIN_ROUTE_IMAGES:
-                own = cross_validated_distances(feats, ridge)
+                own = cross_validated_distances(feats, self.model.router)
             else:
                 own = torch.empty(0, dtype=torch.float64)
-            route_thr = tail_threshold(own.numpy(), unknown_rate)
+            route_thr = tail_threshold(own.numpy(), unknown_rate, float(self.model.router.floors(n_tasks)[t]))
             if not math.isfinite(route_thr):
                 log.warning("Task %s: too few images to calibrate its unknown-category threshold.", name)
             tasks[name] = TaskCalibration(
@@ -209,7 +209,7 @@ class CalibrationMixin:
                     "flagged_unknown": int((d > route[None, :]).all(dim=1).sum()),
                 }
         if test_labels:
-            self._test_reports(tasks, dm, data_root, batch_size, progress)
+            self._test_reports(tasks, dm, data_root, batch_size, progress, route)
         calibration = Calibration(
             target_fpr=float(target_fpr),
             unknown_rate=float(unknown_rate),
@@ -225,9 +225,19 @@ class CalibrationMixin:
         return calibration
 
     def _test_reports(
-        self, tasks: dict[str, TaskCalibration], dm: Any, data_root: str | Path | None, batch_size: int, progress: bool
+        self,
+        tasks: dict[str, TaskCalibration],
+        dm: Any,
+        data_root: str | Path | None,
+        batch_size: int,
+        progress: bool,
+        route_thresholds: torch.Tensor | None = None,
     ) -> None:
-        """F1-optimal threshold per task on the run's labelled test images (reported, never the default)."""
+        """F1-optimal threshold per task on the run's labelled test images (reported, never the default).
+
+        With ``route_thresholds`` (T,) the report also counts, separately for defect-free and defective test
+        images, how many are routed to another task and how many are flagged "unknown category".
+        """
         try:
             dm = dm if dm is not None else self._datamodule(data_root)
         except CalibrationDataError as err:
@@ -237,13 +247,16 @@ class CalibrationMixin:
         for t, name in enumerate(self.task_names):
             samples = dm.test_dataset(t).samples
             labels = np.array([s.label for s in samples])
-            _, scores, bad = self._score_paths(
+            feats, scores, bad = self._score_paths(
                 [s.image_path for s in samples], t, batch_size, f"Test scores {name}", progress
             )
             if bad:
                 unreadable = set(bad)
                 labels = labels[np.array([str(s.image_path) not in unreadable for s in samples])]
             tasks[name].test_report = f1_report(scores, labels, tasks[name].score_threshold)
+            if route_thresholds is not None:
+                dists = self.model.router.distances(feats.to(self.device), len(self.task_names)).cpu()
+                tasks[name].test_report["routing_by_label"] = routing_report(dists, t, labels, route_thresholds)
 
     def _set_source(self, calibration: Calibration) -> None:
         """Record which original checkpoint (path and content hash) the calibration belongs to."""
@@ -269,3 +282,17 @@ class CalibrationMixin:
         write_calibrated_checkpoint(self.checkpoint, self.calibration, target)
         log.info("Calibrated checkpoint written to %s.", target)
         return target
+
+
+def write_calibrated_checkpoint(source: Path | str, calibration: Calibration, target: Path | str) -> Path:
+    """Copy checkpoint ``source`` with ``calibration`` stored in it to ``target``, atomically.
+
+    The checkpoint is otherwise unchanged, so the copy loads wherever the original does (prediction,
+    eval.py, resuming). The source's content hash is verified first and the copy gets its own, so a
+    damaged source is never copied and a damaged copy is refused when read. Written to a unique temporary
+    file, flushed and renamed: a crash never leaves a broken file.
+    """
+    source, target = Path(source), Path(target)
+    checkpoint = read_checkpoint(source)
+    checkpoint["moleflow"][SECTION] = calibration.to_dict()
+    return write_checkpoint(checkpoint, target)

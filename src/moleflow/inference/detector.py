@@ -8,7 +8,7 @@ scores it with that task's expert, and turns the score into a verdict with per-t
 * ``unknown category``: the image's routing distance exceeds *every* task's route threshold, so it is
   not forced onto the nearest task (its score against the nearest task is still reported).
 
-Thresholds come from a calibration (see :mod:`moleflow.inference.thresholds`) stored in the
+Thresholds come from a calibration (see :mod:`moleflow.evaluation.thresholds`) stored in the
 checkpoint. ``calibrate(save=True)`` writes a *new* checkpoint next to the original,
 ``<name>.calibrated.ckpt``, atomically, instead of rewriting the run's own files: the training
 checkpoints (and the ``last.ckpt`` hard link a resumed run updates) stay untouched, and the calibrated
@@ -28,6 +28,12 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from moleflow.evaluation.thresholds import (
+    Calibration,
+    calibrated_path,
+    file_sha256,
+    read_calibration,
+)
 from moleflow.inference.calibrator import (  # noqa: F401 - CalibrationDataError and the defaults re-exported
     DEFAULT_BATCH,
     DEFAULT_FPR,
@@ -40,12 +46,6 @@ from moleflow.inference.export import ExportableMoLEFlow, export_metadata, write
 from moleflow.inference.inputs import LoadedImage, to_model_inputs
 from moleflow.inference.pipeline import RoutedPipeline
 from moleflow.inference.prediction import Prediction
-from moleflow.inference.thresholds import (
-    Calibration,
-    calibrated_path,
-    file_sha256,
-    read_calibration,
-)
 from moleflow.models.feature_extractor import FeatureExtractor
 from moleflow.models.moleflow import MoLEFlowModel
 from moleflow.utils.prefetch import overlap_pays_off, prefetch
@@ -131,7 +131,7 @@ class MoLEFlowDetector(CalibrationMixin):
             backbone_weights: local weights file for a pretrained backbone when the model hub is unreachable.
             data_root: where the run's data set is now, if it moved since training.
             auto_calibrate: with no stored calibration, calibrate on the training images (in-sample: optimistic
-                thresholds, see :mod:`moleflow.inference.thresholds`); a warning, not an error, if they are gone.
+                thresholds, see :mod:`moleflow.evaluation.thresholds`); a warning, not an error, if they are gone.
             save_calibration: write that calibration to ``<name>.calibrated.ckpt`` next to ``path``.
             recalibrate: a calibrated copy next to ``path`` that cannot be read, fails its content hash or was
                 made for another checkpoint is ignored (and replaced if ``save_calibration``). Without it

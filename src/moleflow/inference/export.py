@@ -39,8 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD
+from moleflow.evaluation.thresholds import json_safe
 from moleflow.inference.pipeline import OUTPUTS, RoutedPipeline
-from moleflow.inference.thresholds import json_safe
 from moleflow.utils.files import atomic_write_text, unique_temporary
 
 log = logging.getLogger(__name__)

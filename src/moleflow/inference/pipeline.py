@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from moleflow.inference.scoring import score_maps
-from moleflow.models.feature_extractor import FeatureExtractor, router_features
+from moleflow.models.feature_extractor import FeatureExtractor
 from moleflow.models.moleflow import MoLEFlowModel
 
 OUTPUTS = {
@@ -63,7 +63,7 @@ class RoutedPipeline(nn.Module):
 
     def forward(self, images: Tensor, score_thresholds: Tensor, route_thresholds: Tensor) -> dict[str, Tensor]:
         features = self.extractor(images)
-        dists = self.model.router.distances(router_features(features), self.model.num_tasks)
+        dists = self.model.router.distances(self.model.router.summarize(features), self.model.num_tasks)
         best, tasks = dists.min(dim=1)
         nll = self.model.nll_routed(features, tasks, every_task=self.every_task)
         clean, scores, pixels, replaced = score_maps(nll, self.score_top_k, self.image_size, self.pixel_sigma)

@@ -25,11 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from moleflow.evaluation.thresholds import Calibration, calibrated_path, json_safe
 from moleflow.inference.detector import MoLEFlowDetector
 from moleflow.inference.inputs import LoadedImage, scan_inputs, try_load
 from moleflow.inference.overlay import save_overlay
 from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN
-from moleflow.inference.thresholds import Calibration, calibrated_path, json_safe
 from moleflow.utils.files import atomic_write_text
 from moleflow.utils.prefetch import map_threads, overlap_pays_off, prefetch
 from moleflow.utils.progress import track
@@ -202,12 +202,25 @@ def _print_summary(payload: dict[str, Any]) -> None:
     console.print(f"Results: {payload['output_dir']}/predictions.csv, predictions.json, overlays/")
 
 
+def _routing_cells(routing: dict[str, Any] | None) -> list[str]:
+    """'flagged/images' unknown-category and misrouted counts of the test images, defect-free and defective."""
+    if not routing:
+        return ["-"] * 4
+    cells = []
+    for key in ("flagged_unknown", "routed_to_other_task"):
+        for kind in ("normal", "defective"):
+            row = routing[kind]
+            cells.append(f"{row[key]}/{row['images']}" if row["images"] else "-")
+    return cells
+
+
 def print_calibration(calibration: Calibration) -> None:
     """One row per task: sources, thresholds, and the test-set report when labels exist."""
     table = Table(
         title=f"Calibration (target FPR {calibration.target_fpr:g}, unknown rate {calibration.unknown_rate:g})"
     )
-    for col in ("task", "source", "images", "score thr", "route thr", "F1-opt thr", "F1-opt", "test FPR", "recall"):
+    columns = ("task", "source", "images", "score thr", "route thr", "F1-opt thr", "F1-opt", "test FPR", "recall")
+    for col in (*columns, "unknown nrm", "unknown def", "misrouted nrm", "misrouted def"):
         table.add_column(col, justify="right")
     for name, t in calibration.tasks.items():
         rep = t.test_report or {}
@@ -227,6 +240,7 @@ def print_calibration(calibration: Calibration) -> None:
             num("f1_optimal"),
             num("fpr_at_threshold"),
             num("recall_at_threshold"),
+            *_routing_cells(rep.get("routing_by_label")),
         )
     Console().print(table)
     for note in calibration.notes():

@@ -24,7 +24,7 @@ from moleflow.models.dia import DIA
 from moleflow.models.experts import EXPERT_MODES, TaskExpertLinear
 from moleflow.models.mixer import SpatialContextMixer
 from moleflow.models.positional import positional_encoding_2d
-from moleflow.models.router import PrototypeRouter
+from moleflow.models.router import ROUTER_KINDS, build_router
 from moleflow.models.standardizer import STANDARDIZE_MODES, TaskStandardizer
 
 BASE_SHARING_MODES = ("frozen", "sequential", "separate")
@@ -56,6 +56,10 @@ class MoLEFlowConfig:
     standardize: str = "none"  # none (MAIN) | channel | position: task statistics applied to F before the PE
     base_sharing: str = "frozen"
     router_ridge: float = 1e-5
+    router: str = "prototype"  # prototype (MAIN: global mean, Mahalanobis) | positional (issue 14, docs/routing.md)
+    router_grid: int = 7  # positional: cells per side of the pooled feature grid
+    router_keep: float = 0.25  # positional: share of an image's cells (the best-fitting) that decide
+    router_variance_floor: float = 0.1  # positional: added variance, times the task's mean variance
     permutation_seed: int = 0
 
     @classmethod
@@ -95,6 +99,13 @@ class MoLEFlowConfig:
                 self.standardize in STANDARDIZE_MODES,
                 f"model.flow.standardize must be one of {STANDARDIZE_MODES}, got {self.standardize!r}",
             ),
+            (self.router in ROUTER_KINDS, f"model.flow.router must be one of {ROUTER_KINDS}, got {self.router!r}"),
+            (self.router_grid >= 1, f"model.flow.router_grid must be >= 1, got {self.router_grid}"),
+            (0 < self.router_keep <= 1, f"model.flow.router_keep must be in (0, 1], got {self.router_keep}"),
+            (
+                self.router_variance_floor > 0,
+                f"model.flow.router_variance_floor must be > 0, got {self.router_variance_floor}",
+            ),
             (
                 self.base_sharing in BASE_SHARING_MODES,
                 f"model.flow.base_sharing must be one of {BASE_SHARING_MODES}, got {self.base_sharing!r}",
@@ -118,7 +129,14 @@ class MoLEFlowModel(nn.Module):
         self.mixers = nn.ModuleDict()
         self.flows = nn.ModuleDict()
         self.dia = nn.ModuleDict()
-        self.router = PrototypeRouter(d, ridge=config.router_ridge)
+        self.router = build_router(
+            config.router,
+            d,
+            ridge=config.router_ridge,
+            grid=config.router_grid,
+            keep=config.router_keep,
+            variance_floor=config.router_variance_floor,
+        )
         self.num_tasks = 0
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
         if config.base_sharing != "separate":

@@ -1,23 +1,43 @@
-"""Prototype router (docs/method.md 6): per-task Gaussian prototypes, Mahalanobis argmin at test time.
+"""Routers: which task's expert scores an image. Chosen by ``model.flow.router``.
 
-Each task t keeps the mean mu_t and the precision (Sigma_t + ridge I)^-1 of its training images'
-router features (the global average of the patch features, (B, D)). Statistics are kept in
-float64 because with few training images Sigma_t is near singular and float32 inverses lose the
-ranking between tasks.
+``prototype`` (docs/method.md 6, MAIN): each task t keeps the mean mu_t and the precision (Sigma_t + ridge I)^-1
+of its training images' router features (the global average of the patch features, (B, D)), and an image
+goes to the Mahalanobis-nearest task. Statistics are kept in float64 because with few training images
+Sigma_t is near singular and float32 inverses lose the ranking between tasks.
+
+``positional`` (issue 14, docs/routing.md): the global average is what a defect moves. A dark, cracked
+mono-crystalline solar cell averages to something close to a poly-crystalline one, and the prototype router
+sends 37 % of them to the poly expert although every defect-free one routes home. The positional router
+keeps *where* things are: the patch-feature grid is average-pooled to G x G cells and each task keeps a
+diagonal Gaussian per cell (mean and variance of every channel over its training images). An image's
+distance to task t is the Gaussian negative log-likelihood per cell,
+``0.5 * sum_d ((x_d - mu_d)^2 / var_d + log var_d)``, averaged over the ``keep`` share of its cells that fit
+task t best: a defect that spoils some cells leaves the rest to decide. The log-variance term makes a broad
+task (poly's mottled grain) pay for its breadth, so an image does not go there merely because everything is
+likely under a wide Gaussian. Each task's statistics come from its own training images only and never change
+afterwards (zero forgetting). Distances can be negative; ``floors()`` gives, per task, a value no distance
+goes below (the unknown-category threshold works on ``distance - floor``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
 
 
+ROUTER_KINDS = ("prototype", "positional")
+
+
 class PrototypeRouter(nn.Module):
     """Holds (T, D) means and (T, D, D) precisions as buffers; ``route`` picks the nearest task."""
+
+    kind = "prototype"
 
     def __init__(self, dim: int, ridge: float = 1e-5) -> None:
         super().__init__()
@@ -30,6 +50,19 @@ class PrototypeRouter(nn.Module):
     @property
     def num_tasks(self) -> int:
         return int(self.means.shape[0])
+
+    def summarize(self, features: torch.Tensor) -> torch.Tensor:
+        """Router input of patch features F (B, H, W, D): their global average (B, D)."""
+        return features.mean(dim=(1, 2))
+
+    def empty_copy(self) -> PrototypeRouter:
+        """A router of the same kind and settings with no tasks (cross-validated thresholds fit these)."""
+        return PrototypeRouter(self.dim, ridge=self.ridge)
+
+    def floors(self, num_tasks: int | None = None) -> torch.Tensor:
+        """Lower bound of each task's distances (T,): 0, squared Mahalanobis distances are >= 0."""
+        t = self.num_tasks if num_tasks is None else num_tasks
+        return torch.zeros(t, dtype=torch.float64)
 
     def resize(self, num_tasks: int) -> None:
         """Make room for ``num_tasks`` prototypes (zeros), e.g. before loading a checkpoint's state."""
@@ -85,3 +118,132 @@ class PrototypeRouter(nn.Module):
         d = self.distances(features, num_tasks)
         best, idx = d.min(dim=1)
         return idx, best
+
+
+class PositionalRouter(nn.Module):
+    """Per-task diagonal Gaussians per cell of a G x G pooled feature grid; see the module docstring.
+
+    Buffers: ``means`` and ``variances`` (T, G, G, D) float64 (variances include the floor), ``train_counts`` (T,).
+    """
+
+    kind = "positional"
+
+    def __init__(self, dim: int, grid: int = 4, keep: float = 0.5, variance_floor: float = 1e-2) -> None:
+        super().__init__()
+        if grid < 1:
+            msg = f"model.flow.router_grid must be >= 1 (cells per side), got {grid}."
+            raise ValueError(msg)
+        if not 0.0 < keep <= 1.0:
+            msg = f"model.flow.router_keep must be in (0, 1] (share of the cells that decide), got {keep}."
+            raise ValueError(msg)
+        if variance_floor <= 0.0:
+            msg = f"model.flow.router_variance_floor must be > 0, got {variance_floor}."
+            raise ValueError(msg)
+        self.dim = dim
+        self.grid = grid
+        self.keep = keep
+        self.variance_floor = variance_floor
+        self.register_buffer("means", torch.zeros(0, grid, grid, dim, dtype=torch.float64))
+        self.register_buffer("variances", torch.ones(0, grid, grid, dim, dtype=torch.float64))
+        self.register_buffer("train_counts", torch.zeros(0, dtype=torch.int64))
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.means.shape[0])
+
+    @property
+    def kept_cells(self) -> int:
+        """How many of the G * G cells of an image decide its distance to a task."""
+        return max(1, math.ceil(self.keep * self.grid * self.grid))
+
+    def summarize(self, features: torch.Tensor) -> torch.Tensor:
+        """Router input of patch features F (B, H, W, D): their average per cell of a G x G grid (B, G, G, D)."""
+        if features.shape[1] < self.grid or features.shape[2] < self.grid:
+            msg = f"router_grid={self.grid} is larger than the patch grid {tuple(features.shape[1:3])}."
+            raise ValueError(msg)
+        pooled = F.adaptive_avg_pool2d(features.permute(0, 3, 1, 2).float(), self.grid)
+        return pooled.permute(0, 2, 3, 1).contiguous()
+
+    def empty_copy(self) -> PositionalRouter:
+        return PositionalRouter(self.dim, self.grid, self.keep, self.variance_floor)
+
+    def resize(self, num_tasks: int) -> None:
+        """Make room for ``num_tasks`` tasks (zero means, unit variances), e.g. before loading a checkpoint."""
+        extra = num_tasks - self.num_tasks
+        if extra <= 0:
+            return
+        shape = (extra, self.grid, self.grid, self.dim)
+        dev = self.means.device
+        self.means = torch.cat([self.means, torch.zeros(shape, dtype=torch.float64, device=dev)])
+        self.variances = torch.cat([self.variances, torch.ones(shape, dtype=torch.float64, device=dev)])
+        self.train_counts = torch.cat([self.train_counts, torch.zeros(extra, dtype=torch.int64, device=dev)])
+
+    @torch.no_grad()
+    def fit_task(self, task: int, summaries: torch.Tensor) -> None:
+        """Set task's cell Gaussians from its training images' router inputs (N, G, G, D).
+
+        The variance floor is ``variance_floor`` times the task's own mean variance (its images only, so a
+        later task never changes it); it keeps a channel that barely varies in training from deciding alone.
+        """
+        if task > self.num_tasks:
+            msg = f"Tasks must be added in order: got task {task} with {self.num_tasks} known."
+            raise ValueError(msg)
+        self.resize(task + 1)
+        x = summaries.detach().to(device=self.means.device, dtype=torch.float64)
+        n = x.shape[0]
+        mean = x.mean(dim=0)
+        if n >= 2:
+            var = x.var(dim=0, correction=1)
+        else:
+            log.warning("Task %d has %d training image(s): its routing variances are the floor only.", task, n)
+            var = torch.zeros_like(mean)
+        scale = float(var.mean()) if n >= 2 and float(var.mean()) > 0 else 1.0
+        self.means[task] = mean
+        self.variances[task] = var + self.variance_floor * scale
+        self.train_counts[task] = n
+
+    @torch.no_grad()
+    def cell_nll(self, summaries: torch.Tensor, num_tasks: int | None = None) -> torch.Tensor:
+        """Gaussian NLL (without the 2 pi term) of every cell under every task: (B, G, G, D) -> (B, T, G * G)."""
+        t = self.num_tasks if num_tasks is None else num_tasks
+        if t < 1:
+            msg = "The router has no task statistics yet; train at least one task first."
+            raise RuntimeError(msg)
+        x = summaries.to(device=self.means.device, dtype=torch.float64)
+        mu, var = self.means[:t], self.variances[:t]  # (T, G, G, D)
+        out = []
+        for k in range(t):  # one task at a time: (B, G, G, D) temporaries, not (B, T, G, G, D)
+            z = (x - mu[k]) ** 2 / var[k] + var[k].log()
+            out.append(0.5 * z.sum(dim=-1).flatten(1))
+        return torch.stack(out, dim=1)
+
+    @torch.no_grad()
+    def distances(self, summaries: torch.Tensor, num_tasks: int | None = None) -> torch.Tensor:
+        """Distance (B, T) of each image to each task: mean NLL of its ``keep`` best-fitting cells."""
+        nll = self.cell_nll(summaries, num_tasks)
+        best = torch.topk(nll, self.kept_cells, dim=-1, largest=False).values
+        return best.mean(dim=-1)
+
+    def floors(self, num_tasks: int | None = None) -> torch.Tensor:
+        """A value no distance to task t goes below (T,): the smallest cell's ``0.5 * sum_d log var_d``."""
+        t = self.num_tasks if num_tasks is None else num_tasks
+        return (0.5 * self.variances[:t].log().sum(dim=-1)).flatten(1).min(dim=1).values.cpu()
+
+    @torch.no_grad()
+    def route(self, summaries: torch.Tensor, num_tasks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routed task ids (B,) int64 and the distance to the chosen task (B,)."""
+        d = self.distances(summaries, num_tasks)
+        best, idx = d.min(dim=1)
+        return idx, best
+
+
+def build_router(
+    kind: str, dim: int, ridge: float = 1e-5, grid: int = 4, keep: float = 0.5, variance_floor: float = 1e-2
+) -> PrototypeRouter | PositionalRouter:
+    """The router ``model.flow.router`` names."""
+    if kind == "prototype":
+        return PrototypeRouter(dim, ridge=ridge)
+    if kind == "positional":
+        return PositionalRouter(dim, grid=grid, keep=keep, variance_floor=variance_floor)
+    msg = f"model.flow.router must be one of {ROUTER_KINDS}, got {kind!r}."
+    raise ValueError(msg)

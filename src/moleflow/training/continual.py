@@ -33,9 +33,17 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
-from moleflow.evaluation.evaluate import ScoreConfig, category_breakdown, evaluate_task
+from moleflow.evaluation.evaluate import (
+    ScoreConfig,
+    category_breakdown,
+    evaluate_task,
+    router_inputs,
+    routing_by_defect_type,
+)
 from moleflow.evaluation.plots import write_figures
 from moleflow.evaluation.report import ContinualTracker, log_results_table, print_table, write_json_atomic
+from moleflow.evaluation.thresholds import SECTION as CALIBRATION_SECTION
+from moleflow.evaluation.thresholds import Calibration, read_calibration
 from moleflow.models.feature_extractor import FeatureSet
 from moleflow.training.builders import (
     build_datamodule,
@@ -50,6 +58,13 @@ from moleflow.training.builders import (
 from moleflow.training.checkpoint import link_checkpoint, load_checkpoint, read_checkpoint_info, save_checkpoint
 from moleflow.training.config_checks import check_backbone_accepts, validate_config
 from moleflow.training.feature_cache import FeatureCache
+from moleflow.training.held_out import (
+    fit_task_thresholds,
+    held_out_scores,
+    holdout_split,
+    new_calibration,
+    verdict_report,
+)
 from moleflow.training.resume import ResumeMismatchError, check_compatible, check_same_config, resolve_resume
 from moleflow.utils.allocator import keep_freed_memory
 
@@ -226,6 +241,8 @@ class ContinualRun:
     started: float
     timings: dict[str, Any]
     run_log: dict[str, Any]
+    calibration: Calibration
+    calibration_share: float = 0.0
     start_task: int = 0
     payload: dict[str, Any] = field(default_factory=dict)
     evaluations: list = field(default_factory=list)
@@ -247,6 +264,8 @@ class ContinualRun:
             self.extractor.images_seen,
         )
         payload["run"].update(self.run_log)
+        if self.calibration.tasks and self.evaluations:
+            payload["thresholds"] = _threshold_payload(self, self.evaluations)
         return payload
 
 
@@ -259,6 +278,9 @@ class TaskRound:
     times: dict[str, float] = field(default_factory=dict)
     train_set: FeatureSet | None = None
     untrainable: list[tuple[str, str]] = field(default_factory=list)
+    kept: torch.Tensor | None = None  # (N_kept,) indices of the training images the task learns from
+    held: torch.Tensor | None = None  # (N_held,) indices held out for its thresholds (empty: none)
+    router_in: torch.Tensor | None = None  # the router's inputs of every training image
 
 
 def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -317,8 +339,17 @@ def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> 
             _check_finished_run(done, cfg, point.run_dir)
             log.info("resume: %s already finished; nothing to do.", point.run_dir)
             return done
+    share = float(cfg.training.get("calibration_share", 0.0) or 0.0)
+    calibration = new_calibration(
+        float(cfg.training.get("calibration_fpr", 0.01)),
+        float(cfg.training.get("unknown_rate", 0.01)),
+        int(cfg.model.score.top_k),
+    )
     if point is not None and point.checkpoint is not None:
         module, start_task = _restore(point.checkpoint, cfg, names, tracker, timings, run_log)
+        stored = read_calibration(read_checkpoint_info(point.checkpoint))
+        if stored is not None:  # thresholds of the finished tasks, made when each of them ended
+            calibration = stored
         output_dir = point.run_dir
     else:
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # see the note above build_extractor
@@ -354,6 +385,8 @@ def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> 
         started=started,
         timings=timings,
         run_log=run_log,
+        calibration=calibration,
+        calibration_share=share,
         start_task=start_task,
     )
 
@@ -400,8 +433,17 @@ def extract_train_features(run: ContinualRun, task: TaskRound) -> None:
     """Task t's training features (extracted once, cached) and its feature statistics (never changed later)."""
     tic = time.time()
     task.train_set = run.cache.get(_train_key(task), run.dm.train_dataloader, with_masks=False)
-    run.module.model.fit_task_statistics(task.t, task.train_set.features)
+    # a seeded share of the (defect-free) training images is held out for the thresholds (0: none)
+    task.kept, task.held = holdout_split(
+        len(task.train_set), run.calibration_share, int(run.cfg.seed) + 1000 * (task.t + 1)
+    )
+    run.module.model.fit_task_statistics(task.t, _kept(task, task.train_set.features))
     task.times["extract_train_s"] = time.time() - tic
+
+
+def _kept(task: TaskRound, values: torch.Tensor) -> torch.Tensor:
+    """The rows of ``values`` (one per training image) the task learns from (all unless some are held out)."""
+    return values if task.held is None or len(task.held) == 0 else values[task.kept]
 
 
 def train_task(run: ContinualRun, task: TaskRound) -> None:
@@ -412,9 +454,10 @@ def train_task(run: ContinualRun, task: TaskRound) -> None:
     if cache.mode == "none":  # reference pipeline: the backbone runs again before every epoch
 
         def refresh(train_key: str = _train_key(task)) -> torch.Tensor:
-            return cache.get(train_key, dm.train_dataloader, with_masks=False).features
+            return _kept(task, cache.get(train_key, dm.train_dataloader, with_masks=False).features)
 
-    _fit_task(run.cfg, run.module, task.train_set.features, task.t, task.name, run.loggers, run.output_dir, refresh)
+    features = _kept(task, task.train_set.features)
+    _fit_task(run.cfg, run.module, features, task.t, task.name, run.loggers, run.output_dir, refresh)
     task.untrainable = _check_training(run.tracker, run.module, task.t, task.name)
     task.times["fit_s"] = time.time() - tic
 
@@ -423,7 +466,8 @@ def fit_router(run: ContinualRun, task: TaskRound) -> None:
     """Task t's routing prototype from its training features."""
     tic = time.time()
     model = run.module.model.to(run.device).eval()
-    model.router.fit_task(task.t, task.train_set.router)
+    task.router_in = router_inputs(model.router, task.train_set)
+    model.router.fit_task(task.t, _kept(task, task.router_in))
     task.times["router_s"] = time.time() - tic
 
 
@@ -433,6 +477,10 @@ def evaluate_seen_tasks(run: ContinualRun, task: TaskRound) -> None:
     model = run.module.model
     amp = torch.autocast(run.device.type, dtype=run.amp_dtype) if run.amp_dtype else nullcontext()
     with model.merged_experts(bool(run.runtime.get("merge_experts", True))), amp:
+        if task.held is not None and len(task.held):
+            tic_thr = time.time()
+            run.calibration.tasks[task.name] = _task_thresholds(run, task)
+            task.times["thresholds_s"] = time.time() - tic_thr
         run.evaluations = _evaluate_seen(model, run.cache, run.dm, run.names, task.t, run.score_cfg, run.device)
     _warn_diverged(task.untrainable + run.tracker.record_round(task.t, run.evaluations))
     task.times["evaluate_s"] = time.time() - tic
@@ -444,11 +492,13 @@ def report_round(run: ContinualRun, task: TaskRound) -> None:
     for lg in run.loggers:
         lg.log_metrics(round_metrics, step=task.t)
     log.info(
-        "After task %s: mean image AUROC %.4f, pixel AUROC %.4f, routing %.4f",
+        "After task %s: mean image AUROC %.4f, pixel AUROC %.4f, routing %.4f (defect-free %.4f, defective %.4f)",
         task.name,
         round_metrics["mean/image_auroc"],
         round_metrics["mean/pixel_auroc"],
         round_metrics["mean/routing_accuracy"],
+        round_metrics["routing/accuracy_normal"],
+        round_metrics["routing/accuracy_defective"],
     )
 
 
@@ -464,6 +514,8 @@ def save_round(run: ContinualRun, task: TaskRound) -> None:
         "timings": run.timings,
         "run_log": run.run_log,
     }
+    if run.calibration.tasks:  # predict uses these thresholds as they are: no calibration pass
+        extra[CALIBRATION_SECTION] = run.calibration.to_dict()
     ckpt_dir = run.output_dir / "checkpoints"
     task_ckpt = save_checkpoint(ckpt_dir / f"task_{task.t:02d}_{task.name}.ckpt", run.module, extra)
     link_checkpoint(task_ckpt, ckpt_dir / "last.ckpt")
@@ -477,6 +529,11 @@ def finish_run(run: ContinualRun) -> dict[str, Any]:
     cfg, dm, names, evaluations = run.cfg, run.dm, run.names, run.evaluations
     tic = time.time()
     payload = run.make_payload()
+    if evaluations:  # routing of the last round per defect type (the data set's test sub-folders / grades)
+        payload["routing"]["per_defect_type"] = {
+            ev.name: routing_by_defect_type(ev, [s.defect_type for s in dm.test_dataset(ev.task).samples])
+            for ev in evaluations
+        }
     if any(len(dm.task_categories(i)) > 1 for i in range(len(names))) and evaluations:
         payload["per_category"] = {}
         for ev in evaluations:  # the last round: every task, after the last task
@@ -492,6 +549,7 @@ def finish_run(run: ContinualRun) -> dict[str, Any]:
             run.tracker.confusion,
             int(cfg.report.overlays_per_task),
             run.loggers,
+            run.tracker.confusion_by_label,
         )
     run.timings["figures_s"] = time.time() - tic
     payload["warnings"] = _collapse_warnings(payload, run.module.skipped_batches)
@@ -504,6 +562,53 @@ def finish_run(run: ContinualRun) -> dict[str, Any]:
     write_json_atomic(run.output_dir / "metrics.json", payload)
     run.payload = payload
     return payload
+
+
+def _task_thresholds(run: ContinualRun, task: TaskRound) -> Any:
+    """Task t's score and unknown-category thresholds from its held-out training images (training/held_out)."""
+    cfg, model, t = run.cfg, run.module.model, task.t
+    held = task.held
+    scores = held_out_scores(
+        model, task.train_set.features[held], t, int(cfg.model.score.top_k), int(cfg.data.eval_batch_size), run.device
+    )
+    distances = model.router.distances(task.router_in[held].to(run.device), t + 1)[:, t].cpu()
+    floor = float(model.router.floors(t + 1)[t])
+    result = fit_task_thresholds(
+        scores,
+        distances,
+        floor,
+        float(cfg.training.get("calibration_fpr", 0.01)),
+        float(cfg.training.get("unknown_rate", 0.01)),
+    )
+    log.info(
+        "Task %d: thresholds from %d held-out images: score %.4g, unknown-category distance %.4g",
+        t,
+        len(held),
+        result.score_threshold,
+        result.route_threshold,
+    )
+    return result
+
+
+def _threshold_payload(run: ContinualRun, evaluations: list) -> dict[str, Any]:
+    """metrics.json's ``thresholds``: the stored thresholds and what they decide on every seen task's test set."""
+    model, calibration = run.module.model, run.calibration
+    distances = {}
+    for ev in evaluations:
+        loader = lambda t=ev.task: run.dm.test_dataloader_for(t)  # noqa: E731 - only used if not cached
+        test_set = run.cache.get(f"{ev.task:02d}_{ev.name}/test", loader, True)
+        inputs = router_inputs(model.router, test_set)
+        distances[ev.task] = model.router.distances(inputs.to(model.router.means.device), len(evaluations)).cpu()
+    return {
+        "calibration_share": run.calibration_share,
+        "target_fpr": calibration.target_fpr,
+        "unknown_rate": calibration.unknown_rate,
+        "held_out_images": {n: c.score_images for n, c in calibration.tasks.items()},
+        "per_task": verdict_report(evaluations, calibration, run.names, distances),
+        "note": "thresholds fitted at the end of each task on its held-out defect-free training images; "
+        "fpr/recall: verdicts as predict gives them (routed, unknown category excluded); oracle_*: the true "
+        "task's expert and threshold",
+    }
 
 
 def _check_finished_run(done: dict[str, Any], cfg: DictConfig, run_dir: Path) -> None:

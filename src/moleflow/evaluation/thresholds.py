@@ -98,21 +98,29 @@ def fpr_threshold(scores: np.ndarray | torch.Tensor, target_fpr: float) -> tuple
     return threshold, float(np.mean(s > threshold))
 
 
-def tail_threshold(distances: np.ndarray | torch.Tensor, rate: float) -> float:
-    """Unknown-category threshold from out-of-sample distances of normal images (see the module docstring)."""
-    d = np.asarray(distances, dtype=np.float64).ravel()
+def tail_threshold(distances: np.ndarray | torch.Tensor, rate: float, floor: float = 0.0) -> float:
+    """Unknown-category threshold from out-of-sample distances of normal images (see the module docstring).
+
+    ``floor``: a value no distance of this task goes below (0 for squared Mahalanobis distances; the positional
+    router's log-likelihood distances have a negative one); the tail is fitted to ``distance - floor``.
+    """
+    d = np.asarray(distances, dtype=np.float64).ravel() - floor
     if d.size < MIN_ROUTE_IMAGES:
         return math.inf
     roots = np.cbrt(np.clip(d, 0.0, None))
     z = NormalDist().inv_cdf(1.0 - check_rate("unknown_rate", rate))
     fitted = float(roots.mean() + z * roots.std(ddof=1)) ** 3
-    return float(max(float(d.max()), fitted))
+    return float(max(float(d.max()), fitted)) + floor
 
 
-def cross_validated_distances(features: torch.Tensor, ridge: float, folds: int = MAX_CV_FOLDS) -> torch.Tensor:
-    """Each row's squared Mahalanobis distance to a prototype fitted on the other folds: (N, D) -> (N,) float64.
+def cross_validated_distances(
+    features: torch.Tensor, router: float | torch.nn.Module, folds: int = MAX_CV_FOLDS
+) -> torch.Tensor:
+    """Each row's routing distance to a task fitted on the other folds: (N, ...) -> (N,) float64.
 
-    Folds are interleaved (image i in fold i mod K), so the result does not depend on any random draw.
+    ``router``: a router whose kind and settings the folds use (``empty_copy()``), or a ridge (float) for the
+    prototype router's squared Mahalanobis distances. Folds are interleaved (image i in fold i mod K), so the
+    result does not depend on any random draw.
     """
     n = features.shape[0]
     if n < MIN_ROUTE_IMAGES:
@@ -123,9 +131,13 @@ def cross_validated_distances(features: torch.Tensor, ridge: float, folds: int =
     out = torch.empty(n, dtype=torch.float64)
     for fold in range(k):
         held, fit = idx[idx % k == fold], idx[idx % k != fold]
-        router = PrototypeRouter(features.shape[1], ridge=ridge)
-        router.fit_task(0, features[fit])
-        out[held] = router.distances(features[held], 1)[:, 0].cpu()
+        fold_router = (
+            PrototypeRouter(features.shape[1], ridge=float(router))
+            if isinstance(router, int | float)
+            else router.empty_copy()
+        )
+        fold_router.fit_task(0, features[fit])
+        out[held] = fold_router.distances(features[held], 1)[:, 0].cpu()
     return out
 
 
@@ -163,6 +175,34 @@ def f1_report(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -
             f1_at_threshold=2 * tp_c / max(2 * tp_c + fp_c + (n_def - tp_c), 1),
         )
     return report
+
+
+def routing_report(
+    distances: torch.Tensor, task: int, labels: np.ndarray, route_thresholds: torch.Tensor
+) -> dict[str, dict[str, Any]]:
+    """Routing of one task's labelled test images, defect-free and defective apart.
+
+    ``distances`` (N, T) of the images to every task, ``labels`` (N,) 0/1, ``route_thresholds`` (T,): an image
+    is an unknown category when its distance exceeds every task's threshold. Returns, per label
+    (``normal``, ``defective``), the image count and the counts and rates of images routed to another task and
+    flagged unknown (rates None when there is no image with that label).
+    """
+    d = distances.double()
+    unknown = (d > route_thresholds.double()[None, :]).all(dim=1).numpy()
+    elsewhere = (d.argmin(dim=1) != task).numpy()
+    y = np.asarray(labels).ravel().astype(int)
+    out: dict[str, dict[str, Any]] = {}
+    for kind, label in (("normal", 0), ("defective", 1)):
+        keep = y == label
+        n = int(keep.sum())
+        out[kind] = {
+            "images": n,
+            "routed_to_other_task": int(elsewhere[keep].sum()),
+            "flagged_unknown": int(unknown[keep].sum()),
+            "routed_to_other_task_rate": float(elsewhere[keep].mean()) if n else None,
+            "unknown_rate": float(unknown[keep].mean()) if n else None,
+        }
+    return out
 
 
 @dataclass
@@ -256,22 +296,6 @@ def calibrated_path(path: Path | str) -> Path:
     if path.stem.endswith(".calibrated"):
         return path
     return path.with_name(f"{path.stem}.calibrated{path.suffix or '.ckpt'}")
-
-
-def write_calibrated_checkpoint(source: Path | str, calibration: Calibration, target: Path | str) -> Path:
-    """Copy checkpoint ``source`` with ``calibration`` stored in it to ``target``, atomically.
-
-    The checkpoint is otherwise unchanged, so the copy loads wherever the original does (prediction,
-    eval.py, resuming). The source's content hash is verified first and the copy gets its own, so a
-    damaged source is never copied and a damaged copy is refused when read. Written to a unique temporary
-    file, flushed and renamed: a crash never leaves a broken file.
-    """
-    from moleflow.training.checkpoint import read_checkpoint, write_checkpoint
-
-    source, target = Path(source), Path(target)
-    checkpoint = read_checkpoint(source)
-    checkpoint["moleflow"][SECTION] = calibration.to_dict()
-    return write_checkpoint(checkpoint, target)
 
 
 def read_calibration(info: dict[str, Any]) -> Calibration | None:

@@ -1,0 +1,143 @@
+"""The positional router (issue 14): defects do not fool it where they fool the global-mean prototype router.
+
+A generated case in feature space (B, H, W, D) that has what ELPV has: task A ("mono") is a tight, bright
+product with dark chamfered corners; task B ("poly") is darker with a broad brightness spread and no corners.
+A defective A image has a dark region of B-like patches over ~45 % of its area: its global mean moves along
+the direction in which B varies a lot and A hardly at all, so the Mahalanobis-nearest prototype is B's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moleflow.evaluation.thresholds import cross_validated_distances, tail_threshold
+from moleflow.models.moleflow import MoLEFlowConfig, MoLEFlowModel
+from moleflow.models.router import PositionalRouter, PrototypeRouter, build_router
+
+H = W = 14
+D = 8
+A_MEAN = torch.zeros(D)
+B_MEAN = torch.zeros(D)
+B_MEAN[0] = -2.0  # B is darker along channel 0 ("brightness")
+C_MEAN = torch.zeros(D)
+C_MEAN[1] = 3.0  # a category never trained
+
+
+def _corners() -> torch.Tensor:
+    mask = torch.zeros(H, W, dtype=torch.bool)
+    for i in range(H):
+        for j in range(W):
+            if min(i, H - 1 - i) + min(j, W - 1 - j) < 3:
+                mask[i, j] = True
+    return mask
+
+
+def _images(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    if kind in ("a", "a_defective"):
+        x = A_MEAN + 0.05 * torch.randn(n, H, W, D, generator=gen)
+        x[..., 0] += 0.05 * torch.randn(n, 1, 1, generator=gen)  # small brightness spread
+        x[:, _corners(), 1] = -1.5  # dark corners in channel 1
+        if kind == "a_defective":
+            for k in range(n):  # a dark B-like region, random place, ~45 % of the cell
+                top = int(torch.randint(0, H - 9 + 1, (1,), generator=gen))
+                left = int(torch.randint(0, W - 10 + 1, (1,), generator=gen))
+                region = B_MEAN + 0.3 * torch.randn(9, 10, D, generator=gen)
+                x[k, top : top + 9, left : left + 10] = region
+        return x
+    if kind == "b":
+        x = B_MEAN + 0.3 * torch.randn(n, H, W, D, generator=gen)
+        x[..., 0] += 1.0 * torch.randn(n, 1, 1, generator=gen)  # broad brightness spread
+        return x
+    if kind == "c":
+        return C_MEAN + 0.3 * torch.randn(n, H, W, D, generator=gen)
+    raise ValueError(kind)
+
+
+def _fit(router, gen: torch.Generator):
+    for t, kind in enumerate(("a", "b")):
+        router.fit_task(t, router.summarize(_images(kind, 60, gen)))
+    return router
+
+
+def _routed(router, kind: str, gen: torch.Generator, n: int = 40) -> torch.Tensor:
+    return router.route(router.summarize(_images(kind, n, gen)))[0]
+
+
+def test_global_mean_router_misroutes_defects_the_positional_router_does_not() -> None:
+    prototype = _fit(PrototypeRouter(D), torch.Generator().manual_seed(0))
+    positional = _fit(PositionalRouter(D, grid=7, keep=0.25), torch.Generator().manual_seed(0))
+    for router in (prototype, positional):  # defect-free images: both route home
+        assert (_routed(router, "a", torch.Generator().manual_seed(1)) == 0).all()
+        assert (_routed(router, "b", torch.Generator().manual_seed(2)) == 1).all()
+    proto_home = (_routed(prototype, "a_defective", torch.Generator().manual_seed(3)) == 0).double().mean()
+    pos_home = (_routed(positional, "a_defective", torch.Generator().manual_seed(3)) == 0).double().mean()
+    assert proto_home < 0.5  # the failure of issue 14: most defective A images go to B
+    assert pos_home == 1.0
+
+
+def test_adding_a_task_never_changes_an_earlier_tasks_statistics_or_distances() -> None:
+    gen = torch.Generator().manual_seed(0)
+    router = PositionalRouter(D, grid=7, keep=0.25)
+    router.fit_task(0, router.summarize(_images("a", 30, gen)))
+    queries = router.summarize(_images("a_defective", 10, gen))
+    before = router.distances(queries).clone()
+    means, variances, floor = router.means[0].clone(), router.variances[0].clone(), router.floors()[0].clone()
+    router.fit_task(1, router.summarize(_images("b", 30, gen)))
+    router.fit_task(2, router.summarize(_images("c", 30, gen)))
+    assert torch.equal(router.means[0], means) and torch.equal(router.variances[0], variances)
+    assert torch.equal(router.distances(queries)[:, :1], before)  # bit-identical
+    assert torch.equal(router.floors()[0], floor)
+    assert router.distances(queries).shape == (10, 3)
+
+
+def test_distances_are_the_mean_nll_of_the_best_cells_and_never_below_the_floor() -> None:
+    gen = torch.Generator().manual_seed(0)
+    router = PositionalRouter(D, grid=2, keep=0.5)
+    router.fit_task(0, router.summarize(_images("b", 20, gen)))
+    x = router.summarize(_images("a", 3, gen))
+    mu, var = router.means[0], router.variances[0]
+    cells = (0.5 * ((x.double() - mu) ** 2 / var + var.log()).sum(-1)).flatten(1)  # (3, 4) by hand
+    expected = cells.sort(dim=1).values[:, :2].mean(dim=1)  # the best 2 of 4 cells
+    assert torch.allclose(router.distances(x)[:, 0], expected)
+    assert (router.distances(x)[:, 0] >= router.floors()[0]).all()
+    assert router.kept_cells == 2
+
+
+def test_unknown_category_is_flagged_defects_of_known_tasks_are_not() -> None:
+    """Thresholds from cross-validated distances of training images (as predict calibrates them)."""
+    gen = torch.Generator().manual_seed(0)
+    router = PositionalRouter(D, grid=7, keep=0.25)
+    thresholds = []
+    for t, kind in enumerate(("a", "b")):
+        train = router.summarize(_images(kind, 60, gen))
+        router.fit_task(t, train)
+        own = cross_validated_distances(train, router)
+        thresholds.append(tail_threshold(own.numpy(), 0.01, float(router.floors()[t])))
+    thr = torch.tensor(thresholds, dtype=torch.float64)
+
+    def unknown(kind: str) -> float:
+        d = router.distances(router.summarize(_images(kind, 40, torch.Generator().manual_seed(5))))
+        return float((d > thr[None, :]).all(dim=1).double().mean())
+
+    assert unknown("c") == 1.0  # never trained: every image flagged
+    assert unknown("a") <= 0.05 and unknown("b") <= 0.05
+    assert unknown("a_defective") <= 0.05  # a defect of a known task is not an unknown category
+
+
+def test_model_builds_the_configured_router_and_rejects_bad_settings() -> None:
+    model = MoLEFlowModel(MoLEFlowConfig(embed_dim=8, ncl=0, hidden=8, router="positional", router_grid=3))
+    assert isinstance(model.router, PositionalRouter) and model.router.grid == 3
+    assert isinstance(MoLEFlowModel(MoLEFlowConfig(embed_dim=8, ncl=0, hidden=8)).router, PrototypeRouter)
+    with pytest.raises(ValueError, match="model.flow.router must be one of"):
+        MoLEFlowConfig(router="median").validate()
+    with pytest.raises(ValueError, match="router_keep"):
+        MoLEFlowConfig(router_keep=0.0).validate()
+    with pytest.raises(ValueError, match="router_grid"):
+        build_router("positional", 8, grid=0)
+    router = PositionalRouter(D, grid=20)
+    with pytest.raises(ValueError, match="larger than the patch grid"):
+        router.summarize(torch.zeros(1, H, W, D))
+    assert math.isfinite(float(PositionalRouter(D).floors(0).sum()))
