@@ -13,8 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (python experiments/make_tables.py): make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script (python experiments/make_tables.py): this repo's code first
+    for _p in (Path(__file__).resolve().parents[1] / "src", Path(__file__).resolve().parents[1]):
+        sys.path.insert(0, str(_p))
 
 from experiments.table_specs import TABLES
 from experiments.tables.build import build_table

@@ -35,12 +35,12 @@ for _p in (ROOT, ROOT / "src"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from moleflow.evaluation.continual import routing_confusion  # noqa: E402
-from moleflow.inference.calibration import tail_threshold  # noqa: E402
+from moleflow.evaluation.continual_metrics import routing_confusion  # noqa: E402
+from moleflow.evaluation.thresholds import tail_threshold  # noqa: E402
 from moleflow.models.router import build_router  # noqa: E402
 from moleflow.training.builders import build_datamodule, build_extractor, to_dict  # noqa: E402
 from moleflow.training.feature_cache import FeatureCache  # noqa: E402
-from moleflow.training.thresholds import holdout_split  # noqa: E402
+from moleflow.training.held_out import holdout_split  # noqa: E402
 from tests.helpers import compose_config  # noqa: E402
 
 DEFAULT_ROUTERS = ("prototype", "positional")

@@ -1,4 +1,8 @@
-"""The study's tables as data: rows, columns, MAIN row and reference figures of seed_experiments.md.
+"""The study's tables as data: rows, columns, MAIN row and reference figures of docs/study.md.
+
+The named rows of the ablation tables (1, 2, 3, 4) are not written here: each comes from its file
+``conf/ablation/<row>.yaml`` (``table_rows``: position, label, reference figures), read by
+:func:`moleflow.training.ablation_rows.read_ablation_rows`. Adding a row is adding that file.
 
 Kept apart from make_tables.py so that the shape of every table (and the reference figures it is
 compared against) can be read and checked without reading any aggregation code. Reference
@@ -9,7 +13,12 @@ results, only shown beside ours with ``--reference``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from moleflow.training.ablation_rows import read_ablation_rows
+
+ABLATION_DIR = Path(__file__).resolve().parents[1] / "conf" / "ablation"
 
 
 @dataclass(frozen=True)
@@ -91,13 +100,28 @@ DATA_NAMES: dict[str, str] = {
 }
 MVTEC_CATEGORIES = 15
 
-REFERENCE_SETTING = (
-    "full MVTec AD (15 tasks), WideResNet-50-2, 60 epochs per task, GPU; typed in from seed_experiments.md"
-)
+REFERENCE_SETTING = "full MVTec AD (15 tasks), WideResNet-50-2, 60 epochs per task, GPU; typed in from docs/study.md"
 REFERENCE_SPREAD = "the reference study's two MAIN runs differ by about 0.25 Img AUC and 1.6 Pix AP"
 
 FIVE = ("img_auc", "pix_auc", "img_ap", "pix_ap", "rt_acc")
 MAIN_REF: dict[str, float] = {"img_auc": 98.29, "pix_auc": 97.82, "img_ap": 99.28, "pix_ap": 54.20, "rt_acc": 100.0}
+
+
+def _ablation_rows(table: str) -> tuple[RowSpec, ...]:
+    """The rows of an ablation table, from the ablation files that name it (in their ``order``)."""
+    return tuple(
+        RowSpec(
+            row.name,
+            row.label,
+            cells=row.cells,
+            note=row.note,
+            ref=row.ref,
+            ref_delta=row.ref_delta,
+            ref_note=row.ref_note,
+            expect=row.sets,
+        )
+        for row in read_ablation_rows(ABLATION_DIR).get(table, [])
+    )
 
 
 def _ref(*values: float | None, metrics: tuple[str, ...] = FIVE) -> dict[str, float]:
@@ -115,51 +139,7 @@ T1 = TableSpec(
     deltas=("img_auc", "pix_ap"),
     main="main",
     plot="ablation_bars",
-    rows=(
-        RowSpec("main", "MAIN", note="MAIN", ref=dict(MAIN_REF)),
-        RowSpec(
-            "no_lora",
-            "w/o LoRA (plain linear task layers)",
-            ref=_ref(98.29, 97.82, 99.28, 54.20, 100.0),
-            ref_delta={"img_auc": 0.00, "pix_ap": 0.00},
-        ),
-        RowSpec(
-            "no_mole_subnet",
-            "w/o MoLE subnet (standard subnet)",
-            ref=_ref(98.37, 97.84, 99.32, 54.16, 100.0),
-            ref_delta={"img_auc": 0.08, "pix_ap": -0.04},
-        ),
-        RowSpec(
-            "no_scale_context",
-            "w/o scale context",
-            ref=_ref(98.08, 97.84, 99.16, 53.93, 100.0),
-            ref_delta={"img_auc": -0.21, "pix_ap": -0.27},
-        ),
-        RowSpec(
-            "no_spatial_context",
-            "w/o spatial context mixer",
-            ref=_ref(98.08, 97.70, 99.23, 52.24, 100.0),
-            ref_delta={"img_auc": -0.21, "pix_ap": -1.96},
-        ),
-        RowSpec(
-            "no_logdet",
-            "w/o logdet regularization (lambda_logdet = 0)",
-            ref=_ref(98.29, 97.66, 99.31, 51.06, 100.0),
-            ref_delta={"img_auc": 0.00, "pix_ap": -3.14},
-        ),
-        RowSpec(
-            "no_whitening",
-            "w/o whitening adapter",
-            ref=_ref(98.06, 97.60, 99.23, 47.14, 100.0),
-            ref_delta={"img_auc": -0.23, "pix_ap": -7.06},
-        ),
-        RowSpec(
-            "no_tail_loss",
-            "w/o tail-aware loss",
-            ref=_ref(96.62, 97.20, 98.66, 45.86, 100.0),
-            ref_delta={"img_auc": -1.67, "pix_ap": -8.34},
-        ),
-    ),
+    rows=_ablation_rows("table1_core_ablation"),
     reading=(
         "the tail-aware loss and the whitening adapter matter most (pixel AP); logdet regularization and the "
         "spatial context mixer matter moderately; scale context little. The study's 'w/o LoRA' row equals MAIN "
@@ -178,33 +158,7 @@ T2 = TableSpec(
     main="main",
     plot="ablation_bars",
     param_note=True,
-    rows=(
-        RowSpec("main", "MAIN", note="MAIN", ref=_ref(98.29, 97.82, 54.20, metrics=T2_COLS)),
-        RowSpec(
-            "no_scale_context",
-            "w/o scale context",
-            ref=_ref(98.08, 97.84, 53.93, metrics=T2_COLS),
-            ref_delta={"pix_ap": -0.27},
-        ),
-        RowSpec(
-            "no_lora",
-            "w/o LoRA (regular linear)",
-            ref=_ref(98.29, 97.82, 54.20, metrics=T2_COLS),
-            ref_delta={"pix_ap": 0.00},
-        ),
-        RowSpec(
-            "complete_separated",
-            "complete separated (one independent flow per task)",
-            ref=_ref(98.13, 97.74, 52.49, metrics=T2_COLS),
-            ref_delta={"pix_ap": -1.71},
-        ),
-        RowSpec(
-            "lora_rank_16",
-            "LoRA rank 16",
-            ref=_ref(98.06, 97.82, 55.86, metrics=T2_COLS),
-            ref_delta={"pix_ap": 1.66},
-        ),
-    ),
+    rows=_ablation_rows("table2_subnet_ablation"),
     reading="Complete separated uses about 15x the parameters of MAIN.",
 )
 
@@ -218,57 +172,7 @@ T3 = TableSpec(
     deltas=(),
     main="mix_6_0",
     plot="block_mix",
-    rows=(
-        RowSpec(
-            "mix_10_2",
-            "10",
-            cells=("2", "12"),
-            ref=_ref(98.27, 97.73, 54.70, metrics=T3_COLS),
-            ref_note="best Pix AP",
-            expect={"ncl": 10, "dia_blocks": 2},
-        ),
-        RowSpec(
-            "mix_8_4",
-            "8",
-            cells=("4", "12"),
-            note="former MAIN (MoLE + DIA)",
-            ref=_ref(98.29, 97.82, 54.20, metrics=T3_COLS),
-            ref_note="former MAIN (MoLE + DIA)",
-            expect={"ncl": 8, "dia_blocks": 4},
-        ),
-        RowSpec(
-            "mix_6_6",
-            "6",
-            cells=("6", "12"),
-            ref=_ref(98.19, 97.79, 51.62, metrics=T3_COLS),
-            expect={"ncl": 6, "dia_blocks": 6},
-        ),
-        RowSpec(
-            "mix_4_8",
-            "4",
-            cells=("8", "12"),
-            ref=_ref(98.09, 97.74, 50.27, metrics=T3_COLS),
-            expect={"ncl": 4, "dia_blocks": 8},
-        ),
-        RowSpec(
-            "mix_0_12",
-            "0",
-            cells=("12", "12"),
-            note="DIA only",
-            ref=_ref(98.37, 97.84, 54.16, metrics=T3_COLS),
-            ref_note="DIA only",
-            expect={"ncl": 0, "dia_blocks": 12},
-        ),
-        RowSpec(
-            "mix_6_0",
-            "6",
-            cells=("0", "6"),
-            note="MAIN",
-            ref=_ref(98.29, 97.82, 54.20, metrics=T3_COLS),
-            ref_note="MAIN",
-            expect={"ncl": 6, "dia_blocks": 0},
-        ),
-    ),
+    rows=_ablation_rows("table3_block_mix"),
 )
 
 T32 = TableSpec(
@@ -305,27 +209,7 @@ T4 = TableSpec(
     main="main",
     plot="ablation_bars",
     param_note=True,
-    rows=(
-        RowSpec(
-            "main",
-            "(a) base frozen (default)",
-            cells=("shared base trained on task 0, then frozen; later tasks train only their own parts",),
-            note="MAIN",
-            ref=_ref(98.29, 97.82, 99.28, 54.20, metrics=T4_COLS),
-        ),
-        RowSpec(
-            "sequential",
-            "(b) sequential training",
-            cells=("shared base keeps training on every task",),
-            ref=_ref(57.47, 55.81, 77.38, 7.90, metrics=T4_COLS),
-        ),
-        RowSpec(
-            "complete_separated",
-            "(c) complete separated",
-            cells=("base and flow fully independent per task",),
-            ref=_ref(98.13, 97.74, 99.22, 52.49, metrics=T4_COLS),
-        ),
-    ),
+    rows=_ablation_rows("table4_weight_sharing"),
     reading="(b) is catastrophic forgetting; (c) costs about 15x the parameters.",
 )
 
@@ -415,7 +299,7 @@ SWEEPS = (
         ((0.01, "0.01"), (0.02, "0.02"), (0.05, "0.05"), (0.1, "0.1")),
         0.02,
         "Sweep: tail-aware loss top-k ratio",
-        reading="not in the study's sweep list (method.md section 8 adds it); MAIN's value is the only reference",
+        reading="not in the study's sweep list (docs/method.md section 8 adds it); MAIN's value is the only reference",
     ),
     _sweep(
         "sweep_score_top_k",

@@ -7,6 +7,7 @@ Writes eval_metrics.json (one row per setting) in the run directory and prints a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -15,8 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from moleflow.evaluation.report import write_json_atomic
-from moleflow.evaluation.rescore import rescore_checkpoint
+from moleflow.training.rescore import rescore_checkpoint
+from moleflow.training.resolvers import register_resolvers
 from moleflow.utils.allocator import keep_freed_memory
+
+register_resolvers(Path(__file__).resolve().parents[1] / "conf")  # before Hydra composes anything
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

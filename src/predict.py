@@ -10,13 +10,17 @@ Writes predictions.csv, predictions.json and overlays/ (predict), calibration.js
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
 from moleflow.inference.runner import run_from_config
+from moleflow.training.resolvers import register_resolvers
 from moleflow.utils.allocator import keep_freed_memory
+
+register_resolvers(Path(__file__).resolve().parents[1] / "conf")  # before Hydra composes anything
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:

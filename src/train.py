@@ -8,6 +8,7 @@ python src/train.py -m ncl=4,6,8,12,16,20                   # a multirun sweep
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -15,6 +16,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from moleflow.training.continual import run_continual
+from moleflow.training.resolvers import register_resolvers
+
+register_resolvers(Path(__file__).resolve().parents[1] / "conf")  # before Hydra composes anything
 
 log = logging.getLogger(__name__)
 

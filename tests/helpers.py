@@ -6,6 +6,15 @@ from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
+
+def _register() -> None:
+    from moleflow.training.resolvers import register_resolvers
+
+    register_resolvers(CONF_DIR)
+
+
+_register()  # the configs' resolvers (${ablation_rows:...}, ${path_safe:...}), as the entry points do
+
 # A tiny but complete run: generated data, random resnet10t, small flow, one epoch per task.
 TINY_OVERRIDES = [
     "experiment=generated_quick",

@@ -7,7 +7,7 @@ from moleflow.models.moleflow import MoLEFlowConfig
 
 # ------------------------------------------------------------------------------------------------- 3. flow
 def subnet_linears(cfg: MoLEFlowConfig) -> list[tuple[int, int]]:
-    """(in, out) of one coupling subnet's task-expert linears (method.md 3.4)."""
+    """(in, out) of one coupling subnet's task-expert linears (docs/method.md 3.4)."""
     c1 = cfg.embed_dim // 2
     c2 = cfg.embed_dim - c1
     h = cfg.hidden
@@ -68,7 +68,7 @@ def train_step_flop(cfg: MoLEFlowConfig, patches: int) -> dict[str, float]:
 
 
 def expected_parameter_counts(cfg: MoLEFlowConfig, tasks: int) -> dict[str, int]:
-    """Parameter counts computed from the shapes (method.md 9), to check parameter_counts() against."""
+    """Parameter counts computed from the shapes (docs/method.md 9), to check parameter_counts() against."""
     linears = subnet_linears(cfg)
     c1 = cfg.embed_dim // 2
     k = cfg.scale_context_kernel

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,9 @@ from experiments.benchmark.settings import MERGE_ATOL, MERGE_RTOL, PIXEL_SIGMA, 
 from moleflow.data.images import load_rgb
 from moleflow.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_mvtec
 from moleflow.evaluation.anomaly_map import image_scores_topk, pixel_anomaly_map, sanitize_nonfinite
+from moleflow.inference.export import ExportableMoLEFlow
 from moleflow.inference.inputs import to_model_inputs
+from moleflow.inference.pipeline import RoutedPipeline
 from moleflow.models.experts import TaskExpertLinear
 from moleflow.models.feature_extractor import FeatureExtractor
 from moleflow.models.moleflow import SHARED_KEY, MoLEFlowModel
@@ -206,6 +210,38 @@ def _stream_summary(
     return out
 
 
+def _exported_vs_eager(
+    model: MoLEFlowModel, feats: torch.Tensor, s: BenchSettings, device: torch.device
+) -> dict[str, Any]:
+    """The exported head (the detector's pipeline traced with every task visited) against the eager one.
+
+    Both from the batch's features (the backbone is the same module in both), experts unmerged as the
+    detector and the export run them.
+    """
+    n = model.num_tasks
+    eager = RoutedPipeline(torch.nn.Identity(), model, s.image_size, SCORE_TOP_K, PIXEL_SIGMA)
+    pipeline = RoutedPipeline(torch.nn.Identity(), model, s.image_size, SCORE_TOP_K, PIXEL_SIGMA, every_task=True)
+    exported = ExportableMoLEFlow(pipeline, [math.inf] * n, [math.inf] * n).eval()
+    thresholds = (exported.score_thresholds, exported.route_thresholds)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(exported, feats[:2], strict=False, check_trace=False)
+        got, ref = traced(feats), eager(feats, *thresholds)
+        t_exported, t_eager = time_pair(
+            lambda: traced(feats), lambda: eager(feats, *thresholds), device, s.repeats, s.warmup
+        )
+    return {
+        "batch_size": int(feats.shape[0]),
+        "distinct_routed_tasks": int(torch.unique(ref["task"]).numel()),
+        "exported": t_exported,
+        "eager": t_eager,
+        "exported_over_eager_time": t_exported["best_s"] / t_eager["best_s"],
+        "same_tasks": bool(torch.equal(got["task"], ref["task"])),
+        "max_abs_score_diff": float((got["score"] - ref["score"]).abs().max()),
+        "timing": "interleaved, features to verdicts (TorchScript trace of the export's module)",
+    }
+
+
 def bench_inference(
     s: BenchSettings, module: MoLEFlowLitModule, device: torch.device, scratch: Path
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -300,6 +336,7 @@ def bench_inference(
         "merge_note": "W + (alpha / r) B A for every expert linear of one task: once per task per evaluation round",
         "timing": "interleaved, on the routed mixed batch",
     }
+    out["exported_vs_eager"] = _exported_vs_eager(model, feats, s, device)
     if device.type == "cuda":  # the GPU options of issue 8.4: channels_last + bf16 autocast for the backbone
         images = torch.stack([load_rgb(p, s.image_size)[0] for p in paths]).to(device)
         fp32 = time_call(lambda: extractor(images), device, s.repeats, s.warmup)

@@ -217,6 +217,7 @@ def _inference(res: dict[str, Any]) -> str:
                     f"(NLL {_f(merged['nll_range'][0], 1)}..{_f(merged['nll_range'][1], 1)}); "
                     f"{merged['tolerance']}: {'within' if merged['within_tolerance'] else 'OUTSIDE'}",
                 ),
+                *_exported_row(inf.get("exported_vs_eager")),
             ],
         )
         + f"\n\nMerging one task's experts: {_f(merged['merge_ms_per_task'])} ms ({merged['merge_note']})."
@@ -228,6 +229,22 @@ def _inference(res: dict[str, Any]) -> str:
             f"{_f(1e3 * g['channels_last_bf16']['best_s'])} ms per batch ({_f(g['speedup'])}x)."
         )
     return text
+
+
+def _exported_row(ex: dict[str, Any] | None) -> list[tuple[Any, ...]]:
+    """The exported head against the eager detector, as one comparison row (none in older results)."""
+    if not ex:
+        return []
+    return [
+        (
+            f"exported head (batch {ex['batch_size']}, {ex['distinct_routed_tasks']} routed tasks)",
+            1e3 * ex["exported"]["best_s"],
+            "eager detector",
+            1e3 * ex["eager"]["best_s"],
+            f"{_f(ex['exported_over_eager_time'])}x",
+            f"same tasks: {ex['same_tasks']}; max abs score diff {_f(ex['max_abs_score_diff'], 3)}",
+        )
+    ]
 
 
 def _stream(st: dict[str, Any] | None) -> str:

@@ -21,6 +21,7 @@ from experiments.table_specs import (
 from experiments.tables.collect import as_number, get_path
 from experiments.tables.results import NA, NOT_RUN, WITHIN, RowResult, RunRecord, Stat, TableResult
 from moleflow.data.mvtec import MVTEC_CATEGORIES as MVTEC_CATEGORY_NAMES
+from moleflow.training.config_checks import STUDY_KNOBS
 
 
 def _override_key(override: str) -> str:
@@ -38,7 +39,22 @@ def _ablation_of(run: RunRecord) -> str | None:
     return None
 
 
+def config_value(config: dict, key: str) -> Any:
+    """A run's value of ``key`` as the model was built with it.
+
+    A study knob (``ncl``) is read from the derived copy the model used (``model.flow.ncl``) when the run
+    recorded it, so a run is filed under the value it really ran with; other keys are dotted paths.
+    """
+    if key in STUDY_KNOBS:
+        derived = get_path(config, STUDY_KNOBS[key].split("."))
+        if derived is not None:
+            return derived
+    return get_path(config, key.split("."))
+
+
 def _same(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is b
     if isinstance(a, str) or isinstance(b, str):
         return a == b
     try:
@@ -58,7 +74,7 @@ def _row_key(spec: TableSpec, run: RunRecord) -> tuple[str | float | None, str]:
         if name is None:
             return None, "no +ablation=NAME override (add +ablation=main for a MAIN run)"
         return name, f"+ablation={name}"
-    value = run.config.get(spec.row_by)
+    value = config_value(run.config, spec.row_by)
     if as_number(value) is None:
         return None, f"config has no numeric {spec.row_by} ({value!r})"
     return float(value), f"{spec.row_by}={_value_label(float(value))}"
@@ -194,9 +210,9 @@ def build_table(table_name: str, runs: Sequence[RunRecord], reference: bool = Fa
             skipped.append((run.name, f"status {run.status!r}: the job has not finished (or died)"))
             continue
         bad = [
-            f"{k}={run.config.get(k)!r} (this table needs {v!r})"
+            f"{k}={config_value(run.config, k)!r} (this table needs {v!r})"
             for k, v in spec.fixed.items()
-            if not _same(run.config.get(k), v)
+            if not _same(config_value(run.config, k), v)
         ]
         if bad:
             skipped.append((run.name, "; ".join(bad)))
@@ -336,7 +352,9 @@ def _cells(spec: TableSpec, row: RowResult, reference: bool, foot: _Footnotes, m
         listed = " vs ".join(" ".join(v) or "(none)" for v in sorted(variants))
         notes.append(foot.mark(f"{row.name_in(spec)}: its runs differ in other overrides: {listed}."))
     for key, want in row.spec.expect.items():
-        got = sorted({str(run.config.get(key)) for run in row.runs if not _same(run.config.get(key), want)})
+        got = sorted(
+            {str(config_value(run.config, key)) for run in row.runs if not _same(config_value(run.config, key), want)}
+        )
         if got:
             notes.append(
                 foot.mark(f"{row.name_in(spec)}: runs have {key}={', '.join(got)}, the study's row has {want}.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -71,8 +72,10 @@ def _eval_records(file: Path, data: dict[str, Any]) -> list[RunRecord]:
     records = []
     for row in data.get("rows") or []:
         k = row.get("score_top_k")
-        config = dict(base.config) if base else {}
+        config = copy.deepcopy(base.config) if base else {}
         config["score_top_k"] = k
+        if isinstance(get_path(config, ("model", "score")), dict):
+            config["model"]["score"]["top_k"] = k  # the value this row was scored with, as a run would record it
         records.append(
             RunRecord(
                 path=file.parent,

@@ -119,7 +119,7 @@ class TableResult:
         out += [f"- {n}" for n in self.notes]
         out += [f"- [{i}] {text}" for i, text in enumerate(self.footnotes, start=1)]
         if self.reference and self.spec.reading:
-            out += ["", f"Reference reading (seed_experiments.md): {self.spec.reading}"]
+            out += ["", f"Reference reading (docs/study.md): {self.spec.reading}"]
         out += ["", f"## Runs used ({len(self.runs_used)})", ""]
         by_run = {id(run): r.name_in(self.spec) for r in self.rows for run in r.runs}
         out += [f"- {by_run[id(run)]} · seed {run.seed} · {run.name}" for run in self.runs_used] or ["- none"]

@@ -8,6 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from experiments.table_specs import TABLES
+from moleflow.training.ablation_rows import read_ablation_rows, sweep_of
 from moleflow.training.builders import build_module
 from moleflow.training.losses import LossConfig, moleflow_loss
 from tests.helpers import CONF_DIR, compose_config
@@ -37,6 +39,7 @@ EXPECTED_CHANGES = {
 
 
 IGNORED = {"run_name", "logger.wandb.name"}  # named after the overrides, so they differ by design
+METADATA = "table_rows"  # the row's place in the tables: not a setting
 
 
 def _flat(cfg) -> dict[str, object]:
@@ -51,7 +54,7 @@ def _flat(cfg) -> dict[str, object]:
         elif prefix[:-1] not in IGNORED:
             out[prefix[:-1]] = node
 
-    walk({k: v for k, v in resolved.items() if k not in ("hydra", "paths")}, "")
+    walk({k: v for k, v in resolved.items() if k not in ("hydra", "paths", METADATA)}, "")
     return out
 
 
@@ -145,6 +148,44 @@ def test_loss_ablation_changes_the_loss_not_the_model(ablation, field, tmp_path,
     main_loss, _ = moleflow_loss(nll, logdet, main_module.loss_cfg)
     loss, _ = moleflow_loss(nll, logdet, LossConfig(**{**main_module.loss_cfg.__dict__, field: 0.0}))
     assert not torch.isclose(main_loss, loss)
+
+
+def test_every_ablation_file_names_its_rows_and_not_itself() -> None:
+    """One file per row: its name is the file name, and it says which tables it is a row of."""
+    tables = read_ablation_rows(CONF_DIR / "ablation")
+    for path in sorted((CONF_DIR / "ablation").glob("*.yaml")):
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        assert raw["ablation_name"] == "${hydra:runtime.choices.ablation}", path.name
+        assert raw.get(METADATA), f"{path.name} is a row of no table"
+        assert set(raw[METADATA]) <= set(TABLES), path.name
+    for name, rows in tables.items():
+        assert [r.key for r in TABLES[name].rows] == [r.name for r in rows]
+
+
+@pytest.mark.parametrize("table", [t.name for t in TABLES.values() if t.row_by == "ablation"])
+def test_table_sweeps_are_the_rows_of_the_ablation_files(table: str, tmp_path: Path) -> None:
+    """conf/experiment/<table>.yaml sweeps +ablation over exactly the files that name the table, in order."""
+    cfg = compose_config([f"experiment={table}"], tmp_path)
+    swept = str(cfg.hydra.sweeper.params["+ablation"]).split(",")
+    assert swept == [r.key for r in TABLES[table].rows]
+    assert swept == sweep_of(CONF_DIR / "ablation", table).split(",")
+
+
+def test_a_new_row_is_one_file(tmp_path: Path) -> None:
+    """A file that names a table under table_rows becomes a row of that table and of its sweep."""
+    import shutil
+
+    ablations = tmp_path / "ablation"
+    shutil.copytree(CONF_DIR / "ablation", ablations)
+    (ablations / "no_positional.yaml").write_text(
+        "# @package _global_\nmodel:\n  flow:\n    positional_encoding: false\n"
+        "ablation_name: ${hydra:runtime.choices.ablation}\n"
+        "table_rows:\n  table1_core_ablation: {order: 9, label: w/o positional code}\n"
+    )
+    rows = read_ablation_rows(ablations)["table1_core_ablation"]
+    assert rows[-1].name == "no_positional" and rows[-1].label == "w/o positional code"
+    assert rows[-1].sets == {"model.flow.positional_encoding": False}
+    assert sweep_of(ablations, "table1_core_ablation").endswith(",no_tail_loss,no_positional")
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))

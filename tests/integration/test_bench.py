@@ -94,10 +94,11 @@ def test_bench_smoke_every_section_and_target(tmp_path: Path) -> None:
     assert e2e["losses_bit_identical"]
     assert data["inference"]["routed_mixed"]["flow_passes_split"] == data["inference"]["routed_mixed"]["distinct_tasks"]
     assert data["inference"]["merged_vs_unmerged"]["within_tolerance"]
+    assert data["inference"]["exported_vs_eager"]["same_tasks"]
 
 
 def test_flop_and_parameter_formulas_match_the_design() -> None:
-    """MAIN shapes: about 18 MFLOP per patch forward (issue 8) and the counts of method.md section 9."""
+    """MAIN shapes: about 18 MFLOP per patch forward (issue 8) and the counts of docs/method.md section 9."""
     cfg = MoLEFlowConfig()
     merged = flow_flop_per_patch(cfg, merged=True)["total"]
     assert merged == 6 * (2 * (768 * 768 + 3 * 768 * 384) + 2 * 25 * 384) + 2 * 9 * 768

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moleflow.evaluation.thresholds import calibrated_path
 from moleflow.inference import MoLEFlowDetector
-from moleflow.inference.calibration import calibrated_path
 from moleflow.training.checkpoint import (
     CheckpointIntegrityError,
     load_checkpoint,

@@ -32,10 +32,29 @@ def _multirun(tmp_path, launcher: list[str]) -> list:
     return sorted(sweep.glob("*/metrics.json"))
 
 
+def _one_folder_per_job(sweep, jobs: int) -> None:
+    """Every job's folder sits directly in the sweep folder: no '/' of a group override split its name."""
+    folders = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(folders) == jobs and all((p / "metrics.json").is_file() for p in folders), folders
+    assert all("model-backbone=tiny_random" in p.name for p in folders)
+
+
 def test_joblib_launcher_runs_two_jobs_in_parallel(tmp_path) -> None:
+    """Two jobs in worker processes; the group override model/backbone=... resolves to a flat folder name there."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    files = _multirun(tmp_path, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])
+    files = _multirun(tmp_path, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model/backbone=tiny_random"])
     assert len(files) == 2
+    _one_folder_per_job(tmp_path / "sweep", 2)
+
+
+def test_group_override_gives_one_run_folder(tmp_path) -> None:
+    """``model/backbone=tiny_random`` in a multirun names the job's folder ``..._model-backbone=tiny_random...``."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "src/train.py", "-m", *TINY[:-1], "data.categories=[stripes]", "ncl=2"]
+    cmd += ["model/backbone=tiny_random", f"hydra.sweep.dir={sweep}", f"paths.data_dir={tmp_path / 'data'}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _one_folder_per_job(sweep, 1)
 
 
 def test_four_parallel_jobs_prepare_one_fresh_data_folder_repeatedly(tmp_path) -> None:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from moleflow.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_mvtec
-from moleflow.inference import ExportError, MoLEFlowDetector
+from moleflow.inference import MoLEFlowDetector, load_exported
+from moleflow.inference.inputs import to_model_inputs
 from moleflow.models.router import PositionalRouter
 from moleflow.training.checkpoint import load_checkpoint
 from tests.helpers import TINY_OVERRIDES, compose_config
@@ -63,8 +64,14 @@ def test_predict_flags_never_trained_categories_and_not_known_ones(
     generate_synthetic_mvtec(unseen_root, categories=UNSEEN, num_train=3, num_test_good=0, num_test_defect=1)
     unseen = sorted(unseen_root.rglob("*/train/good/*.png"))
     assert unseen and all(r.is_unknown for r in detector.predict(unseen))
-    with pytest.raises(ExportError, match="prototype router only"):
-        detector.export(tmp_path_factory.mktemp("export") / "model.pt")
+    # the export traces the detector's own pipeline, the positional router included; parity on known images
+    probe = [p for _, p in known[:2]] + unseen[:1]
+    module, _ = load_exported(detector.export(tmp_path_factory.mktemp("export") / "model.pt", check_images=probe))
+    batch = torch.stack([x.tensor for x in to_model_inputs(probe, detector.image_size)])
+    with torch.no_grad():
+        got, ref = module(batch), detector.run_batch(batch)
+    assert torch.equal(got["task"], ref["task"]) and torch.equal(got["is_unknown"], ref["is_unknown"])
+    torch.testing.assert_close(got["distances"], ref["distances"], rtol=1e-6, atol=1e-6)
 
 
 def test_thresholds_made_in_training_are_stored_and_predict_gives_the_reported_verdicts(

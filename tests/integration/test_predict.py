@@ -25,14 +25,7 @@ from PIL import Image
 
 from moleflow.data.images import load_rgb
 from moleflow.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_mvtec
-from moleflow.inference import (
-    VERDICT_UNKNOWN,
-    CalibratedCopyError,
-    ExportError,
-    MoLEFlowDetector,
-    load_exported,
-)
-from moleflow.inference.calibration import (
+from moleflow.evaluation.thresholds import (
     SOURCE_HELD_OUT,
     SOURCE_TRAINING,
     calibrated_path,
@@ -40,6 +33,13 @@ from moleflow.inference.calibration import (
     f1_report,
     fpr_threshold,
     tail_threshold,
+)
+from moleflow.inference import (
+    VERDICT_UNKNOWN,
+    CalibratedCopyError,
+    ExportError,
+    MoLEFlowDetector,
+    load_exported,
 )
 from moleflow.inference.runner import run_from_config
 from moleflow.models.router import PrototypeRouter

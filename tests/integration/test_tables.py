@@ -19,9 +19,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from experiments.make_tables import build_table, collect_runs, main
-from experiments.table_specs import METRICS, TABLES
+from experiments.table_specs import ABLATION_DIR, METRICS, TABLES
+from moleflow.training.ablation_rows import read_ablation_rows
+from moleflow.training.config_checks import STUDY_KNOBS
 
 ROOT = Path(__file__).resolve().parents[2]
+ABLATION_SETTINGS = {row.name: row.sets for rows in read_ablation_rows(ABLATION_DIR).values() for row in rows}
 COLLAPSE = "mean image AUROC 0.512 is near chance: the flow may have collapsed"
 
 
@@ -43,14 +46,26 @@ def fake_run(
     warnings: list[str] | None = None,
     config: dict[str, Any] | None = None,
 ) -> Path:
-    """A copy of the real metrics.json as a run of ``table`` with the given overrides and figures."""
+    """A copy of the real metrics.json as a run of ``table`` with the given overrides and figures.
+
+    The recorded config is what such a run records: the ablation file's settings applied, and every study
+    knob in ``config`` also in the derived copy the model reads (``ncl`` -> ``model.flow.ncl``).
+    """
     data = copy.deepcopy(base)
     data["status"] = status
     data["run"]["overrides"] = [f"experiment={table}", *overrides, f"seed={seed}"]
     ablation = next((o.split("=", 1)[1] for o in overrides if o.startswith("+ablation=")), "main")
-    data["config"].update(
-        {"task_name": table, "group": table, "seed": seed, "ablation_name": ablation, **(config or {})}
-    )
+    settings = dict(ABLATION_SETTINGS.get(ablation, {}))
+    settings.update(config or {})
+    data["config"].update({"task_name": table, "group": table, "seed": seed, "ablation_name": ablation})
+    for key, value in settings.items():
+        paths = [key] + ([STUDY_KNOBS[key]] if key in STUDY_KNOBS else [])
+        for path in paths:
+            *parents, leaf = path.split(".")
+            node = data["config"]
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
     data["final"]["routed"].update({"image_auroc": img_auc, "pixel_ap": pix_ap})
     data["routing"]["accuracy"] = 1.0
     data["warnings"] = list(warnings or [])
@@ -158,6 +173,18 @@ def test_cli_rejects_unknown_or_ambiguous_table(real_metrics, tmp_path: Path, ca
     fake_run(real_metrics, tmp_path / "c", "sweep_lora_rank", [], 0, 0.9, 0.5)
     assert main([str(tmp_path)]) == 2
     assert "several tables" in capsys.readouterr().err
+
+
+def test_runs_are_filed_under_the_values_the_model_was_built_with(real_metrics, tmp_path: Path) -> None:
+    """A run whose derived copy differs from the knob (``model.flow.ncl=8`` before that was refused records
+    ``ncl: 6`` beside ``model.flow.ncl: 8``) is filed under 8, the depth it really had."""
+    t = "table3_2_depth"
+    run = fake_run(real_metrics, tmp_path / "depth" / "0_x", t, ["model.flow.ncl=8"], 0, 0.9, 0.5, config={"ncl": 8})
+    data = json.loads((run / "metrics.json").read_text())
+    data["config"]["ncl"] = 6
+    (run / "metrics.json").write_text(json.dumps(data))
+    result = build_table(t, collect_runs([tmp_path / "depth"]))
+    assert result.row("8").n_seeds == 1 and result.row("6").n_seeds == 0
 
 
 def test_depth_table_rows_in_ncl_order_with_missing_row_and_plot(real_metrics, tmp_path: Path) -> None:

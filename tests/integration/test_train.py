@@ -135,3 +135,31 @@ def test_eval_rescores_checkpoint_like_training(tiny_run, tmp_path) -> None:
     for name, value in payload["final"]["routed"].items():
         assert k3[name] == pytest.approx(value, abs=1e-12)
     assert (tmp_path / "eval_metrics.json").is_file()
+
+
+def test_continual_steps_run_one_at_a_time(tmp_path, synthetic_root) -> None:
+    """run_continual is a loop over named steps; each does its one job when called alone."""
+    from moleflow.training import continual
+    from tests.helpers import TINY_OVERRIDES, compose_config
+
+    cfg = compose_config([*TINY_OVERRIDES, f"data.root={synthetic_root}", "data.generate=null"], tmp_path)
+    run = continual.open_run(cfg, tmp_path, [])
+    assert isinstance(run, continual.ContinualRun) and run.names == TASKS and run.start_task == 0
+    assert run.module.model.num_tasks == 0 and run.loggers == []
+
+    task = continual.begin_task(run, 0)
+    assert (task.t, task.name) == (0, "stripes") and run.module.model.num_tasks == 1
+    continual.extract_train_features(run, task)
+    assert task.train_set.features.shape[0] == task.train_set.router.shape[0] > 0
+    continual.train_task(run, task)
+    assert run.module.loss_history["stripes"] and task.untrainable == []
+    continual.fit_router(run, task)
+    assert run.module.model.router.num_tasks == 1
+    continual.evaluate_seen_tasks(run, task)
+    assert [ev.name for ev in run.evaluations] == ["stripes"] and run.tracker.last_task == 0
+    continual.report_round(run, task)
+    continual.save_round(run, task)
+    assert set(task.times) == {"extract_train_s", "fit_s", "router_s", "evaluate_s", "checkpoint_s"}
+    assert (tmp_path / "checkpoints" / "task_00_stripes.ckpt").is_file()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["status"] == "running" and list(saved["timings"]["per_task"]) == ["stripes"]

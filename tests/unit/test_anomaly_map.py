@@ -144,7 +144,7 @@ class _StubModel:
 def test_evaluation_does_not_depend_on_the_batch_size() -> None:
     """Non-finite patches are replaced image by image and maps blurred per image: any batch size, same bits."""
     from moleflow.evaluation.evaluate import ScoreConfig, evaluate_task
-    from moleflow.training.feature_cache import FeatureSet
+    from moleflow.models.feature_extractor import FeatureSet
 
     gen = torch.Generator().manual_seed(0)
     features = torch.randn(11, 6, 6, 4, generator=gen)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -85,25 +88,42 @@ def test_trainable_sets_follow_the_method_table() -> None:
     assert any(n.startswith("dia.1.") for n in names1)
 
 
-def test_parameter_counts_of_method_section_9() -> None:
-    cfg = MoLEFlowConfig()  # D = 768, NCL = 6, r = 64
-    model = MoLEFlowModel(cfg)
+def _documented_counts() -> dict[str, int]:
+    """The table of docs/method.md section 9: {quantity: parameters}."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "method.md").read_text()
+    section = text.split("## 9.", 1)[1]
+    rows = re.findall(r"^\| ([^|]+?) \| ([\d,]+) \|$", section, flags=re.M)
+    return {label: int(count.replace(",", "")) for label, count in rows}
+
+
+def test_parameter_counts_match_docs_method_section_9() -> None:
+    """Every count docs/method.md states for MAIN (D = 768, NCL = 6, r = 64) is the built model's."""
+    model = MoLEFlowModel(MoLEFlowConfig())
     model.add_task()
     subnet = model.flows["shared"].blocks[0].subnet
-    base = sum(p.numel() for layer in subnet.expert_linears() for p in layer.base.parameters())
-    assert base == 1_476_864
-    assert sum(p.numel() for p in subnet.scale_context.parameters()) == 9_985
-    assert sum(p.numel() for p in model.mixers["shared"].parameters()) == 7_681
-    counts = model.parameter_counts()
-    assert counts["per_task"] == [1_932_288]
-    assert counts["shared"] == 6 * (1_476_864 + 9_985) + 7_681  # about 8.92 M flow + mixer
     small = MoLEFlowModel(MoLEFlowConfig(lora_rank=16))
     small.add_task()
     small.add_task()
-    assert small.parameter_counts()["per_task"] == [494_592, 494_592]
     dia = MoLEFlowModel(MoLEFlowConfig(ncl=0, dia_blocks=1))
     dia.add_task()
-    assert sum(p.numel() for p in dia.dia["0"].parameters()) == 887_040
+    counts = model.parameter_counts()
+    assert counts["per_task"] == [1_932_288]
+    assert small.parameter_counts()["per_task"] == [494_592, 494_592]
+    built = {
+        "one MoLE subnet's base linears": sum(
+            p.numel() for layer in subnet.expert_linears() for p in layer.base.parameters()
+        ),
+        "one subnet's scale-context convolution and alpha": sum(p.numel() for p in subnet.scale_context.parameters()),
+        "spatial context mixer (k = 3)": sum(p.numel() for p in model.mixers["shared"].parameters()),
+        "shared flow (6 subnets' bases and context convolutions, plus the mixer)": counts["shared"],
+        "per task at r = 64: 6 subnets x (4,992 r expert weights + 2,304 task biases) + 1,536 adapter values": counts[
+            "per_task"
+        ][0],
+        "per task at r = 16": small.parameter_counts()["per_task"][1],
+        "one DIA block": sum(p.numel() for p in dia.dia["0"].parameters()),
+    }
+    assert _documented_counts() == built
+    assert counts["shared"] == 6 * (1_476_864 + 9_985) + 7_681
 
 
 @pytest.mark.parametrize(

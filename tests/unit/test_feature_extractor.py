@@ -90,7 +90,7 @@ def test_unknown_backbone_and_layer_are_named() -> None:
 
 
 def _unfold_and_pool(fmap: torch.Tensor, kernel: int, dim: int) -> torch.Tensor:
-    """method.md 2 written out: unfold k x k (channel-major), adaptive average pool of each vector to dim."""
+    """docs/method.md 2 written out: unfold k x k (channel-major), adaptive average pool of each vector to dim."""
     b, c, h, w = fmap.shape
     patches = F.unfold(fmap, kernel, padding=kernel // 2).transpose(1, 2).reshape(b * h * w, 1, c * kernel**2)
     return F.adaptive_avg_pool1d(patches, dim).reshape(b, h, w, dim).permute(0, 3, 1, 2)

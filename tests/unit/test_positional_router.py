@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from moleflow.inference.calibration import cross_validated_distances, tail_threshold
+from moleflow.evaluation.thresholds import cross_validated_distances, tail_threshold
 from moleflow.models.moleflow import MoLEFlowConfig, MoLEFlowModel
 from moleflow.models.router import PositionalRouter, PrototypeRouter, build_router
 

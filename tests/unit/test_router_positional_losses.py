@@ -105,7 +105,7 @@ def test_guard_skips_and_counts_non_finite_batches() -> None:
 
 
 def test_optimizer_holds_exactly_the_later_tasks_own_parameters() -> None:
-    """Task b (after a) trains its own experts and adapter only (method.md 3.4): named from the method, not
+    """Task b (after a) trains its own experts and adapter only (docs/method.md 3.4): named from the method, not
     from requires_grad, and checked by one optimizer step that moves b's expert and nothing shared or of a."""
     module = _tiny_module()
     module.start_task("a")

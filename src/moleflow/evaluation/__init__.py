@@ -8,7 +8,7 @@ from moleflow.evaluation.anomaly_map import (
     sanitize_nonfinite,
     sanitize_nonfinite_per_image,
 )
-from moleflow.evaluation.continual import (
+from moleflow.evaluation.continual_metrics import (
     ResultMatrix,
     backward_transfer,
     backward_transfer_per_task,

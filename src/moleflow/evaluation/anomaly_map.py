@@ -1,4 +1,4 @@
-"""Image scores and pixel anomaly maps from per-patch NLL maps (method.md section 7).
+"""Image scores and pixel anomaly maps from per-patch NLL maps (docs/method.md section 7).
 
 The raw NLL map (B, h, w) from the flow is turned into an image score (top-k mean) and a pixel map
 (bilinear upsample with ``align_corners=True``, then Gaussian smoothing). Non-finite values must be

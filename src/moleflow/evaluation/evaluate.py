@@ -16,13 +16,13 @@ import torch
 
 from moleflow.evaluation.anomaly_map import image_scores_topk, pixel_anomaly_map, sanitize_nonfinite_per_image
 from moleflow.evaluation.metrics import TaskMetrics, compute_task_metrics
+from moleflow.models.feature_extractor import FeatureSet
 from moleflow.models.moleflow import MoLEFlowModel
-from moleflow.training.feature_cache import FeatureSet
 
 
 @dataclass
 class ScoreConfig:
-    """Evaluation settings (method.md 7): image score top-k, pixel smoothing sigma, output size."""
+    """Evaluation settings (docs/method.md 7): image score top-k, pixel smoothing sigma, output size."""
 
     top_k: int = 3
     pixel_sigma: float = 4.0

@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from moleflow.evaluation.continual import (
+from moleflow.evaluation.continual_metrics import (
     ResultMatrix,
     backward_transfer_per_task,
     forgetting_per_task,

@@ -8,7 +8,7 @@ scores it with that task's expert, and turns the score into a verdict with per-t
 * ``unknown category``: the image's routing distance exceeds *every* task's route threshold, so it is
   not forced onto the nearest task (its score against the nearest task is still reported).
 
-Thresholds come from a calibration (see :mod:`moleflow.inference.calibration`) stored in the
+Thresholds come from a calibration (see :mod:`moleflow.evaluation.thresholds`) stored in the
 checkpoint. ``calibrate(save=True)`` writes a *new* checkpoint next to the original,
 ``<name>.calibrated.ckpt``, atomically, instead of rewriting the run's own files: the training
 checkpoints (and the ``last.ckpt`` hard link a resumed run updates) stay untouched, and the calibrated
@@ -28,7 +28,13 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from moleflow.inference.calibrating import (  # noqa: F401 - CalibrationDataError and the defaults re-exported
+from moleflow.evaluation.thresholds import (
+    Calibration,
+    calibrated_path,
+    file_sha256,
+    read_calibration,
+)
+from moleflow.inference.calibrator import (  # noqa: F401 - CalibrationDataError and the defaults re-exported
     DEFAULT_BATCH,
     DEFAULT_FPR,
     DEFAULT_UNKNOWN_RATE,
@@ -36,15 +42,10 @@ from moleflow.inference.calibrating import (  # noqa: F401 - CalibrationDataErro
     CalibrationMixin,
     chunks,
 )
-from moleflow.inference.calibration import (
-    Calibration,
-    calibrated_path,
-    file_sha256,
-    read_calibration,
-)
+from moleflow.inference.export import ExportableMoLEFlow, export_metadata, write_export
 from moleflow.inference.inputs import LoadedImage, to_model_inputs
+from moleflow.inference.pipeline import RoutedPipeline
 from moleflow.inference.prediction import Prediction
-from moleflow.inference.scoring import score_maps
 from moleflow.models.feature_extractor import FeatureExtractor
 from moleflow.models.moleflow import MoLEFlowModel
 from moleflow.utils.prefetch import overlap_pays_off, prefetch
@@ -101,6 +102,7 @@ class MoLEFlowDetector(CalibrationMixin):
             raise ValueError(msg)
         self.score_top_k = int(score_top_k)
         self.pixel_sigma = float(pixel_sigma)
+        self.pipeline = RoutedPipeline(self.extractor, self.model, self.image_size, self.score_top_k, self.pixel_sigma)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.run_config = run_config
         self.calibration = calibration
@@ -129,7 +131,7 @@ class MoLEFlowDetector(CalibrationMixin):
             backbone_weights: local weights file for a pretrained backbone when the model hub is unreachable.
             data_root: where the run's data set is now, if it moved since training.
             auto_calibrate: with no stored calibration, calibrate on the training images (in-sample: optimistic
-                thresholds, see :mod:`moleflow.inference.calibration`); a warning, not an error, if they are gone.
+                thresholds, see :mod:`moleflow.evaluation.thresholds`); a warning, not an error, if they are gone.
             save_calibration: write that calibration to ``<name>.calibrated.ckpt`` next to ``path``.
             recalibrate: a calibrated copy next to ``path`` that cannot be read, fails its content hash or was
                 made for another checkpoint is ignored (and replaced if ``save_calibration``). Without it
@@ -250,28 +252,8 @@ class MoLEFlowDetector(CalibrationMixin):
     # -------------------------------------------------------------------------------- prediction
     @torch.no_grad()
     def run_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Normalised images (B, 3, S, S) -> the same tensors the exported model returns (see export.OUTPUTS)."""
-        x = images.to(self.device, torch.float32)
-        features = self.extractor(x)
-        dists = self.model.router.distances(self.model.router.summarize(features), len(self.task_names))
-        best, tasks = dists.min(dim=1)
-        nll = self.model.nll_routed(features, tasks)
-        clean, scores, pixels, replaced = score_maps(nll, self.score_top_k, self.image_size, self.pixel_sigma)
-        score_thr, route_thr = self._threshold_tensors()
-        unknown = (dists > route_thr[None, :]).all(dim=1)
-        threshold = score_thr.index_select(0, tasks)
-        return {
-            "task": tasks,
-            "routing_distance": best,
-            "distances": dists,
-            "score": scores,
-            "threshold": threshold,
-            "is_unknown": unknown,
-            "is_defective": (scores.to(torch.float64) > threshold) & ~unknown,
-            "nll_map": clean,
-            "anomaly_map": pixels,
-            "nonfinite": replaced,
-        }
+        """Normalised images (B, 3, S, S) -> the same tensors the exported model returns (see pipeline.OUTPUTS)."""
+        return self.pipeline(images.to(self.device, torch.float32), *self._threshold_tensors())
 
     def require_thresholds(self) -> None:
         """Raise if some task has no score threshold (nothing to decide normal vs defective with)."""
@@ -342,14 +324,35 @@ class MoLEFlowDetector(CalibrationMixin):
     def export(self, path: str | Path, format: str = "torchscript", check_images: Any = None) -> Path:  # noqa: A002
         """Export the whole routed model (backbone to verdicts) to one file; see :mod:`moleflow.inference.export`.
 
-        ``check_images`` (anything ``predict`` accepts) are used for the parity check; default: seeded noise.
+        The current thresholds (overrides included) are baked in. ``check_images`` (anything ``predict``
+        accepts) are used for the parity check; default: seeded noise.
         """
-        from moleflow.inference.export import export_detector
-
         batch = None
         if check_images is not None:
             batch = torch.stack([x.tensor for x in to_model_inputs(check_images, self.image_size)])
-        return export_detector(self, path, format=format, check_images=batch)
+        pipeline = RoutedPipeline(
+            self.extractor, self.model, self.image_size, self.score_top_k, self.pixel_sigma, every_task=True
+        )
+        scores = [math.inf if v is None else float(v) for v in self.thresholds.values()]
+        routes = [math.inf if v is None else float(v) for v in self.route_thresholds.values()]
+        module = ExportableMoLEFlow(pipeline, scores, routes).eval()
+        fmt = format.lower()
+        metadata = export_metadata(
+            fmt,
+            source_checkpoint=str(self.checkpoint) if self.checkpoint else None,
+            task_names=self.task_names,
+            image_size=self.image_size,
+            score_top_k=self.score_top_k,
+            pixel_sigma=self.pixel_sigma,
+            score_thresholds=self.thresholds,
+            route_thresholds=self.route_thresholds,
+            calibration_notes=(
+                self.calibration.notes()
+                if self.calibration is not None
+                else ["not calibrated: no verdicts (threshold inf)"]
+            ),
+        )
+        return write_export(module, path, metadata, self.run_batch, format=format, check_images=batch)
 
 
 class CalibratedCopyError(RuntimeError):

@@ -9,17 +9,15 @@ exactly. PyTorch 2.9+ marks TorchScript as deprecated in favour of ``torch.expor
 exports as a ``.pt2`` program too (``format="pt2"``, loaded with ``torch.export.load(...).module()``),
 which is the path forward. ONNX is refused with that explanation.
 
-**Why an export-only module.** The Python model routes per image and then runs the flow once per task,
-selecting experts through ``ModuleDict`` look-ups: data-dependent Python control flow that a tracer
-would freeze to the example's tasks. :class:`ExportableMoLEFlow` instead holds every task's parameters
-stacked over tasks (experts as (T, r, in) / (T, out, r) LoRA factors, or (T, out, in) full copies;
-adapters as (T, D); per-task convolutions as one grouped convolution) and runs each image through its
-routed task with gathers and batched matmuls: pure tensor ops, no branch on values. LoRA experts are
-kept low rank (not merged into T full weight copies), so the file is about as large as the checkpoint
-and the arithmetic follows the Python model's order. Every ablation variant the model supports is
-covered (expert_mode lora/full/none, base_sharing frozen/sequential/separate, DIA blocks, no scale
-context, no spatial mixer, no adapter, no positional code); a model with a part this module does not
-know is refused with a clear error.
+**One flow.** The exported module is the detector's own :class:`~moleflow.inference.pipeline.RoutedPipeline`
+(backbone, router, the model's flow layers, scoring, verdicts) with the thresholds baked in as buffers,
+traced or ``torch.export``ed as it is: there is no export-only copy of any layer, so every layer the
+model is built from (every ablation variant, the feature standardizer, any backbone embedding) exports
+without export code of its own. The Python model routes per image and then runs the flow once per
+distinct task, a branch on values that a tracer would freeze to the example's tasks; the exported
+pipeline instead visits every task (``every_task=True``) and runs each over its own images only
+(index select, flow, index copy), which is tensor ops alone and computes the same values. A task with
+no image in the batch costs one pass over an empty batch.
 
 **Parity.** After writing, the file is loaded back and compared with the Python detector on probe
 images: routed tasks must be identical and image scores and maps equal within ``rtol=1e-4`` (plus
@@ -31,22 +29,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD
-from moleflow.inference.stacked_head import ExportError, RoutedFlowHead, check_exportable  # noqa: F401
-from moleflow.models.feature_extractor import FeatureExtractor
+from moleflow.evaluation.thresholds import json_safe
+from moleflow.inference.pipeline import OUTPUTS, RoutedPipeline
 from moleflow.utils.files import atomic_write_text, unique_temporary
-
-if TYPE_CHECKING:
-    from moleflow.inference.detector import MoLEFlowDetector
 
 log = logging.getLogger(__name__)
 
@@ -54,60 +49,57 @@ EXPORT_FORMATS = ("torchscript", "pt2")
 SCORE_RTOL = 1e-4  # relative tolerance of exported vs Python image scores and maps (float32 reassociation)
 SCORE_ATOL = 1e-3  # absolute tolerance in nats, for values near zero
 METADATA_NAME = "moleflow.json"
-OUTPUTS = {
-    "task": "(B,) int64: routed (nearest) task index; names in metadata task_names",
-    "routing_distance": "(B,) float64: squared Mahalanobis distance to the routed task",
-    "distances": "(B, T) float64: squared Mahalanobis distance to every task",
-    "score": "(B,) float32: image score, mean of the top-k patch NLLs of the routed task",
-    "threshold": "(B,) float64: the routed task's score threshold (inf when not calibrated)",
-    "is_unknown": "(B,) bool: distance to every task above that task's route threshold",
-    "is_defective": "(B,) bool: score > threshold and not unknown",
-    "nll_map": "(B, H, W) float32: per-patch NLL (non-finite values replaced per image)",
-    "anomaly_map": "(B, S, S) float32: NLL map upsampled to the input size and Gaussian-smoothed",
-    "nonfinite": "(B,) int64: patch values that were NaN/inf and replaced",
-}
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported (unsupported format) or the export failed its parity check."""
 
 
 class ExportableMoLEFlow(nn.Module):
-    """Images (B, 3, S, S), normalised -> the outputs listed in ``OUTPUTS``; backbone included."""
+    """Images (B, 3, S, S), normalised -> the outputs listed in ``OUTPUTS``; backbone and thresholds included.
 
-    def __init__(self, extractor: FeatureExtractor, head: RoutedFlowHead) -> None:
+    Args:
+        pipeline: the routed pipeline (built with ``every_task=True`` so that it traces).
+        score_thresholds, route_thresholds: one per task; ``inf`` where there is none.
+    """
+
+    def __init__(
+        self, pipeline: RoutedPipeline, score_thresholds: Sequence[float], route_thresholds: Sequence[float]
+    ) -> None:
         super().__init__()
-        self.extractor = extractor
-        self.head = head
+        if not pipeline.every_task:
+            msg = "The exported pipeline must visit every task (RoutedPipeline(..., every_task=True))."
+            raise ExportError(msg)
+        self.pipeline = pipeline
+        device = next(iter(pipeline.model.router.buffers())).device
+        for name, values in (("score_thresholds", score_thresholds), ("route_thresholds", route_thresholds)):
+            self.register_buffer(name, torch.tensor([float(v) for v in values], dtype=torch.float64, device=device))
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        return self.head(self.extractor(images))
+        return self.pipeline(images, self.score_thresholds, self.route_thresholds)
 
 
-def build_exportable(detector: MoLEFlowDetector) -> ExportableMoLEFlow:
-    """The export module of a detector, with its current thresholds (inf where there is none)."""
-    scores = [math.inf if v is None else float(v) for v in detector.thresholds.values()]
-    routes = [math.inf if v is None else float(v) for v in detector.route_thresholds.values()]
-    head = RoutedFlowHead(
-        detector.model,
-        detector.grid,
-        detector.image_size,
-        detector.score_top_k,
-        detector.pixel_sigma,
-        scores,
-        routes,
-    )
-    return ExportableMoLEFlow(detector.extractor, head).eval().to(detector.device)
-
-
-def _metadata(detector: MoLEFlowDetector, fmt: str) -> dict[str, Any]:
-    from moleflow.inference.calibration import json_safe
-
-    cal = detector.calibration
+def export_metadata(
+    fmt: str,
+    *,
+    source_checkpoint: str | None,
+    task_names: Sequence[str],
+    image_size: int,
+    score_top_k: int,
+    pixel_sigma: float,
+    score_thresholds: Mapping[str, float | None],
+    route_thresholds: Mapping[str, float | None],
+    calibration_notes: list[str],
+) -> dict[str, Any]:
+    """The metadata stored in (and next to) an exported file."""
     return json_safe(
         {
             "format": fmt,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "source_checkpoint": str(detector.checkpoint) if detector.checkpoint else None,
-            "task_names": list(detector.task_names),
+            "source_checkpoint": source_checkpoint,
+            "task_names": list(task_names),
             "input": {
-                "shape": ["B", 3, detector.image_size, detector.image_size],
+                "shape": ["B", 3, image_size, image_size],
                 "dtype": "float32",
                 "preprocessing": "RGB (grey replicated, alpha dropped), bilinear resize to S x S, /255, "
                 "then (x - mean) / std per channel",
@@ -115,32 +107,38 @@ def _metadata(detector: MoLEFlowDetector, fmt: str) -> dict[str, Any]:
                 "std": list(IMAGENET_STD),
             },
             "outputs": OUTPUTS,
-            "score_top_k": detector.score_top_k,
-            "pixel_sigma": detector.pixel_sigma,
-            "score_thresholds": detector.thresholds,
-            "route_thresholds": detector.route_thresholds,
-            "calibration_notes": cal.notes() if cal is not None else ["not calibrated: no verdicts (threshold inf)"],
+            "score_top_k": score_top_k,
+            "pixel_sigma": pixel_sigma,
+            "score_thresholds": dict(score_thresholds),
+            "route_thresholds": dict(route_thresholds),
+            "calibration_notes": calibration_notes,
             "tolerance": {"score_rtol": SCORE_RTOL, "score_atol": SCORE_ATOL, "routed_tasks": "identical"},
         }
     )
 
 
-def export_detector(
-    detector: MoLEFlowDetector,
+def write_export(
+    module: ExportableMoLEFlow,
     path: str | Path,
+    metadata: dict[str, Any],
+    reference: Callable[[Tensor], dict[str, Tensor]],
     format: str = "torchscript",  # noqa: A002 - the public API's word
     check_images: Tensor | None = None,
 ) -> Path:
-    """Write the exported model to ``path`` (plus ``path.json`` metadata) and verify it against Python.
+    """Trace or ``torch.export`` ``module`` to ``path`` (plus ``path.json`` metadata), then verify the file.
+
+    :meth:`MoLEFlowDetector.export <moleflow.inference.detector.MoLEFlowDetector.export>` is the usual way in.
 
     Args:
-        detector: the loaded detector (its current thresholds are baked in).
+        module: the pipeline with its thresholds, in eval mode on its device.
         path: output file (``.pt`` for TorchScript, ``.pt2`` for torch.export by convention).
+        metadata: stored inside the file and next to it (:func:`export_metadata`).
+        reference: the Python computation the file must reproduce (the detector's ``run_batch``).
         format: "torchscript" or "pt2".
         check_images: (B, 3, S, S) normalised images for the parity check; default: seeded noise images.
 
     Raises:
-        ExportError: unsupported format or model part, or the exported model disagrees with Python.
+        ExportError: unsupported format, or the exported model disagrees with the reference.
     """
     fmt = format.lower()
     if fmt == "onnx":
@@ -155,14 +153,15 @@ def export_detector(
         raise ExportError(msg)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = build_exportable(detector)
-    s = detector.image_size
+    device = module.score_thresholds.device
+    s = module.pipeline.image_size
     if check_images is None:
         gen = torch.Generator().manual_seed(0)
         check_images = torch.randn(3, 3, s, s, generator=gen)
-    check_images = check_images.to(detector.device, torch.float32)
-    example = check_images[:2] if check_images.shape[0] >= 2 else check_images
-    meta = _metadata(detector, fmt)
+    check_images = check_images.to(device, torch.float32)
+    # two images: torch.export would specialise the batch size to a single example's 1
+    example = check_images[:2] if check_images.shape[0] >= 2 else check_images.repeat(2, 1, 1, 1)
+    meta = metadata
     extra = {METADATA_NAME: json.dumps(meta, indent=2)}
     tmp = unique_temporary(path).with_suffix(path.suffix)  # unique per process; torch.export wants .pt2
     try:
@@ -173,10 +172,11 @@ def export_detector(
                 traced = torch.jit.trace(module, example, strict=False, check_trace=False)
                 torch.jit.save(traced, str(tmp), _extra_files=extra)
             else:
+                module(example)  # fills the model's lazy caches (positional code) before export captures it
                 batch = torch.export.Dim("batch", min=1)
                 program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: batch}})
                 torch.export.save(program, str(tmp), extra_files=extra)
-        _check_parity(detector, tmp, fmt, check_images)
+        _check_parity(reference, tmp, fmt, check_images)
         tmp.replace(path)
     except ExportError:
         tmp.unlink(missing_ok=True)
@@ -186,7 +186,7 @@ def export_detector(
         msg = f"Exporting to {fmt} failed ({type(err).__name__}: {err}). Try the other format ({EXPORT_FORMATS})."
         raise ExportError(msg) from err
     atomic_write_text(path.with_name(path.name + ".json"), json.dumps(meta, indent=2))
-    log.info("Exported %d-task model to %s (%s).", len(detector.task_names), path, fmt)
+    log.info("Exported %d-task model to %s (%s).", len(meta["task_names"]), path, fmt)
     return path
 
 
@@ -207,12 +207,12 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
     return module, json.loads(extra[METADATA_NAME] or "{}")
 
 
-def _check_parity(detector: MoLEFlowDetector, path: Path, fmt: str, images: Tensor) -> None:
-    """Compare the written file with the Python detector on ``images``; raise ExportError on disagreement."""
-    module, _ = load_exported(path, detector.device)
+def _check_parity(reference: Callable[[Tensor], dict[str, Tensor]], path: Path, fmt: str, images: Tensor) -> None:
+    """Compare the written file with the Python computation on ``images``; raise ExportError on disagreement."""
+    module, _ = load_exported(path, images.device)
     with torch.no_grad():
         got = module(images)
-        ref = detector.run_batch(images)
+        ref = reference(images)
     if not torch.equal(got["task"].cpu(), ref["task"].cpu()):
         msg = f"Exported {fmt} model routes differently from Python: {got['task'].tolist()} vs {ref['task'].tolist()}."
         raise ExportError(msg)

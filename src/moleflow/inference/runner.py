@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from moleflow.inference.calibration import Calibration, calibrated_path, json_safe
+from moleflow.evaluation.thresholds import Calibration, calibrated_path, json_safe
 from moleflow.inference.detector import MoLEFlowDetector
 from moleflow.inference.inputs import LoadedImage, scan_inputs, try_load
 from moleflow.inference.overlay import save_overlay

@@ -33,7 +33,7 @@ def image_scores(nll: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
 def score_maps(nll: Tensor, top_k: int, image_size: int, sigma: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Raw NLL maps (B, H, W) -> (clean maps, image scores (B,), pixel maps (B, S, S), replaced counts (B,)).
 
-    The pixel map is the bilinear upsampling to S x S followed by Gaussian smoothing (method.md 7).
+    The pixel map is the bilinear upsampling to S x S followed by Gaussian smoothing (docs/method.md 7).
     """
     clean, scores, replaced = image_scores(nll, top_k)
     return clean, scores, pixel_anomaly_map(clean, image_size, sigma), replaced

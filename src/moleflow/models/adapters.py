@@ -1,4 +1,4 @@
-"""Per-task whitening input adapter (method.md 3.1).
+"""Per-task whitening input adapter (docs/method.md 3.1).
 
 y = gamma_t * LN(x) + beta_t with an affine-free LayerNorm over the channels of each patch, and a
 bounded gain and offset: gamma_t = 0.5 + 1.5 * sigmoid(g_t) in [0.5, 2], beta_t = 2 * tanh(b_t) in [-2, 2].

@@ -1,4 +1,4 @@
-"""Affine coupling blocks and the coupling flow of MoLE subnets (method.md 3.3).
+"""Affine coupling blocks and the coupling flow of MoLE subnets (docs/method.md 3.3).
 
 Every patch is an independent sample: x (N, D) with N = B * H * W; the grid shape (B, H, W) is
 passed explicitly so that the scale-context conv can see neighbouring patches.

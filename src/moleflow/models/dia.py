@@ -1,4 +1,4 @@
-"""Deep invertible adapter (DIA): per-task affine coupling blocks after the shared flow (method.md 3.5).
+"""Deep invertible adapter (DIA): per-task affine coupling blocks after the shared flow (docs/method.md 3.5).
 
 No permutation: even blocks condition on the first half and transform the second, odd blocks the
 reverse, so channels keep their positions. The last layer of each MLP is zero-initialised, so a

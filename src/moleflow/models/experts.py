@@ -1,4 +1,4 @@
-"""Task-expert linear layers: a shared base linear plus one expert per task (method.md 3.4).
+"""Task-expert linear layers: a shared base linear plus one expert per task (docs/method.md 3.4).
 
 An expert is either low rank (LoRA: ``h = W x + b + (alpha / r) B_t A_t x + b_t``) or full rank
 (the "w/o LoRA" ablation: a per-task copy ``h = W_t x + b_t`` initialised from the base). In both

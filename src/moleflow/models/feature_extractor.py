@@ -1,4 +1,4 @@
-"""Frozen pretrained CNN -> patch features F (B, H, W, D) (method.md 2).
+"""Frozen pretrained CNN -> patch features F (B, H, W, D) (docs/method.md 2).
 
 Two patch embeddings (``model.backbone.embedding``):
 
@@ -25,6 +25,7 @@ import logging
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -224,3 +225,16 @@ class FeatureExtractor(nn.Module):
 def router_features(features: torch.Tensor) -> torch.Tensor:
     """Global average of patch features: F (B, H, W, D) -> (B, D)."""
     return features.mean(dim=(1, 2))
+
+
+@dataclass
+class FeatureSet:
+    """The extracted features of one split of one task (what the feature cache keeps, what evaluation reads)."""
+
+    features: torch.Tensor  # (N, H, W, D) float32
+    router: torch.Tensor  # (N, D) float32: global average of features
+    labels: torch.Tensor  # (N,) int64: 0 normal, 1 anomalous
+    masks: torch.Tensor | None  # (N, S, S) uint8 ground truth at image size, None for training splits
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])

@@ -1,4 +1,4 @@
-"""Spatial context mixer (method.md 3.2): a gated depthwise conv shared by all tasks.
+"""Spatial context mixer (docs/method.md 3.2): a gated depthwise conv shared by all tasks.
 
 out = (1 - g) x + g * conv(x), g = sigmoid(theta). Mixing each patch with its neighbours before the
 flow lets a patch's likelihood depend on its surroundings. Trained in task 0 only.

@@ -1,6 +1,6 @@
 """The MoLE-Flow model on patch features: adapters, mixer, coupling flow with task experts, DIA, router.
 
-A plain ``nn.Module`` (no Lightning, no Hydra). Per patch, for active task t (method.md 3):
+A plain ``nn.Module`` (no Lightning, no Hydra). Per patch, for active task t (docs/method.md 3):
 x = [standardise F with t's statistics, if enabled] + P -> input adapter of t -> spatial context mixer
 -> coupling flow (shared base + t's experts) -> DIA blocks of t -> z, with per-patch log-determinant.
 
@@ -34,7 +34,7 @@ SHARED_KEY = "shared"  # ModuleDict key of the flow / mixer used by every task
 
 @dataclass
 class MoLEFlowConfig:
-    """Hyperparameters of the flow head (method.md defaults = the MAIN configuration)."""
+    """Hyperparameters of the flow head (docs/method.md defaults = the MAIN configuration)."""
 
     embed_dim: int = 768
     ncl: int = 6
@@ -203,7 +203,7 @@ class MoLEFlowModel(nn.Module):
             self.standardizers[str(task)].fit(features)
 
     def set_trainable(self, task: int) -> list[str]:
-        """Set requires_grad for training ``task`` (method.md 3.4 table); returns the trainable names.
+        """Set requires_grad for training ``task`` (docs/method.md 3.4 table); returns the trainable names.
 
         Shared parts (base linears, scale contexts, mixer) train in task 0 only, or on every task
         with ``base_sharing="sequential"``; a task's own parts train only during that task.
@@ -269,8 +269,20 @@ class MoLEFlowModel(nn.Module):
         return nll, logdet
 
     @torch.no_grad()
-    def nll_routed(self, features: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
-        """NLL maps (B, H, W) with image b scored by expert ``tasks[b]``; one pass per distinct task."""
+    def nll_routed(self, features: torch.Tensor, tasks: torch.Tensor, every_task: bool = False) -> torch.Tensor:
+        """NLL maps (B, H, W) with image b scored by expert ``tasks[b]``.
+
+        Default: one pass per distinct task of the batch. ``every_task=True``: one pass per task of the
+        model, each over that task's images only (possibly none), written with tensor ops alone, so that
+        no Python branch depends on the values of ``tasks``: the same layers then trace (TorchScript) and
+        ``torch.export`` (this is how :mod:`moleflow.inference.export` exports them). Same values.
+        """
+        if every_task:
+            out = features.new_zeros(features.shape[:3])
+            for task in range(self.num_tasks):
+                idx = (tasks == task).nonzero()[:, 0]
+                out = out.index_copy(0, idx, self.nll(features.index_select(0, idx), task)[0])
+            return out
         distinct = torch.unique(tasks).tolist()
         if len(distinct) == 1:  # the usual batch (one category): no gather and scatter copies of the features
             return self.nll(features, int(distinct[0]))[0]

@@ -1,4 +1,4 @@
-"""Fixed 2-D sinusoidal positional code (method.md 2).
+"""Fixed 2-D sinusoidal positional code (docs/method.md 2).
 
 The first half of the channels encodes the column, the second half the row; each half is made of
 sin/cos pairs (channel 2i = sin, 2i + 1 = cos) at frequencies exp(-2i ln(10^4) / (D / 2)).

@@ -1,6 +1,6 @@
 """Routers: which task's expert scores an image. Chosen by ``model.flow.router``.
 
-``prototype`` (method.md 6, MAIN): each task t keeps the mean mu_t and the precision (Sigma_t + ridge I)^-1
+``prototype`` (docs/method.md 6, MAIN): each task t keeps the mean mu_t and the precision (Sigma_t + ridge I)^-1
 of its training images' router features (the global average of the patch features, (B, D)), and an image
 goes to the Mahalanobis-nearest task. Statistics are kept in float64 because with few training images
 Sigma_t is near singular and float32 inverses lose the ranking between tasks.

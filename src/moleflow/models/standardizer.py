@@ -3,7 +3,7 @@
 x' = (x - mean_t) / std_t, per channel (``mode="channel"``: statistics over all training patches) or per
 channel and grid position (``mode="position"``: statistics over the training images at each position).
 
-Why (measured on Magnetic Tile, see docs): MAIN's whitening adapter normalises every patch by its own
+Why (measured on Magnetic Tile with `make quality`): MAIN's whitening adapter normalises every patch by its own
 LayerNorm, which erases the patch's energy (a dark blowhole and a bright patch become alike), and the
 shared base, trained on task 0 and then frozen, sees each later task's features at that task's own
 scale. Standardising with each task's statistics keeps the energy differences between patches, brings

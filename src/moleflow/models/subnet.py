@@ -18,12 +18,13 @@ GridShape = tuple[int, int, int]  # (B, H, W): how the N patches lie on the feat
 def _to_grid(x: torch.Tensor, grid: GridShape) -> torch.Tensor:
     """(N, C) patches -> (B, C, H, W) maps."""
     b, h, w = grid
-    return x.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+    return x.reshape(b, h, w, x.shape[1]).permute(0, 3, 1, 2)  # explicit sizes: an empty batch reshapes too
 
 
 def _from_grid(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) maps -> (N, C) patches."""
-    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b * h * w, c)
 
 
 class ScaleContext(nn.Module):

@@ -4,7 +4,8 @@ Without them a negative ``ncl`` fails only once the model is built, an even cont
 inside torch after the backbone has run over the whole training set (padding ``k // 2`` makes an even
 kernel's output one patch larger than its input), and ``training.epochs=0`` "finishes" a run that
 trained nothing. :func:`validate_config` collects every problem and reports them together, naming each
-key the way the user sets it (``ncl`` for the top-level knob, ``model.flow.ncl`` when set there).
+key the way the user sets it (``ncl`` for the top-level knob). Study knobs have one name: setting their
+derived copy (``model.flow.ncl=8`` instead of ``ncl=8``) is itself a problem that names the knob.
 :func:`check_backbone_accepts` runs the backbone once on a blank image of the configured size.
 """
 
@@ -26,6 +27,21 @@ if TYPE_CHECKING:
     from moleflow.models.feature_extractor import FeatureExtractor
 
 _ABSENT = object()
+
+# The study's knobs: the only user-facing name of each of these settings (``ncl=8``), and the derived copy
+# the model reads (``model.flow.ncl: ${ncl}`` in conf/model/moleflow.yaml). Setting a copy directly is
+# rejected (:func:`derived_copy_problems`): the run would record ``ncl: 6`` beside a model built with 8.
+STUDY_KNOBS: dict[str, str] = {
+    "ncl": "model.flow.ncl",
+    "lora_rank": "model.flow.lora_rank",
+    "dia_blocks": "model.flow.dia_blocks",
+    "scale_context_kernel": "model.flow.scale_context_kernel",
+    "spatial_context_kernel": "model.flow.spatial_context_kernel",
+    "tail_weight": "model.loss.tail_weight",
+    "tail_top_k_ratio": "model.loss.tail_top_k_ratio",
+    "lambda_logdet": "model.loss.lambda_logdet",
+    "score_top_k": "model.score.top_k",
+}
 _SIMPLE_INTERPOLATION = re.compile(r"^\$\{([A-Za-z_][\w.]*)\}$")
 _ODD_KERNEL = "0 (off) or a positive odd number (an even kernel changes the patch grid)"
 
@@ -110,9 +126,32 @@ def _check_rule(cfg: DictConfig, rule: _Rule) -> str | None:
     return None
 
 
+def derived_copy_problems(cfg: DictConfig) -> list[str]:
+    """A study knob's derived copy set directly (``model.flow.ncl=8``): one sentence naming the knob to set.
+
+    The copy would build the model with 8 blocks while the run records ``ncl: 6`` and the tables file it
+    under 6, so each knob keeps one user-facing name. A copy the config does not have is left alone.
+    """
+    problems = []
+    for knob, path in STUDY_KNOBS.items():
+        parent_path, _, key = path.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_path)
+        if not isinstance(parent, DictConfig) or key not in parent:
+            continue
+        raw = OmegaConf.to_container(parent, resolve=False)[key]  # type: ignore[index]
+        if raw == f"${{{knob}}}":
+            continue
+        problems.append(
+            f"{path} is a copy of the study knob `{knob}` and cannot be set on its own (got {_shown(raw)}); "
+            f"set `{knob}={raw}` instead, so that the run records the value the model is built with"
+        )
+    return problems
+
+
 def config_problems(cfg: DictConfig) -> list[str]:
     """Every invalid setting of ``cfg``, one sentence each naming the key; empty when all is well."""
-    problems = [p for rule in _RULES if (p := _check_rule(cfg, rule)) is not None]
+    problems = derived_copy_problems(cfg)
+    problems += [p for rule in _RULES if (p := _check_rule(cfg, rule)) is not None]
     steps, problem = _lookup(cfg, "training.steps")
     if problem is not None:
         problems.append(f"training.steps {problem}")

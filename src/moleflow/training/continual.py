@@ -1,12 +1,17 @@
 """The continual run: task after task, train on cached features, fit the router, evaluate all seen tasks.
 
-Per task t (method.md 1 and 5):
-1. add task t's expert/adapter and set what trains (before the optimizer is built);
-2. extract (once) and cache task t's training features;
-3. fit with a fresh Trainer (AdamP, cosine + warm-up, clipping);
-4. fit task t's routing prototype;
-5. evaluate tasks 0..t task-agnostically (and with oracle routing), update the R matrices;
-6. save a checkpoint and the metrics so far.
+:func:`run_continual` is a loop over named steps, each a function of the run's shared state
+(:class:`ContinualRun`) and the task's round (:class:`TaskRound`), so each can be called and tested alone:
+
+* :func:`open_run`: data, backbone, model (new or resumed), feature cache, loggers;
+* per task t (docs/method.md 1 and 5):
+  1. :func:`begin_task`: seed, add task t's expert/adapter and set what trains (before the optimizer is built);
+  2. :func:`extract_train_features`: extract (once) and cache task t's training features, fit its statistics;
+  3. :func:`train_task`: fit with a fresh Trainer (AdamP, cosine + warm-up, clipping);
+  4. :func:`fit_router`: task t's routing prototype;
+  5. :func:`evaluate_seen_tasks`: tasks 0..t task-agnostically (and with oracle routing), the R matrices;
+  6. :func:`report_round`, :func:`save_round`: loggers, a checkpoint and the metrics so far;
+* :func:`finish_run`: per-category breakdown, figures, warnings, the results table.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +40,11 @@ from moleflow.evaluation.evaluate import (
     router_inputs,
     routing_by_defect_type,
 )
-from moleflow.evaluation.figures import write_figures
+from moleflow.evaluation.plots import write_figures
 from moleflow.evaluation.report import ContinualTracker, log_results_table, print_table, write_json_atomic
-from moleflow.inference.calibration import SECTION as CALIBRATION_SECTION
-from moleflow.inference.calibration import read_calibration
+from moleflow.evaluation.thresholds import SECTION as CALIBRATION_SECTION
+from moleflow.evaluation.thresholds import Calibration, read_calibration
+from moleflow.models.feature_extractor import FeatureSet
 from moleflow.training.builders import (
     build_datamodule,
     build_extractor,
@@ -51,14 +58,14 @@ from moleflow.training.builders import (
 from moleflow.training.checkpoint import link_checkpoint, load_checkpoint, read_checkpoint_info, save_checkpoint
 from moleflow.training.config_checks import check_backbone_accepts, validate_config
 from moleflow.training.feature_cache import FeatureCache
-from moleflow.training.resume import ResumeMismatchError, check_compatible, check_same_config, resolve_resume
-from moleflow.training.thresholds import (
+from moleflow.training.held_out import (
     fit_task_thresholds,
     held_out_scores,
     holdout_split,
     new_calibration,
     verdict_report,
 )
+from moleflow.training.resume import ResumeMismatchError, check_compatible, check_same_config, resolve_resume
 from moleflow.utils.allocator import keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -214,10 +221,93 @@ def _collapse_warnings(summary: dict[str, Any], skipped: dict[str, int]) -> list
     return warnings
 
 
+@dataclass
+class ContinualRun:
+    """What the steps of a run share: its parts, its results so far, and where it writes."""
+
+    cfg: DictConfig
+    output_dir: Path
+    overrides: list[str] | None
+    device: torch.device
+    dm: Any
+    extractor: Any
+    module: Any
+    names: list[str]
+    tracker: ContinualTracker
+    cache: FeatureCache
+    score_cfg: ScoreConfig
+    loggers: list
+    amp_dtype: torch.dtype | None
+    started: float
+    timings: dict[str, Any]
+    run_log: dict[str, Any]
+    calibration: Calibration
+    calibration_share: float = 0.0
+    start_task: int = 0
+    payload: dict[str, Any] = field(default_factory=dict)
+    evaluations: list = field(default_factory=list)
+
+    @property
+    def runtime(self) -> Any:
+        return self.cfg.get("runtime") or {}
+
+    def make_payload(self) -> dict[str, Any]:
+        """The metrics.json payload of the results so far (status "running")."""
+        payload = _payload(
+            self.cfg,
+            self.overrides,
+            self.tracker,
+            self.module,
+            self.timings,
+            self.started,
+            self.output_dir,
+            self.extractor.images_seen,
+        )
+        payload["run"].update(self.run_log)
+        if self.calibration.tasks and self.evaluations:
+            payload["thresholds"] = _threshold_payload(self, self.evaluations)
+        return payload
+
+
+@dataclass
+class TaskRound:
+    """One task's pass through the loop: its id, name, stage times, training features and training problems."""
+
+    t: int
+    name: str
+    times: dict[str, float] = field(default_factory=dict)
+    train_set: FeatureSet | None = None
+    untrainable: list[tuple[str, str]] = field(default_factory=list)
+    kept: torch.Tensor | None = None  # (N_kept,) indices of the training images the task learns from
+    held: torch.Tensor | None = None  # (N_held,) indices held out for its thresholds (empty: none)
+    router_in: torch.Tensor | None = None  # the router's inputs of every training image
+
+
 def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the whole continual study described by ``cfg``; returns the metrics.json payload."""
     validate_config(cfg)  # every bad setting named at once, before anything heavy is built
-    output_dir = Path(output_dir)
+    run = open_run(cfg, Path(output_dir), overrides)
+    if isinstance(run, dict):  # resume found the run finished
+        return run
+    try:
+        for t in range(run.start_task, len(run.names)):
+            task = begin_task(run, t)
+            extract_train_features(run, task)
+            train_task(run, task)
+            fit_router(run, task)
+            evaluate_seen_tasks(run, task)
+            report_round(run, task)
+            save_round(run, task)
+        return finish_run(run)
+    finally:
+        _finish_loggers(run.loggers)
+
+
+def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> ContinualRun | dict[str, Any]:
+    """Build the run's parts (data, backbone, model or its resumed state, feature cache, loggers).
+
+    Returns the finished run's payload instead when ``resume`` points at a run that has finished.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     timings: dict[str, Any] = {"per_task": {}}
@@ -268,8 +358,44 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
         for flow in module.model.flows.values():
             flow.forward = torch.compile(flow.forward)  # per instance: state_dict keys stay the same
     timings["setup_s"] = time.time() - t0
+    cache = _feature_cache(cfg, extractor, device)
+    score_cfg = ScoreConfig(
+        top_k=int(cfg.model.score.top_k),
+        pixel_sigma=float(cfg.model.score.pixel_sigma),
+        image_size=int(cfg.data.image_size),
+        batch_size=int(cfg.data.eval_batch_size),
+    )
+    loggers = build_loggers(cfg.get("logger"))
+    for lg in loggers:
+        lg.log_hyperparams(to_dict(cfg))  # the resolved config, so every dashboard row says what it ran
+    return ContinualRun(
+        cfg=cfg,
+        output_dir=output_dir,
+        overrides=overrides,
+        device=device,
+        dm=dm,
+        extractor=extractor,
+        module=module,
+        names=names,
+        tracker=tracker,
+        cache=cache,
+        score_cfg=score_cfg,
+        loggers=loggers,
+        amp_dtype=amp_dtype,
+        started=started,
+        timings=timings,
+        run_log=run_log,
+        calibration=calibration,
+        calibration_share=share,
+        start_task=start_task,
+    )
+
+
+def _feature_cache(cfg: DictConfig, extractor: Any, device: torch.device) -> FeatureCache:
+    """The run's feature cache, keyed on everything that makes the features."""
+    runtime = cfg.get("runtime") or {}
     train_cfg = cfg.training
-    cache = FeatureCache(
+    return FeatureCache(
         extractor,
         device,
         mode=str(train_cfg.feature_cache),
@@ -286,156 +412,166 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
             "channels_last": bool(runtime.get("channels_last", False)),
         },
     )
-    score_cfg = ScoreConfig(
-        top_k=int(cfg.model.score.top_k),
-        pixel_sigma=float(cfg.model.score.pixel_sigma),
-        image_size=int(cfg.data.image_size),
-        batch_size=int(cfg.data.eval_batch_size),
+
+
+def begin_task(run: ContinualRun, t: int) -> TaskRound:
+    """Seed task t, point the data module at it and add its expert, adapter and DIA to the model."""
+    name = run.names[t]
+    log.info("=== Task %d/%d: %s ===", t + 1, len(run.names), name)
+    task = TaskRound(t, name)
+    pl.seed_everything(int(run.cfg.seed) + t, workers=True, verbose=False)
+    run.dm.set_task(t)
+    run.module.start_task(name)
+    return task
+
+
+def _train_key(task: TaskRound) -> str:
+    return f"{task.t:02d}_{task.name}/train"
+
+
+def extract_train_features(run: ContinualRun, task: TaskRound) -> None:
+    """Task t's training features (extracted once, cached) and its feature statistics (never changed later)."""
+    tic = time.time()
+    task.train_set = run.cache.get(_train_key(task), run.dm.train_dataloader, with_masks=False)
+    # a seeded share of the (defect-free) training images is held out for the thresholds (0: none)
+    task.kept, task.held = holdout_split(
+        len(task.train_set), run.calibration_share, int(run.cfg.seed) + 1000 * (task.t + 1)
     )
-    loggers = build_loggers(cfg.get("logger"))
-    for lg in loggers:
-        lg.log_hyperparams(to_dict(cfg))  # the resolved config, so every dashboard row says what it ran
-    ckpt_dir = output_dir / "checkpoints"
-    payload: dict[str, Any] = {}
-    evaluations: list = []
-    try:
-        for t, name in enumerate(names):
-            if t < start_task:
-                continue
-            log.info("=== Task %d/%d: %s ===", t + 1, len(names), name)
-            times: dict[str, float] = {}
-            pl.seed_everything(int(cfg.seed) + t, workers=True, verbose=False)
-            dm.set_task(t)
-            module.start_task(name)
-
-            tic = time.time()
-            train_set = cache.get(f"{t:02d}_{name}/train", dm.train_dataloader, with_masks=False)
-            # a seeded share of the (defect-free) training images is held out for the thresholds (0: none)
-            kept, held = holdout_split(len(train_set), share, int(cfg.seed) + 1000 * (t + 1))
-            fit_features = train_set.features if len(held) == 0 else train_set.features[kept]
-            module.model.fit_task_statistics(t, fit_features)  # before training; never changed later
-            times["extract_train_s"] = time.time() - tic
-
-            tic = time.time()
-            train_key = f"{t:02d}_{name}/train"
-            refresh = None
-            if cache.mode == "none":  # reference pipeline: the backbone runs again before every epoch
-
-                def refresh(train_key: str = train_key, kept: torch.Tensor = kept) -> torch.Tensor:
-                    features = cache.get(train_key, dm.train_dataloader, with_masks=False).features
-                    return features if len(kept) == len(features) else features[kept]
-
-            _fit_task(cfg, module, fit_features, t, name, loggers, output_dir, refresh)
-            untrainable = _check_training(tracker, module, t, name)
-            times["fit_s"] = time.time() - tic
-
-            tic = time.time()
-            model = module.model.to(device).eval()
-            router_in = router_inputs(model.router, train_set)
-            model.router.fit_task(t, router_in if len(held) == 0 else router_in[kept])
-            times["router_s"] = time.time() - tic
-
-            tic = time.time()
-            amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-            with model.merged_experts(bool(runtime.get("merge_experts", True))), amp:
-                if len(held):
-                    tic_thr = time.time()
-                    calibration.tasks[name] = _task_thresholds(model, train_set, held, router_in, t, cfg, device)
-                    times["thresholds_s"] = time.time() - tic_thr
-                evaluations = _evaluate_seen(model, cache, dm, names, t, score_cfg, device)
-            _warn_diverged(untrainable + tracker.record_round(t, evaluations))
-            times["evaluate_s"] = time.time() - tic
-
-            round_metrics = tracker.round_metrics(t)
-            for lg in loggers:
-                lg.log_metrics(round_metrics, step=t)
-            log.info(
-                "After task %s: mean image AUROC %.4f, pixel AUROC %.4f, routing %.4f (defect-free %.4f, "
-                "defective %.4f)",
-                name,
-                round_metrics["mean/image_auroc"],
-                round_metrics["mean/pixel_auroc"],
-                round_metrics["mean/routing_accuracy"],
-                round_metrics["routing/accuracy_normal"],
-                round_metrics["routing/accuracy_defective"],
-            )
-            timings["per_task"][name] = times
-            payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir, extractor.images_seen)
-            payload["run"].update(run_log)
-            if calibration.tasks:
-                payload["thresholds"] = _threshold_payload(model, cache, dm, names, evaluations, calibration, share)
-            tic = time.time()
-            extra = {
-                "summary": payload["final"],
-                "run_config": payload["config"],
-                "tracker": tracker.state_dict(),
-                "timings": timings,
-                "run_log": run_log,
-            }
-            if calibration.tasks:  # predict uses these thresholds as they are: no calibration pass
-                extra[CALIBRATION_SECTION] = calibration.to_dict()
-            task_ckpt = save_checkpoint(ckpt_dir / f"task_{t:02d}_{name}.ckpt", module, extra)
-            link_checkpoint(task_ckpt, ckpt_dir / "last.ckpt")
-            times["checkpoint_s"] = time.time() - tic
-            write_json_atomic(output_dir / "metrics.json", payload)
-            module.model.cpu()
-
-        tic = time.time()
-        payload = _payload(cfg, overrides, tracker, module, timings, started, output_dir, extractor.images_seen)
-        payload["run"].update(run_log)
-        if calibration.tasks and evaluations:
-            payload["thresholds"] = _threshold_payload(module.model, cache, dm, names, evaluations, calibration, share)
-        if evaluations:  # routing of the last round per defect type (the data set's test sub-folders / grades)
-            payload["routing"]["per_defect_type"] = {
-                ev.name: routing_by_defect_type(ev, [s.defect_type for s in dm.test_dataset(ev.task).samples])
-                for ev in evaluations
-            }
-        if any(len(dm.task_categories(i)) > 1 for i in range(len(names))) and evaluations:
-            payload["per_category"] = {}
-            for ev in evaluations:  # the last round: every task, after the last task
-                loader = lambda t=ev.task: dm.test_dataloader_for(t)  # noqa: E731 - only used if not cached
-                test_set = cache.get(f"{ev.task:02d}_{ev.name}/test", loader, with_masks=True)
-                payload["per_category"].update(
-                    category_breakdown(ev, dm.test_sample_categories(ev.task), test_set.masks)
-                )
-        if cfg.get("report", {}).get("figures", True) and evaluations:
-            payload["figures"] = write_figures(
-                output_dir,
-                dm,
-                evaluations,
-                names,
-                tracker.confusion,
-                int(cfg.report.overlays_per_task),
-                loggers,
-                tracker.confusion_by_label,
-            )
-        timings["figures_s"] = time.time() - tic
-        payload["warnings"] = _collapse_warnings(payload, module.skipped_batches)
-        for w in payload["warnings"]:
-            log.warning(w)
-        log_results_table(loggers, payload)
-        table = print_table(payload, title=f"MoLE-Flow after {len(names)} tasks ({output_dir.name})")
-        (output_dir / "results_table.txt").write_text(table)
-        payload["status"] = "finished"
-        write_json_atomic(output_dir / "metrics.json", payload)
-        return payload
-    finally:
-        _finish_loggers(loggers)
+    run.module.model.fit_task_statistics(task.t, _kept(task, task.train_set.features))
+    task.times["extract_train_s"] = time.time() - tic
 
 
-def _task_thresholds(
-    model: Any, train_set: Any, held: torch.Tensor, router_in: torch.Tensor, t: int, cfg: DictConfig, device: Any
-) -> Any:
-    """Task t's score and unknown-category thresholds from its held-out training images (training/thresholds)."""
+def _kept(task: TaskRound, values: torch.Tensor) -> torch.Tensor:
+    """The rows of ``values`` (one per training image) the task learns from (all unless some are held out)."""
+    return values if task.held is None or len(task.held) == 0 else values[task.kept]
+
+
+def train_task(run: ContinualRun, task: TaskRound) -> None:
+    """Fit task t with a fresh Trainer; a task that could not train is marked diverged."""
+    tic = time.time()
+    cache, dm = run.cache, run.dm
+    refresh = None
+    if cache.mode == "none":  # reference pipeline: the backbone runs again before every epoch
+
+        def refresh(train_key: str = _train_key(task)) -> torch.Tensor:
+            return _kept(task, cache.get(train_key, dm.train_dataloader, with_masks=False).features)
+
+    features = _kept(task, task.train_set.features)
+    _fit_task(run.cfg, run.module, features, task.t, task.name, run.loggers, run.output_dir, refresh)
+    task.untrainable = _check_training(run.tracker, run.module, task.t, task.name)
+    task.times["fit_s"] = time.time() - tic
+
+
+def fit_router(run: ContinualRun, task: TaskRound) -> None:
+    """Task t's routing prototype from its training features."""
+    tic = time.time()
+    model = run.module.model.to(run.device).eval()
+    task.router_in = router_inputs(model.router, task.train_set)
+    model.router.fit_task(task.t, _kept(task, task.router_in))
+    task.times["router_s"] = time.time() - tic
+
+
+def evaluate_seen_tasks(run: ContinualRun, task: TaskRound) -> None:
+    """Evaluate tasks 0..t task-agnostically and record the round in the tracker."""
+    tic = time.time()
+    model = run.module.model
+    amp = torch.autocast(run.device.type, dtype=run.amp_dtype) if run.amp_dtype else nullcontext()
+    with model.merged_experts(bool(run.runtime.get("merge_experts", True))), amp:
+        if task.held is not None and len(task.held):
+            tic_thr = time.time()
+            run.calibration.tasks[task.name] = _task_thresholds(run, task)
+            task.times["thresholds_s"] = time.time() - tic_thr
+        run.evaluations = _evaluate_seen(model, run.cache, run.dm, run.names, task.t, run.score_cfg, run.device)
+    _warn_diverged(task.untrainable + run.tracker.record_round(task.t, run.evaluations))
+    task.times["evaluate_s"] = time.time() - tic
+
+
+def report_round(run: ContinualRun, task: TaskRound) -> None:
+    """The round's metrics to the loggers and the console."""
+    round_metrics = run.tracker.round_metrics(task.t)
+    for lg in run.loggers:
+        lg.log_metrics(round_metrics, step=task.t)
+    log.info(
+        "After task %s: mean image AUROC %.4f, pixel AUROC %.4f, routing %.4f (defect-free %.4f, defective %.4f)",
+        task.name,
+        round_metrics["mean/image_auroc"],
+        round_metrics["mean/pixel_auroc"],
+        round_metrics["mean/routing_accuracy"],
+        round_metrics["routing/accuracy_normal"],
+        round_metrics["routing/accuracy_defective"],
+    )
+
+
+def save_round(run: ContinualRun, task: TaskRound) -> None:
+    """Checkpoint after task t (``last.ckpt`` linked to it) and metrics.json with the results so far."""
+    run.timings["per_task"][task.name] = task.times
+    run.payload = run.make_payload()
+    tic = time.time()
+    extra = {
+        "summary": run.payload["final"],
+        "run_config": run.payload["config"],
+        "tracker": run.tracker.state_dict(),
+        "timings": run.timings,
+        "run_log": run.run_log,
+    }
+    if run.calibration.tasks:  # predict uses these thresholds as they are: no calibration pass
+        extra[CALIBRATION_SECTION] = run.calibration.to_dict()
+    ckpt_dir = run.output_dir / "checkpoints"
+    task_ckpt = save_checkpoint(ckpt_dir / f"task_{task.t:02d}_{task.name}.ckpt", run.module, extra)
+    link_checkpoint(task_ckpt, ckpt_dir / "last.ckpt")
+    task.times["checkpoint_s"] = time.time() - tic
+    write_json_atomic(run.output_dir / "metrics.json", run.payload)
+    run.module.model.cpu()
+
+
+def finish_run(run: ContinualRun) -> dict[str, Any]:
+    """After the last task: per-category breakdown, figures, warnings, the results table; status finished."""
+    cfg, dm, names, evaluations = run.cfg, run.dm, run.names, run.evaluations
+    tic = time.time()
+    payload = run.make_payload()
+    if evaluations:  # routing of the last round per defect type (the data set's test sub-folders / grades)
+        payload["routing"]["per_defect_type"] = {
+            ev.name: routing_by_defect_type(ev, [s.defect_type for s in dm.test_dataset(ev.task).samples])
+            for ev in evaluations
+        }
+    if any(len(dm.task_categories(i)) > 1 for i in range(len(names))) and evaluations:
+        payload["per_category"] = {}
+        for ev in evaluations:  # the last round: every task, after the last task
+            loader = lambda t=ev.task: dm.test_dataloader_for(t)  # noqa: E731 - only used if not cached
+            test_set = run.cache.get(f"{ev.task:02d}_{ev.name}/test", loader, with_masks=True)
+            payload["per_category"].update(category_breakdown(ev, dm.test_sample_categories(ev.task), test_set.masks))
+    if cfg.get("report", {}).get("figures", True) and evaluations:
+        payload["figures"] = write_figures(
+            run.output_dir,
+            dm,
+            evaluations,
+            names,
+            run.tracker.confusion,
+            int(cfg.report.overlays_per_task),
+            run.loggers,
+            run.tracker.confusion_by_label,
+        )
+    run.timings["figures_s"] = time.time() - tic
+    payload["warnings"] = _collapse_warnings(payload, run.module.skipped_batches)
+    for w in payload["warnings"]:
+        log.warning(w)
+    log_results_table(run.loggers, payload)
+    table = print_table(payload, title=f"MoLE-Flow after {len(names)} tasks ({run.output_dir.name})")
+    (run.output_dir / "results_table.txt").write_text(table)
+    payload["status"] = "finished"
+    write_json_atomic(run.output_dir / "metrics.json", payload)
+    run.payload = payload
+    return payload
+
+
+def _task_thresholds(run: ContinualRun, task: TaskRound) -> Any:
+    """Task t's score and unknown-category thresholds from its held-out training images (training/held_out)."""
+    cfg, model, t = run.cfg, run.module.model, task.t
+    held = task.held
     scores = held_out_scores(
-        model,
-        train_set.features[held],
-        t,
-        int(cfg.model.score.top_k),
-        int(cfg.data.eval_batch_size),
-        device,
+        model, task.train_set.features[held], t, int(cfg.model.score.top_k), int(cfg.data.eval_batch_size), run.device
     )
-    distances = model.router.distances(router_in[held].to(device), t + 1)[:, t].cpu()
+    distances = model.router.distances(task.router_in[held].to(run.device), t + 1)[:, t].cpu()
     floor = float(model.router.floors(t + 1)[t])
     result = fit_task_thresholds(
         scores,
@@ -454,21 +590,21 @@ def _task_thresholds(
     return result
 
 
-def _threshold_payload(
-    model: Any, cache: FeatureCache, dm: Any, names: list[str], evaluations: list, calibration: Any, share: float
-) -> dict[str, Any]:
+def _threshold_payload(run: ContinualRun, evaluations: list) -> dict[str, Any]:
     """metrics.json's ``thresholds``: the stored thresholds and what they decide on every seen task's test set."""
+    model, calibration = run.module.model, run.calibration
     distances = {}
     for ev in evaluations:
-        test_set = cache.get(f"{ev.task:02d}_{ev.name}/test", lambda t=ev.task: dm.test_dataloader_for(t), True)
+        loader = lambda t=ev.task: run.dm.test_dataloader_for(t)  # noqa: E731 - only used if not cached
+        test_set = run.cache.get(f"{ev.task:02d}_{ev.name}/test", loader, True)
         inputs = router_inputs(model.router, test_set)
         distances[ev.task] = model.router.distances(inputs.to(model.router.means.device), len(evaluations)).cpu()
     return {
-        "calibration_share": share,
+        "calibration_share": run.calibration_share,
         "target_fpr": calibration.target_fpr,
         "unknown_rate": calibration.unknown_rate,
         "held_out_images": {n: c.score_images for n, c in calibration.tasks.items()},
-        "per_task": verdict_report(evaluations, calibration, names, distances),
+        "per_task": verdict_report(evaluations, calibration, run.names, distances),
         "note": "thresholds fitted at the end of each task on its held-out defect-free training images; "
         "fpr/recall: verdicts as predict gives them (routed, unknown category excluded); oracle_*: the true "
         "task's expert and threshold",

@@ -1,11 +1,11 @@
 """Backbone features computed once per image and reused for every epoch and every evaluation.
 
 The backbone is frozen and there is no augmentation, so re-running it every epoch (as the
-reference implementation does) only costs time. A :class:`FeatureSet` holds one split of one task:
-features F (N, H, W, D) float32, router features (N, D), labels (N,) and, for test splits, masks
-(N, S, S) uint8. ``mode="memory"`` keeps sets in RAM; ``mode="disk"`` writes them as .npy files
-and memory-maps them (for datasets larger than RAM); ``mode="none"`` recomputes on every request
-(the reference behaviour, kept for benchmarks).
+reference implementation does) only costs time. A :class:`~moleflow.models.feature_extractor.FeatureSet`
+holds one split of one task: features F (N, H, W, D) float32, router features (N, D), labels (N,)
+and, for test splits, masks (N, S, S) uint8. ``mode="memory"`` keeps sets in RAM; ``mode="disk"``
+writes them as .npy files and memory-maps them (for datasets larger than RAM); ``mode="none"``
+recomputes on every request (the reference behaviour, kept for benchmarks).
 
 A disk cache folder may be shared by runs and jobs, so its files are keyed on everything that makes the
 features: the run's fingerprint (backbone config, embedding size, image size, data root, source and
@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +27,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from moleflow.models.feature_extractor import FeatureExtractor, router_features
+from moleflow.models.feature_extractor import FeatureExtractor, FeatureSet, router_features
 from moleflow.utils.files import atomic_write
 from moleflow.utils.integrity import value_hash
 from moleflow.utils.progress import track
 
 log = logging.getLogger(__name__)
 CACHE_MODES = ("memory", "disk", "none")
-
-
-@dataclass
-class FeatureSet:
-    """Cached features of one split of one task."""
-
-    features: torch.Tensor  # (N, H, W, D) float32
-    router: torch.Tensor  # (N, D) float32: global average of features
-    labels: torch.Tensor  # (N,) int64: 0 normal, 1 anomalous
-    masks: torch.Tensor | None  # (N, S, S) uint8 ground truth at image size, None for training splits
-
-    def __len__(self) -> int:
-        return int(self.features.shape[0])
 
 
 @torch.no_grad()

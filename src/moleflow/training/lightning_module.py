@@ -78,7 +78,7 @@ class MoLEFlowLitModule(pl.LightningModule):
         return task
 
     def start_task(self, name: str) -> int:
-        """Add the task and make only its trainable set require grad (method.md 3.4)."""
+        """Add the task and make only its trainable set require grad (docs/method.md 3.4)."""
         task = self.add_task(name)
         self.current_task = task
         self.model.set_trainable(task)

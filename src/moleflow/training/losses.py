@@ -1,4 +1,4 @@
-"""Training objective (method.md 4): tail-aware NLL plus a log-determinant regulariser.
+"""Training objective (docs/method.md 4): tail-aware NLL plus a log-determinant regulariser.
 
 The tail term averages each image's k highest patch NLLs, so the flow cannot buy a low mean by
 leaving a few patches badly modelled: those rare patches are exactly where false alarms come from.

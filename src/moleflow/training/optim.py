@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule (method.md 5).
+"""Optimizer and learning-rate schedule (docs/method.md 5).
 
 Task 0: cosine decay per epoch from lr to ``min_lr_ratio * lr``. Later tasks: ``warmup_epochs``
 linear warm-up epochs (0.5 lr, then lr for 2 epochs) before the same cosine over the rest.

@@ -44,6 +44,7 @@ RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
     "task_name",
     "run_name",
     "group",
+    "table_rows",  # an ablation file's place in the study's tables (labels, reference figures)
     "trainer.model_summary",
     "trainer.enable_progress_bar",
     "trainer.log_every_n_steps",

@@ -1,7 +1,9 @@
 """Re-evaluate a trained run's checkpoint: all its tasks, task-agnostic, for several score settings.
 
 Evaluation-only settings (the image-score top-k, the pixel smoothing sigma) need no retraining:
-the NLL maps are computed once per task and every setting is scored from them.
+the NLL maps are computed once per task and every setting is scored from them. It replays the
+evaluation step of the training loop (data module, feature cache, checkpoint), so it lives with it in
+``training`` (``evaluation`` is the layer below and imports nothing from ``training``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moleflow.evaluation.anomaly_map import image_scores_topk
-from moleflow.evaluation.continual import routing_accuracy, routing_confusion
+from moleflow.evaluation.continual_metrics import routing_accuracy, routing_confusion
 from moleflow.evaluation.evaluate import ScoreConfig, TaskEvaluation, evaluate_task
 from moleflow.evaluation.metrics import METRIC_NAMES, binary_auroc, binary_average_precision
 from moleflow.training.builders import build_datamodule, build_extractor

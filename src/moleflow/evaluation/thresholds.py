@@ -298,22 +298,6 @@ def calibrated_path(path: Path | str) -> Path:
     return path.with_name(f"{path.stem}.calibrated{path.suffix or '.ckpt'}")
 
 
-def write_calibrated_checkpoint(source: Path | str, calibration: Calibration, target: Path | str) -> Path:
-    """Copy checkpoint ``source`` with ``calibration`` stored in it to ``target``, atomically.
-
-    The checkpoint is otherwise unchanged, so the copy loads wherever the original does (prediction,
-    eval.py, resuming). The source's content hash is verified first and the copy gets its own, so a
-    damaged source is never copied and a damaged copy is refused when read. Written to a unique temporary
-    file, flushed and renamed: a crash never leaves a broken file.
-    """
-    from moleflow.training.checkpoint import read_checkpoint, write_checkpoint
-
-    source, target = Path(source), Path(target)
-    checkpoint = read_checkpoint(source)
-    checkpoint["moleflow"][SECTION] = calibration.to_dict()
-    return write_checkpoint(checkpoint, target)
-
-
 def read_calibration(info: dict[str, Any]) -> Calibration | None:
     """The calibration stored in a checkpoint's ``moleflow`` section, or None if it has none."""
     data = info.get(SECTION)

@@ -2,7 +2,7 @@
 
 Kept apart from the detector so each module has one job: the detector turns images into verdicts;
 this mixin finds the per-task thresholds those verdicts use (without defect labels) and stores them.
-The threshold maths lives in :mod:`moleflow.inference.calibration`.
+The threshold maths lives in :mod:`moleflow.evaluation.thresholds`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from moleflow.inference.calibration import (
+from moleflow.evaluation.thresholds import (
     MIN_ROUTE_IMAGES,
+    SECTION,
     SOURCE_HELD_OUT,
     SOURCE_TRAINING,
     Calibration,
@@ -31,10 +32,10 @@ from moleflow.inference.calibration import (
     fpr_threshold,
     routing_report,
     tail_threshold,
-    write_calibrated_checkpoint,
 )
 from moleflow.inference.inputs import scan_inputs, try_load
 from moleflow.inference.scoring import image_scores
+from moleflow.training.checkpoint import read_checkpoint, write_checkpoint
 from moleflow.utils.progress import track
 
 log = logging.getLogger(__name__)
@@ -281,3 +282,17 @@ class CalibrationMixin:
         write_calibrated_checkpoint(self.checkpoint, self.calibration, target)
         log.info("Calibrated checkpoint written to %s.", target)
         return target
+
+
+def write_calibrated_checkpoint(source: Path | str, calibration: Calibration, target: Path | str) -> Path:
+    """Copy checkpoint ``source`` with ``calibration`` stored in it to ``target``, atomically.
+
+    The checkpoint is otherwise unchanged, so the copy loads wherever the original does (prediction,
+    eval.py, resuming). The source's content hash is verified first and the copy gets its own, so a
+    damaged source is never copied and a damaged copy is refused when read. Written to a unique temporary
+    file, flushed and renamed: a crash never leaves a broken file.
+    """
+    source, target = Path(source), Path(target)
+    checkpoint = read_checkpoint(source)
+    checkpoint["moleflow"][SECTION] = calibration.to_dict()
+    return write_checkpoint(checkpoint, target)

@@ -1,0 +1,32 @@
+"""OmegaConf resolvers the configs use. Importing ``moleflow.training`` registers them (every process that
+runs a job imports it, a launcher's worker included, and resolves the job's folder name there); the entry
+points register them again with their own ``conf/`` before Hydra composes anything.
+
+- ``${ablation_rows:TABLE}``: the ``+ablation`` sweep of a table, from the ablation files' ``table_rows``
+  (``conf/experiment/table*.yaml``), so that adding a row is one file.
+- ``${path_safe:TEXT}``: TEXT with every ``/`` written as ``-``, for folder names made from overrides
+  (``model/backbone=efficientnet_lite0`` would otherwise split a multirun job's folder in two).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from moleflow.training.ablation_rows import sweep_of
+
+
+def path_safe(text: object) -> str:
+    """One folder name from any text: path separators become ``-``."""
+    return str(text).replace("/", "-").replace("\\", "-")
+
+
+DEFAULT_CONF_DIR = Path(__file__).resolve().parents[3] / "conf"  # the repository's conf/ (src layout)
+
+
+def register_resolvers(conf_dir: Path | str = DEFAULT_CONF_DIR) -> None:
+    """Register (again, idempotently) the resolvers for the configs in ``conf_dir``."""
+    ablation_dir = Path(conf_dir) / "ablation"
+    OmegaConf.register_new_resolver("ablation_rows", lambda table: sweep_of(ablation_dir, table), replace=True)
+    OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
