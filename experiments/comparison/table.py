@@ -9,6 +9,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from moleflow.evaluation.thresholds import json_safe
+from moleflow.utils.files import atomic_write_text
+
 COLUMNS = (  # (metric key, header)
     ("image_auroc", "Img AUC"),
     ("pixel_auroc", "Pix AUC"),
@@ -87,12 +90,14 @@ def write(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """Write quality.md, quality.csv and quality.json to ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": out_dir / "quality.md", "csv": out_dir / "quality.csv", "json": out_dir / "quality.json"}
-    paths["md"].write_text(markdown(result))
+    # JSON first: the run's details hold NaN where a task has no masks (ELPV), which standard JSON has no
+    # word for, so non-finite values are written as null; a failure here must not leave only the tables
+    atomic_write_text(paths["json"], json.dumps(json_safe(result), indent=2, default=str, allow_nan=False))
+    atomic_write_text(paths["md"], markdown(result))
     buffer = io.StringIO()
     flat = rows(result)
     writer = csv.DictWriter(buffer, fieldnames=list(flat[0]))
     writer.writeheader()
     writer.writerows(flat)
-    paths["csv"].write_text(buffer.getvalue())
-    paths["json"].write_text(json.dumps(result, indent=2, default=str, allow_nan=False))
+    atomic_write_text(paths["csv"], buffer.getvalue())
     return paths
