@@ -7,8 +7,8 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from moleflow.training.continual import loss_curve_summary, task_length
 from moleflow.training.optim import lr_factor
+from moleflow.training.task_fit import loss_curve_summary, task_length
 from tests.helpers import TINY_OVERRIDES, compose_config
 
 

@@ -22,7 +22,6 @@ import math
 import platform
 import socket
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, TensorDataset
 
 from moleflow.evaluation.evaluate import (
     ScoreConfig,
@@ -50,7 +48,6 @@ from moleflow.training.builders import (
     build_extractor,
     build_loggers,
     build_module,
-    build_trainer,
     resolve_device,
     to_dict,
     to_dict_or_value,
@@ -59,13 +56,13 @@ from moleflow.training.checkpoint import link_checkpoint, load_checkpoint, read_
 from moleflow.training.config_checks import check_backbone_accepts, validate_config
 from moleflow.training.feature_cache import FeatureCache
 from moleflow.training.held_out import (
-    fit_task_thresholds,
-    held_out_scores,
     holdout_split,
     new_calibration,
-    verdict_report,
+    threshold_report,
+    thresholds_from_held_out,
 )
 from moleflow.training.resume import ResumeMismatchError, check_compatible, check_same_config, resolve_resume
+from moleflow.training.task_fit import fit_task, loss_curve_summary
 from moleflow.utils.allocator import keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -99,90 +96,6 @@ def _evaluate_seen(
         test_set = cache.get(f"{i:02d}_{names[i]}/test", lambda i=i: dm.test_dataloader_for(i), with_masks=True)
         evaluations.append(evaluate_task(model, test_set, i, names[i], t + 1, score_cfg, device, dm.has_masks(i)))
     return evaluations
-
-
-class _ReextractEachEpoch(pl.Callback):
-    """Replace the training features before every epoch after the first (``training.feature_cache=none``)."""
-
-    def __init__(self, dataset: TensorDataset, extract: Callable[[], torch.Tensor]) -> None:
-        self.dataset = dataset
-        self.extract = extract
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch > 0:
-            self.dataset.tensors = (self.extract(),)
-
-
-def _fit_task(
-    cfg: DictConfig,
-    module: Any,
-    features: torch.Tensor,
-    t: int,
-    name: str,
-    loggers: list,
-    output_dir: Path,
-    refresh: Callable[[], torch.Tensor] | None,
-) -> None:
-    """Train task t on its features (N, H, W, D) with a fresh Trainer: shuffled, drop_last, seeded."""
-    batch = int(cfg.data.train_batch_size)
-    devices = cfg.trainer.get("devices", 1)
-    if "ddp" in str(cfg.trainer.get("strategy", "")) and isinstance(devices, int) and devices > 1:
-        batch = max(1, batch // devices)  # per-device batch: the global batch stays data.train_batch_size
-    if len(features) < batch:
-        log.warning("Task %s has %d training images < batch %d: one smaller batch.", name, len(features), batch)
-    dataset = TensorDataset(features)
-    loader = DataLoader(
-        dataset,
-        batch_size=min(batch, len(features)),
-        shuffle=True,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(int(cfg.seed) + t),
-        pin_memory=torch.cuda.is_available() and bool(cfg.data.get("pin_memory", False)),
-    )
-    callbacks = [_ReextractEachEpoch(dataset, refresh)] if refresh is not None else []
-    epochs, steps = task_length(cfg.training, len(loader))
-    module.step_budget = (steps, len(loader)) if steps > 0 else None
-    trainer = build_trainer(cfg.trainer, epochs, loggers, output_dir, t == 0, callbacks, max_steps=steps)
-    module.train()
-    trainer.fit(module, train_dataloaders=loader)
-    if trainer.interrupted:  # Lightning swallows Ctrl-C; an unfinished task must not be saved as done
-        msg = f"Training of task {name} was interrupted; rerun with resume=true to continue."
-        raise KeyboardInterrupt(msg)
-
-
-def task_length(training_cfg: DictConfig, steps_per_epoch: int) -> tuple[int, int]:
-    """(epochs, optimizer steps) of one task: ``training.epochs``, or ``training.steps`` when set.
-
-    A step budget gives every task the same number of updates whatever its size (a 200-image task has
-    12 steps per epoch at batch 16: 8 epochs are 96 steps); it overrides the epochs (-1 steps = no limit).
-    """
-    steps = training_cfg.get("steps")
-    if steps is None:
-        return int(training_cfg.epochs), -1
-    return math.ceil(int(steps) / max(1, steps_per_epoch)), int(steps)
-
-
-def loss_curve_summary(losses: list[float]) -> dict[str, Any]:
-    """How a task's training loss ended: first and last values and whether the curve had flattened.
-
-    ``last_fifth_drop`` is the relative decrease of the mean loss from the fourth to the last fifth of the
-    steps; below 1 % the loss is taken as having reached its plateau (more steps would change little).
-    """
-    n = len(losses)
-    if n < 10:
-        return {"steps": n, "first": losses[0] if losses else None, "last": losses[-1] if losses else None}
-    fifth = n // 5
-    last, previous = losses[-fifth:], losses[-2 * fifth : -fifth]
-    last_mean, prev_mean = sum(last) / len(last), sum(previous) / len(previous)
-    drop = (prev_mean - last_mean) / abs(prev_mean) if prev_mean else 0.0
-    return {
-        "steps": n,
-        "first": losses[0],
-        "last_fifth_mean": last_mean,
-        "fourth_fifth_mean": prev_mean,
-        "last_fifth_drop": drop,
-        "plateau": bool(drop < 0.01),
-    }
 
 
 def _check_training(tracker: ContinualTracker, module: Any, t: int, name: str) -> list[tuple[str, str]]:
@@ -457,7 +370,7 @@ def train_task(run: ContinualRun, task: TaskRound) -> None:
             return _kept(task, cache.get(train_key, dm.train_dataloader, with_masks=False).features)
 
     features = _kept(task, task.train_set.features)
-    _fit_task(run.cfg, run.module, features, task.t, task.name, run.loggers, run.output_dir, refresh)
+    fit_task(run.cfg, run.module, features, task.t, task.name, run.loggers, run.output_dir, refresh)
     task.untrainable = _check_training(run.tracker, run.module, task.t, task.name)
     task.times["fit_s"] = time.time() - tic
 
@@ -565,50 +478,28 @@ def finish_run(run: ContinualRun) -> dict[str, Any]:
 
 
 def _task_thresholds(run: ContinualRun, task: TaskRound) -> Any:
-    """Task t's score and unknown-category thresholds from its held-out training images (training/held_out)."""
-    cfg, model, t = run.cfg, run.module.model, task.t
-    held = task.held
-    scores = held_out_scores(
-        model, task.train_set.features[held], t, int(cfg.model.score.top_k), int(cfg.data.eval_batch_size), run.device
-    )
-    distances = model.router.distances(task.router_in[held].to(run.device), t + 1)[:, t].cpu()
-    floor = float(model.router.floors(t + 1)[t])
-    result = fit_task_thresholds(
-        scores,
-        distances,
-        floor,
+    """Task t's thresholds from its held-out training images (:func:`held_out.thresholds_from_held_out`)."""
+    cfg, held = run.cfg, task.held
+    return thresholds_from_held_out(
+        run.module.model,
+        task.train_set.features[held],
+        task.router_in[held],
+        task.t,
+        int(cfg.model.score.top_k),
+        int(cfg.data.eval_batch_size),
+        run.device,
         float(cfg.training.get("calibration_fpr", 0.01)),
         float(cfg.training.get("unknown_rate", 0.01)),
     )
-    log.info(
-        "Task %d: thresholds from %d held-out images: score %.4g, unknown-category distance %.4g",
-        t,
-        len(held),
-        result.score_threshold,
-        result.route_threshold,
-    )
-    return result
 
 
 def _threshold_payload(run: ContinualRun, evaluations: list) -> dict[str, Any]:
-    """metrics.json's ``thresholds``: the stored thresholds and what they decide on every seen task's test set."""
-    model, calibration = run.module.model, run.calibration
-    distances = {}
+    """metrics.json's ``thresholds`` (:func:`held_out.threshold_report`) on every seen task's cached test set."""
+    test_sets = {}
     for ev in evaluations:
         loader = lambda t=ev.task: run.dm.test_dataloader_for(t)  # noqa: E731 - only used if not cached
-        test_set = run.cache.get(f"{ev.task:02d}_{ev.name}/test", loader, True)
-        inputs = router_inputs(model.router, test_set)
-        distances[ev.task] = model.router.distances(inputs.to(model.router.means.device), len(evaluations)).cpu()
-    return {
-        "calibration_share": run.calibration_share,
-        "target_fpr": calibration.target_fpr,
-        "unknown_rate": calibration.unknown_rate,
-        "held_out_images": {n: c.score_images for n, c in calibration.tasks.items()},
-        "per_task": verdict_report(evaluations, calibration, run.names, distances),
-        "note": "thresholds fitted at the end of each task on its held-out defect-free training images; "
-        "fpr/recall: verdicts as predict gives them (routed, unknown category excluded); oracle_*: the true "
-        "task's expert and threshold",
-    }
+        test_sets[ev.task] = run.cache.get(f"{ev.task:02d}_{ev.name}/test", loader, True)
+    return threshold_report(run.module.model, test_sets, evaluations, run.calibration, run.names, run.calibration_share)
 
 
 def _check_finished_run(done: dict[str, Any], cfg: DictConfig, run_dir: Path) -> None:

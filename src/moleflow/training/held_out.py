@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from moleflow.evaluation.anomaly_map import image_scores_topk, sanitize_nonfinite_per_image
-from moleflow.evaluation.evaluate import TaskEvaluation
+from moleflow.evaluation.evaluate import TaskEvaluation, router_inputs
 from moleflow.evaluation.thresholds import (
     MIN_ROUTE_IMAGES,
     SOURCE_HELD_OUT,
@@ -143,3 +143,58 @@ def verdict_report(
             "oracle_recall": rate(oracle, bad),
         }
     return out
+
+
+def thresholds_from_held_out(
+    model: Any,
+    features: torch.Tensor,
+    router_in: torch.Tensor,
+    t: int,
+    top_k: int,
+    batch_size: int,
+    device: Any,
+    target_fpr: float,
+    unknown_rate: float,
+) -> TaskCalibration:
+    """Task t's score and unknown-category thresholds from its held-out images' features (N, H, W, D).
+
+    ``router_in`` holds the same images' router inputs; scores come from task t's expert, distances from
+    t's router statistics (fitted without these images).
+    """
+    scores = held_out_scores(model, features, t, top_k, batch_size, device)
+    distances = model.router.distances(router_in.to(device), t + 1)[:, t].cpu()
+    floor = float(model.router.floors(t + 1)[t])
+    result = fit_task_thresholds(scores, distances, floor, target_fpr, unknown_rate)
+    log.info(
+        "Task %d: thresholds from %d held-out images: score %.4g, unknown-category distance %.4g",
+        t,
+        len(features),
+        result.score_threshold,
+        result.route_threshold,
+    )
+    return result
+
+
+def threshold_report(
+    model: Any,
+    test_sets: dict[int, Any],
+    evaluations: list[TaskEvaluation],
+    calibration: Calibration,
+    names: list[str],
+    share: float,
+) -> dict[str, Any]:
+    """metrics.json's ``thresholds``: the stored thresholds and what they decide on every seen task's test set."""
+    distances = {}
+    for ev in evaluations:
+        inputs = router_inputs(model.router, test_sets[ev.task])
+        distances[ev.task] = model.router.distances(inputs.to(model.router.means.device), len(evaluations)).cpu()
+    return {
+        "calibration_share": share,
+        "target_fpr": calibration.target_fpr,
+        "unknown_rate": calibration.unknown_rate,
+        "held_out_images": {n: c.score_images for n, c in calibration.tasks.items()},
+        "per_task": verdict_report(evaluations, calibration, names, distances),
+        "note": "thresholds fitted at the end of each task on its held-out defect-free training images; "
+        "fpr/recall: verdicts as predict gives them (routed, unknown category excluded); oracle_*: the true "
+        "task's expert and threshold",
+    }
