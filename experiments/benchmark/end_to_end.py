@@ -35,7 +35,7 @@ def bench_end_to_end(s: BenchSettings, device: torch.device, scratch: Path) -> d
         "data.categories=[stripes]",
         "logger=none",
         f"trainer={'gpu' if device.type == 'cuda' else 'cpu'}",
-        "trainer.model_summary=false",
+        "callbacks.model_summary=null",
         "report.figures=false",
     ]
     backbone = [f"model/backbone={'tiny_random' if s.e2e_backbone == 'resnet10t' else s.e2e_backbone}"]

@@ -16,7 +16,7 @@ from moleflow.models.moleflow import MoLEFlowModel
 from moleflow.models.subnet import ScaleContext
 from moleflow.training.lightning_module import MoLEFlowLitModule
 from moleflow.training.losses import LossConfig, moleflow_loss
-from moleflow.training.optim import OptimConfig, build_optimizer
+from moleflow.training.optim import DEFAULT_OPTIMIZER, build_optimizer
 
 
 # ---------------------------------------------------------------------------------------------- 2. ceiling
@@ -143,7 +143,7 @@ def bench_flow(s: BenchSettings, module: MoLEFlowLitModule, device: torch.device
     # training step: loss = tail-aware + logdet, backward, clip 0.5 (as the Trainer), AdamP step
     names = model.set_trainable(0)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, OptimConfig())
+    optimizer = build_optimizer(params, DEFAULT_OPTIMIZER)
     loss_cfg = LossConfig()
     model.train()
 

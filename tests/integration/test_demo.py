@@ -38,7 +38,7 @@ def test_one_epoch_demo_on_a_handful_of_cells(tmp_path, monkeypatch) -> None:
         "experiment=demo",
         "logger=csv",
         "trainer=cpu",
-        "trainer.model_summary=false",
+        "callbacks.model_summary=null",
         "training.epochs=1",
         "data.num_workers=0",
         "data.max_train_per_task=8",

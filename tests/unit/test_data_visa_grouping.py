@@ -159,7 +159,7 @@ def test_visa_datamodule(visa_root: Path) -> None:
 
 def test_mpdd_missing_root_names_mpdd(tmp_path: Path) -> None:
     missing = tmp_path / "mpdd"
-    dm = ContinualDataModule(missing, list(MPDD_CATEGORIES), source="mvtec", dataset_name="mpdd")
+    dm = ContinualDataModule(missing, list(MPDD_CATEGORIES), source="mvtec", name="mpdd")
     with pytest.raises(DatasetLayoutError, match=re.escape(str(missing))) as info:
         dm.setup()
     text = str(info.value)
@@ -168,11 +168,11 @@ def test_mpdd_missing_root_names_mpdd(tmp_path: Path) -> None:
     # MVTec AD (and data sets without a hint) keep MVTec's message.
     for name in (None, "mvtec"):
         with pytest.raises(DatasetLayoutError, match="mvtec.com"):
-            ContinualDataModule(missing, ["bottle"], dataset_name=name).setup()
+            ContinualDataModule(missing, ["bottle"], name=name).setup()
 
 
 def test_mpdd_missing_category_names_mpdd(synthetic_root: Path) -> None:
-    dm = ContinualDataModule(synthetic_root, ["stripes", "tubes"], dataset_name="mpdd")
+    dm = ContinualDataModule(synthetic_root, ["stripes", "tubes"], name="mpdd")
     with pytest.raises(DatasetLayoutError, match=r"'tubes' not found(.|\n)*stepanje/MPDD") as info:
         dm.setup()
     assert "mvtec.com" not in str(info.value)

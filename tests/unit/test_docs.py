@@ -16,7 +16,17 @@ DOCS = ROOT / "docs"
 CONFIG_DOC = DOCS / "configuration.md"
 
 # Apps and the group options whose keys the configuration page must cover (each option composed once).
-GROUPS = ("data", "trainer", "logger", "model/backbone", "experiment", "ablation")
+GROUPS = (
+    "data",
+    "trainer",
+    "callbacks",
+    "logger",
+    "model/backbone",
+    "model/optimizer",
+    "model/scheduler",
+    "experiment",
+    "ablation",
+)
 OPAQUE = {"table_rows"}  # free-form mappings, documented as one key
 
 

@@ -20,6 +20,7 @@ from moleflow.data.grouping import group_name, group_splits, parse_scenario
 from moleflow.data.mvtec import CategorySplit, check_category_names
 from moleflow.data.sources import DATA_SOURCES, MULTI, check_options, read_source, read_sources
 from moleflow.data.subsets import check_limit, limit_split
+from moleflow.data.synthetic import generate_synthetic_mvtec
 
 MPDD_CATEGORIES: tuple[str, ...] = (
     "bracket_black",
@@ -74,8 +75,10 @@ class ContinualDataModule(pl.LightningDataModule):
         subset_seed: Seed of those subsamples (streams keyed by the category name).
         task_groups: Scenario grouping the categories into tasks (`parse_scenario`): None (one
             category per task), "10-5", "14-1", "3x5", ... or a list of lists of category names.
-        dataset_name: Name of the data set (data.name); for MVTec-layout data sets other than MVTec AD
+        name: Name of the data set (data.name); for MVTec-layout data sets other than MVTec AD
             (e.g. "mpdd") layout errors say where that data set comes from instead of MVTec AD.
+        generate: Arguments of `generate_synthetic_mvtec` (data=generated): `prepare_data` first writes
+            that seeded tree of the categories under root (atomically; a second call returns at once).
     """
 
     def __init__(
@@ -90,11 +93,12 @@ class ContinualDataModule(pl.LightningDataModule):
         source: str = "mvtec",
         source_options: Mapping[str, Any] | None = None,
         task_groups: str | Sequence[Sequence[str]] | None = None,
-        dataset_name: str | None = None,
+        name: str | None = None,
         sources: Sequence[Mapping[str, Any]] | None = None,
         max_train_per_task: int | None = None,
         max_test_per_task: int | None = None,
         subset_seed: int = 0,
+        generate: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if source not in DATA_SOURCES:
@@ -125,10 +129,14 @@ class ContinualDataModule(pl.LightningDataModule):
         # Parsed now when the categories are known (fail before scanning), else after scanning.
         known = self._categories is not None and source != MULTI
         self._groups = parse_scenario(task_groups, self._categories) if known else None
-        if dataset_name is not None and not isinstance(dataset_name, str):
-            msg = f"dataset_name must be a string such as 'mpdd' (data.name) or None, got {dataset_name!r}."
+        if name is not None and not isinstance(name, str):
+            msg = f"data.name must be a string such as 'mpdd' or None, got {name!r}."
             raise TypeError(msg)
-        self.dataset_name = dataset_name
+        self.dataset_name = name
+        if generate and (source != "mvtec" or self._categories is None):
+            msg = "data.generate writes an MVTec-layout tree: it needs data.source=mvtec and data.categories."
+            raise ValueError(msg)
+        self.generate = dict(generate) if generate else None
         self.image_size = _positive_int("image_size", image_size)
         self.train_batch_size = _positive_int("train_batch_size", train_batch_size)
         self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
@@ -144,12 +152,14 @@ class ContinualDataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------------------------- scanning
     def prepare_data(self) -> None:
-        """Validate the whole layout early (nothing is downloaded)."""
+        """Write the generated tree (``generate``), then validate the whole layout early (nothing is downloaded)."""
+        if self.generate and self._splits is None:
+            generate_synthetic_mvtec(root=self.root, categories=list(self._categories), **self.generate)
         self._scan()
 
     def setup(self, stage: str | None = None) -> None:
-        """Scan all categories once; later calls do nothing."""
-        self._scan()
+        """Scan all categories once (after `prepare_data`, which generates a generated tree); later calls do nothing."""
+        self.prepare_data()
 
     def _read_source(self) -> list[CategorySplit]:
         """One split per category, from the configured source(s); records where each category came from."""

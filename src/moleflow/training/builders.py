@@ -8,14 +8,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
+from lightning.pytorch.callbacks import ModelSummary
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from moleflow.data.datamodule import ContinualDataModule
-from moleflow.data.synthetic import generate_synthetic_mvtec
 from moleflow.models.feature_extractor import FeatureExtractor
 from moleflow.training.lightning_module import MoLEFlowLitModule
+from moleflow.utils.instantiation import build_entry
 
 log = logging.getLogger(__name__)
 
@@ -42,64 +41,76 @@ def resolve_device(accelerator: str) -> torch.device:
     return torch.device("cpu")
 
 
-def build_datamodule(data_cfg: DictConfig) -> ContinualDataModule:
-    """The continual DataModule; ``data.generate`` (generated data) writes the tree first."""
-    gen = data_cfg.get("generate")
-    if gen:
-        generate_synthetic_mvtec(root=data_cfg.root, categories=list(data_cfg.categories), **to_dict(gen))
-    categories = data_cfg.get("categories")
-    dm = ContinualDataModule(
-        root=data_cfg.root,
-        categories=list(categories) if categories is not None else None,
-        image_size=int(data_cfg.image_size),
-        train_batch_size=int(data_cfg.train_batch_size),
-        eval_batch_size=int(data_cfg.eval_batch_size),
-        num_workers=int(data_cfg.num_workers),
-        pin_memory=bool(data_cfg.get("pin_memory", False)),
-        source=str(data_cfg.get("source", "mvtec")),
-        source_options=to_dict(data_cfg.get("source_options")),
-        task_groups=to_dict_or_value(data_cfg.get("task_groups")),
-        dataset_name=data_cfg.get("name"),
-        sources=to_dict_or_value(data_cfg.get("sources")),
-        max_train_per_task=data_cfg.get("max_train_per_task"),
-        max_test_per_task=data_cfg.get("max_test_per_task"),
-        subset_seed=int(data_cfg.get("subset_seed", 0)),
-    )
+DATAMODULE_TARGET = "moleflow.data.datamodule.ContinualDataModule"
+EXTRACTOR_TARGET = "moleflow.models.feature_extractor.FeatureExtractor"
+
+
+def _with_target(cfg: DictConfig | dict, default: str) -> dict[str, Any]:
+    """The entry as a plain dict; run configs saved before their group named a ``_target_`` get ``default``."""
+    values = to_dict(cfg)
+    values.setdefault("_target_", default)
+    return values
+
+
+def build_datamodule(data_cfg: DictConfig | dict) -> ContinualDataModule:
+    """The continual DataModule from ``data._target_``, prepared (a generated tree is written) and scanned."""
+    dm = build_entry(_with_target(data_cfg, DATAMODULE_TARGET), "data", _convert_="all")
+    if not isinstance(dm, ContinualDataModule):
+        msg = f"data._target_ built a {type(dm).__name__}, not a ContinualDataModule."
+        raise TypeError(msg)
+    dm.prepare_data()
     dm.setup()
     return dm
 
 
-def build_extractor(backbone_cfg: DictConfig, embed_dim: int) -> FeatureExtractor:
-    b = to_dict(backbone_cfg)
-    return FeatureExtractor(
-        name=b["name"],
-        layers=b["layers"],
-        embed_dim=embed_dim,
-        neighbourhood=int(b.get("neighbourhood", 3)),
-        pretrained=bool(b.get("pretrained", True)),
-        weights=b.get("weights"),
-        embedding=str(b.get("embedding", "bins_mean")),
+def build_extractor(backbone_cfg: DictConfig | dict, embed_dim: int) -> FeatureExtractor:
+    """The frozen backbone from ``model.backbone._target_``; D (``model.flow.embed_dim``) comes from the flow."""
+    extractor = build_entry(
+        _with_target(backbone_cfg, EXTRACTOR_TARGET), "model.backbone", embed_dim=embed_dim, _convert_="all"
     )
+    if not isinstance(extractor, FeatureExtractor):
+        msg = f"model.backbone._target_ built a {type(extractor).__name__}, not a FeatureExtractor."
+        raise TypeError(msg)
+    return extractor
 
 
 def build_module(model_cfg: DictConfig) -> MoLEFlowLitModule:
     return MoLEFlowLitModule(
-        flow=to_dict(model_cfg.flow), loss=to_dict(model_cfg.loss), optimizer=to_dict(model_cfg.optimizer)
+        flow=to_dict(model_cfg.flow),
+        loss=to_dict(model_cfg.loss),
+        optimizer=to_dict(model_cfg.optimizer),
+        scheduler=to_dict(model_cfg.scheduler),
     )
+
+
+def _instantiate_entries(group_cfg: DictConfig | None, key: str) -> list[tuple[str, Any]]:
+    """(name, object) for every ``_target_`` entry of a config group; null entries are switched off."""
+    built = []
+    for name, conf in to_dict(group_cfg).items():
+        if conf is None:
+            continue
+        if not isinstance(conf, dict) or "_target_" not in conf:
+            msg = f"{key}.{name} must be a mapping with a _target_ (or null to switch it off), got {conf!r}."
+            raise ValueError(msg)
+        log.info("%s %s: %s", key, name, conf["_target_"])
+        built.append((name, build_entry(conf, f"{key}.{name}")))
+    return built
 
 
 def build_loggers(logger_cfg: DictConfig | None) -> list:
     """Instantiate every logger under ``logger`` (wandb, csv; ``logger=none`` gives none)."""
-    loggers = []
-    for name, conf in to_dict(logger_cfg).items():
-        if isinstance(conf, dict) and "_target_" in conf:
-            log.info("Logger %s: %s", name, conf["_target_"])
-            loggers.append(instantiate(conf))
-    return loggers
+    return [obj for _, obj in _instantiate_entries(logger_cfg, "logger")]
+
+
+def build_callbacks(callbacks_cfg: DictConfig | None, first_task: bool) -> list[pl.Callback]:
+    """Instantiate every callback under ``callbacks``; a model summary only for the first task."""
+    callbacks = [obj for _, obj in _instantiate_entries(callbacks_cfg, "callbacks")]
+    return [c for c in callbacks if first_task or not isinstance(c, ModelSummary)]
 
 
 def build_trainer(
     trainer_cfg: DictConfig,
+    callbacks_cfg: DictConfig | None,
     epochs: int,
     loggers: list,
     output_dir: Path,
@@ -113,17 +124,14 @@ def build_trainer(
         # spawned workers receive the model and features through shared memory; the file-descriptor
         # strategy fails on some hosts ("unable to resize file"), the file-system one works everywhere
         torch.multiprocessing.set_sharing_strategy("file_system")
-    callbacks: list = [RichProgressBar(leave=True), *(extra_callbacks or [])]
-    if first_task and t.pop("model_summary", True):
-        callbacks.append(RichModelSummary(max_depth=3))
-    t.pop("model_summary", None)
+    callbacks = [*build_callbacks(callbacks_cfg, first_task), *(extra_callbacks or [])]
     return pl.Trainer(
         max_epochs=epochs,
         max_steps=max_steps,
         logger=loggers if loggers else False,
         callbacks=callbacks,
         enable_checkpointing=False,
-        enable_model_summary=first_task,
+        enable_model_summary=any(isinstance(c, ModelSummary) for c in callbacks),
         num_sanity_val_steps=0,
         default_root_dir=str(output_dir),
         **t,

@@ -16,7 +16,7 @@ from torch import nn
 
 from moleflow.models.moleflow import MoLEFlowConfig, MoLEFlowModel
 from moleflow.training.losses import LossConfig, is_unusable_loss, moleflow_loss
-from moleflow.training.optim import OptimConfig, build_optimizer, build_scheduler
+from moleflow.training.optim import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER, build_optimizer, build_scheduler
 from moleflow.utils.integrity import verify
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ class MoLEFlowLitModule(pl.LightningModule):
     Args:
         flow: :class:`MoLEFlowConfig` fields.
         loss: :class:`LossConfig` fields.
-        optimizer: :class:`OptimConfig` fields.
+        optimizer: ``model.optimizer``, a ``_target_`` entry (default: the method's AdamP).
+        scheduler: ``model.scheduler``, a ``_target_`` entry (default: the method's warm-up + cosine).
         task_names: names of the tasks added so far (restored from checkpoints).
     """
 
@@ -52,6 +53,7 @@ class MoLEFlowLitModule(pl.LightningModule):
         flow: dict[str, Any],
         loss: dict[str, Any] | None = None,
         optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
         task_names: list[str] | None = None,
     ) -> None:
         super().__init__()
@@ -59,7 +61,9 @@ class MoLEFlowLitModule(pl.LightningModule):
         self.model = MoLEFlowModel(MoLEFlowConfig.from_dict(dict(flow)))
         self.loss_cfg = LossConfig(**(loss or {}))
         self.loss_cfg.validate()
-        self.optim_cfg = OptimConfig(**(optimizer or {}))
+        # built only when a task trains, so that checkpoints load wherever their optimizer class is absent
+        self.optimizer_cfg = dict(optimizer or DEFAULT_OPTIMIZER)
+        self.scheduler_cfg = dict(scheduler or DEFAULT_SCHEDULER)
         self.task_names: list[str] = []
         self.current_task = -1
         self.counters = BatchCounters()
@@ -132,16 +136,15 @@ class MoLEFlowLitModule(pl.LightningModule):
         self.log(f"task/{self.task_name}/skipped_batches", float(self.counters.get(self.current_task)[1]))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.model.parameters(), self.optim_cfg)
+        optimizer = build_optimizer(self.model.parameters(), self.optimizer_cfg)
         # tasks after the first adapt a trained shared flow: warm up; a separated flow starts fresh like task 0
         adapting = self.current_task > 0 and self.model.config.base_sharing != "separate"
-        warmup = self.optim_cfg.warmup_epochs if adapting else 0
-        if self.step_budget is not None:  # cosine over the task's steps; warm-up: warmup_epochs epochs of steps
+        if self.step_budget is not None:  # the schedule runs per optimizer step over the task's budget
             steps, per_epoch = self.step_budget
-            scheduler = build_scheduler(optimizer, steps, warmup * per_epoch, self.optim_cfg.min_lr_ratio)
+            scheduler = build_scheduler(optimizer, self.scheduler_cfg, steps, per_epoch, adapting)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        scheduler = build_scheduler(optimizer, epochs, warmup, self.optim_cfg.min_lr_ratio)
+        scheduler = build_scheduler(optimizer, self.scheduler_cfg, epochs, 1, adapting)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ------------------------------------------------------------------------------ checkpoints

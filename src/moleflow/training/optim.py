@@ -1,44 +1,76 @@
-"""Optimizer and learning-rate schedule (docs/method.md 5).
+"""Optimizer and learning-rate schedule, built from ``_target_`` config entries (docs/method.md 5).
 
-Task 0: cosine decay per epoch from lr to ``min_lr_ratio * lr``. Later tasks: ``warmup_epochs``
-linear warm-up epochs (0.5 lr, then lr for 2 epochs) before the same cosine over the rest.
+``model.optimizer`` (``conf/model/optimizer/*.yaml``) is a partial optimizer class: Hydra's
+``instantiate`` gives a factory that receives the task's trainable parameters. A new optimizer is one
+YAML file naming its class (``_target_``) and its arguments.
 
-With a budget in optimizer steps (``training.steps``) the same shape runs per step instead: the cosine
-spans the task's steps and the warm-up lasts ``warmup_epochs`` epochs' worth of steps. An epoch of a
-200-image task is 12 steps at batch 16, so per-epoch steps would be far too coarse for a step budget.
+``model.scheduler`` (``conf/model/scheduler/*.yaml``) is a partial schedule factory called as
+``factory(optimizer, total=..., units_per_epoch=..., warm_up=...)``. The method's schedule
+(:func:`warmup_cosine`): task 0 decays by a cosine from lr to ``min_lr_ratio * lr``; later tasks first
+warm up for ``warmup_epochs`` epochs (0.5 lr, then lr for 2 epochs). With a budget in optimizer steps
+(``training.steps``) the same shape runs per step: the cosine spans the task's steps and the warm-up
+lasts ``warmup_epochs`` epochs' worth of steps (an epoch of a 200-image task is 12 steps at batch 16,
+far too coarse a unit for a step budget).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
-from timm.optim import AdamP
+
+from moleflow.utils.instantiation import build_entry
+
+OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+# The method's settings (conf/model/optimizer/adamp.yaml, conf/model/scheduler/warmup_cosine.yaml),
+# for callers without a Hydra config (benchmarks, notebooks).
+DEFAULT_OPTIMIZER: dict[str, Any] = {
+    "_target_": "timm.optim.AdamP",
+    "_partial_": True,
+    "lr": 3e-4,
+    "weight_decay": 0.01,
+}
+DEFAULT_SCHEDULER: dict[str, Any] = {
+    "_target_": "moleflow.training.optim.warmup_cosine",
+    "_partial_": True,
+    "warmup_epochs": 2,
+    "min_lr_ratio": 0.01,
+}
 
 
-@dataclass
-class OptimConfig:
-    name: str = "adamp"
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    warmup_epochs: int = 2
-    min_lr_ratio: float = 0.01
+def _factory(cfg: dict[str, Any], key: str) -> Callable[..., Any]:
+    """A partial from a ``_target_`` entry; a bad entry names the config key and what it needs."""
+    if "_target_" not in cfg:
+        msg = (
+            f"{key} needs a _target_ (a class or function to build, e.g. {DEFAULT_OPTIMIZER['_target_']}); "
+            f"got keys {sorted(cfg)}. Choose a file with {key.replace('.', '/')}=NAME (conf/{key.replace('.', '/')}/)."
+        )
+        raise ValueError(msg)
+    return build_entry({**cfg, "_partial_": True}, key)
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if not params:
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """The configured optimizer over the parameters that train (``requires_grad``)."""
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
         msg = "No trainable parameters for this task: check the ablation (e.g. no adapter and no experts)."
         raise ValueError(msg)
-    name = cfg.name.lower()
-    if name == "adamp":
-        return AdamP(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    msg = f"Unknown optimizer {cfg.name!r} (model.optimizer.name); choose adamp or adamw."
-    raise ValueError(msg)
+    optimizer = _factory(cfg, "model.optimizer")(trainable)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        msg = f"model.optimizer._target_={cfg['_target_']!r} built a {type(optimizer).__name__}, not an optimizer."
+        raise ValueError(msg)
+    return optimizer
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: dict[str, Any], total: int, units_per_epoch: int, warm_up: bool
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The configured schedule over ``total`` units (epochs, or optimizer steps with a step budget)."""
+    return _factory(cfg, "model.scheduler")(optimizer, total=total, units_per_epoch=units_per_epoch, warm_up=warm_up)
 
 
 def lr_factor(epoch: int, total_epochs: int, warmup_epochs: int, min_ratio: float) -> float:
@@ -51,8 +83,18 @@ def lr_factor(epoch: int, total_epochs: int, warmup_epochs: int, min_ratio: floa
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, total: int, warmup: int, min_ratio: float
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    total: int,
+    units_per_epoch: int,
+    warm_up: bool,
+    warmup_epochs: int = 2,
+    min_lr_ratio: float = 0.01,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR implementing :func:`lr_factor` over ``total`` units (epochs, or steps with a step budget)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, total, warmup, min_ratio))
+    """The method's schedule (:func:`lr_factor`) over ``total`` units; warm-up only when ``warm_up``.
+
+    ``warm_up`` is true for tasks after the first that adapt a trained shared flow; a first task (or a
+    separated flow, which starts fresh) has none.
+    """
+    warmup = warmup_epochs * units_per_epoch if warm_up else 0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, total, warmup, min_lr_ratio))

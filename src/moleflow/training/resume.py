@@ -45,7 +45,8 @@ RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
     "run_name",
     "group",
     "table_rows",  # an ablation file's place in the study's tables (labels, reference figures)
-    "trainer.model_summary",
+    "callbacks.progress_bar",
+    "callbacks.model_summary",
     "trainer.enable_progress_bar",
     "trainer.log_every_n_steps",
     "data.num_workers",
@@ -180,7 +181,7 @@ def resolve_resume(cfg: DictConfig, output_dir: Path, overrides: list[str]) -> R
 def check_compatible(checkpoint_hparams: dict[str, Any], run_config: dict[str, Any] | None, cfg: DictConfig) -> None:
     """Refuse to continue a run with a different model: name every mismatching key."""
     mismatches = []
-    for group in ("flow", "loss", "optimizer"):
+    for group in ("flow", "loss", "optimizer", "scheduler"):
         saved, current = checkpoint_hparams.get(group) or {}, to_dict(cfg.model[group])
         for key in sorted(saved.keys() | current.keys()):
             if saved.get(key) != current.get(key):

@@ -59,7 +59,9 @@ def fit_task(
     callbacks = [_ReextractEachEpoch(dataset, refresh)] if refresh is not None else []
     epochs, steps = task_length(cfg.training, len(loader))
     module.step_budget = (steps, len(loader)) if steps > 0 else None
-    trainer = build_trainer(cfg.trainer, epochs, loggers, output_dir, t == 0, callbacks, max_steps=steps)
+    trainer = build_trainer(
+        cfg.trainer, cfg.get("callbacks"), epochs, loggers, output_dir, t == 0, callbacks, max_steps=steps
+    )
     module.train()
     trainer.fit(module, train_dataloaders=loader)
     if trainer.interrupted:  # Lightning swallows Ctrl-C; an unfinished task must not be saved as done
