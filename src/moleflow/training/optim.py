@@ -23,9 +23,6 @@ import torch
 
 from moleflow.utils.instantiation import build_entry
 
-OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
-
 # The method's settings (conf/model/optimizer/adamp.yaml, conf/model/scheduler/warmup_cosine.yaml),
 # for callers without a Hydra config (benchmarks, notebooks).
 DEFAULT_OPTIMIZER: dict[str, Any] = {
