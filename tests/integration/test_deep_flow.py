@@ -73,7 +73,7 @@ def test_non_finite_scores_of_one_task_leave_it_out_of_the_means(tmp_path, synth
 
 def test_task_that_cannot_train_is_marked_diverged_and_the_run_goes_on(tmp_path, synthetic_root) -> None:
     """Every batch above the loss guard: the task trains nothing, is marked diverged, the run finishes."""
-    payload = _run(tmp_path, synthetic_root, ["model.loss.max_loss=0", "logger=csv"])
+    payload = _run(tmp_path, synthetic_root, ["model.loss.max_loss=1e-9", "logger=csv"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert payload["status"] == "finished"
     for name in ("stripes", "dots"):

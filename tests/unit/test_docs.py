@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from omegaconf import OmegaConf
@@ -77,6 +79,57 @@ def test_every_training_key_is_documented_and_every_documented_key_exists(tmp_pa
     assert sorted(default - documented) == [], "keys of conf/train.yaml missing from docs/configuration.md"
     assert sorted(seen - documented) == [], "keys of a group option missing from docs/configuration.md"
     assert sorted(documented - seen) == [], "docs/configuration.md documents keys no config has"
+
+
+def _schema_defaults(schema: type, prefix: str = "") -> dict[str, object]:
+    """{dotted key: default} of every scalar field of the schema (moleflow.training.schema)."""
+    out: dict[str, object] = {}
+    for f in dataclasses.fields(schema):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out.update(_schema_defaults(type(default), f"{prefix}{f.name}."))
+        elif default is not None or f.type not in ("Any", Any):
+            out[f"{prefix}{f.name}"] = default
+    return out
+
+
+def _documented_defaults() -> dict[str, str]:
+    """{key: default column text} of the training tables."""
+    out, current = {}, False
+    for line in CONFIG_DOC.read_text().splitlines():
+        if line.startswith("## "):
+            current = "`conf/train.yaml`" in line
+        row = re.match(r"^\| `([^`]+)` \| ([^|]*) \|", line)
+        if row and current:
+            out[row.group(1)] = row.group(2).strip()
+    return out
+
+
+def _same(documented: str, default: object) -> bool:
+    text = documented.strip("`")
+    if default is None or isinstance(default, bool):
+        return text == {None: "null", True: "true", False: "false"}[default]
+    if isinstance(default, int | float):
+        try:
+            return float(text) == float(default)
+        except ValueError:
+            return False
+    return text == str(default)
+
+
+def test_documented_defaults_are_the_schemas() -> None:
+    """docs/configuration.md's default column says what the schema declares, for every schema key."""
+    from moleflow.training.config_checks import STUDY_KNOBS
+    from moleflow.training.schema import TrainConfig
+
+    schema = _schema_defaults(TrainConfig)
+    documented = _documented_defaults()
+    copies = set(STUDY_KNOBS.values())  # documented as `${knob}`
+    assert len(schema) > 40
+    wrong = {
+        k: (documented.get(k), v) for k, v in schema.items() if k not in copies and not _same(documented.get(k, "?"), v)
+    }
+    assert wrong == {}, "docs/configuration.md default != schema default: {key: (doc, schema)}"
 
 
 @pytest.mark.parametrize("app", ["eval", "predict"])

@@ -32,12 +32,14 @@ def test_study_knobs_are_exactly_the_model_configs_interpolations(tmp_path: Path
 @pytest.mark.parametrize(("knob", "path"), sorted(STUDY_KNOBS.items()))
 def test_setting_a_derived_copy_is_rejected_naming_the_knob(knob: str, path: str, tmp_path: Path) -> None:
     cfg = compose_config([f"{path}=1"], tmp_path)
+    typed = OmegaConf.select(cfg, path)  # the schema types the value: 1 for an int field, 1.0 for a float one
+    assert typed == 1
     problems = config_problems(cfg)
     assert problems[0] == (
-        f"{path} is a copy of the study knob `{knob}` and cannot be set on its own (got 1); set `{knob}=1` instead, "
-        "so that the run records the value the model is built with"
+        f"{path} is a copy of the study knob `{knob}` and cannot be set on its own (got {typed}); "
+        f"set `{knob}={typed}` instead, so that the run records the value the model is built with"
     )
-    with pytest.raises(ValueError, match=re.escape(f"set `{knob}=1` instead")):
+    with pytest.raises(ValueError, match=re.escape(f"set `{knob}={typed}` instead")):
         validate_config(cfg)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from moleflow.evaluation.evaluate import ScoreConfig
 from moleflow.evaluation.thresholds import (
     Calibration,
     calibrated_path,
@@ -163,8 +164,8 @@ class MoLEFlowDetector(CalibrationMixin):
             module.model,
             list(module.task_names),
             int(run_config["data"]["image_size"]),
-            score_top_k=int(score.get("top_k", 3)),
-            pixel_sigma=float(score.get("pixel_sigma", 4.0)),
+            score_top_k=int(score.get("top_k", ScoreConfig.top_k)),
+            pixel_sigma=float(score.get("pixel_sigma", ScoreConfig.pixel_sigma)),
             calibration=calibration,
             checkpoint=path,
             run_config=run_config,

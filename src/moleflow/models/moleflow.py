@@ -26,40 +26,56 @@ from moleflow.models.mixer import SpatialContextMixer
 from moleflow.models.positional import positional_encoding_2d
 from moleflow.models.router import ROUTER_KINDS, build_router
 from moleflow.models.standardizer import STANDARDIZE_MODES, TaskStandardizer
+from moleflow.utils.settings import range_problems, setting
 
 BASE_SHARING_MODES = ("frozen", "sequential", "separate")
 ADAPTERS = ("whitening", "none")
 SHARED_KEY = "shared"  # ModuleDict key of the flow / mixer used by every task
 
 
+_ODD_KERNEL = "0 (off) or a positive odd number (an even kernel changes the patch grid)"
+
+
+def _odd_or_zero(v: int) -> bool:
+    return v == 0 or (v > 0 and v % 2 == 1)
+
+
 @dataclass
 class MoLEFlowConfig:
-    """Hyperparameters of the flow head (docs/method.md defaults = the MAIN configuration)."""
+    """Hyperparameters of the flow head: default, type and range of each ``model.flow.*`` key, once.
 
-    embed_dim: int = 768
-    ncl: int = 6
-    hidden: int = 768
-    clamp: float = 1.9
+    The defaults are the MAIN configuration (docs/method.md); the config schema registers this class for
+    ``model.flow`` (``moleflow.training.schema``), and :meth:`validate` checks the declared ranges.
+    """
+
+    embed_dim: int = setting(768, "a positive multiple of 4", lambda v: v >= 4 and v % 4 == 0)
+    ncl: int = setting(6, ">= 0 (0 = no coupling blocks)", lambda v: v >= 0)
+    hidden: int = setting(768, ">= 1", lambda v: v >= 1)
+    clamp: float = setting(1.9, "> 0", lambda v: v > 0)
     subnet_scale: float = 0.1
-    scale_context_kernel: int = 5
-    spatial_context_kernel: int = 3
+    scale_context_kernel: int = setting(5, _ODD_KERNEL, _odd_or_zero)
+    spatial_context_kernel: int = setting(3, _ODD_KERNEL, _odd_or_zero)
     mixer_gate_init: float = 0.5
-    expert_mode: str = "lora"
-    lora_rank: int = 64
+    expert_mode: str = setting("lora", choices=EXPERT_MODES)
+    lora_rank: int = setting(64, ">= 1", lambda v: v >= 1)
     lora_alpha: float = 1.0
-    adapter: str = "whitening"
+    adapter: str = setting("whitening", choices=ADAPTERS)
     adapter_gate_init_first: float = -0.7
     adapter_gate_init_later: float = 0.0
-    dia_blocks: int = 0
-    dia_clamp: float = 1.9
+    dia_blocks: int = setting(0, ">= 0 (0 = no DIA)", lambda v: v >= 0)
+    dia_clamp: float = setting(1.9, "> 0", lambda v: v > 0)
     positional_encoding: bool = True
-    standardize: str = "none"  # none (MAIN) | channel | position: task statistics applied to F before the PE
-    base_sharing: str = "frozen"
-    router_ridge: float = 1e-5
-    router: str = "prototype"  # prototype (MAIN: global mean, Mahalanobis) | positional (issue 14, docs/routing.md)
-    router_grid: int = 7  # positional: cells per side of the pooled feature grid
-    router_keep: float = 0.25  # positional: share of an image's cells (the best-fitting) that decide
-    router_variance_floor: float = 0.1  # positional: added variance, times the task's mean variance
+    # none (MAIN) | channel | position: task statistics applied to F before the PE
+    standardize: str = setting("none", choices=STANDARDIZE_MODES)
+    base_sharing: str = setting("frozen", choices=BASE_SHARING_MODES)
+    router_ridge: float = setting(1e-5, "> 0", lambda v: v > 0)
+    # prototype (MAIN: global mean, Mahalanobis) | positional (issue 14, docs/routing.md)
+    router: str = setting("prototype", choices=ROUTER_KINDS)
+    router_grid: int = setting(7, ">= 1", lambda v: v >= 1)  # positional: cells per side of the pooled grid
+    # positional: share of an image's cells (the best-fitting) that decide
+    router_keep: float = setting(0.25, "in (0, 1]", lambda v: 0 < v <= 1)
+    # positional: added variance, times the task's mean variance
+    router_variance_floor: float = setting(0.1, "> 0", lambda v: v > 0)
     permutation_seed: int = 0
 
     @classmethod
@@ -72,48 +88,10 @@ class MoLEFlowConfig:
         return cls(**values)
 
     def validate(self) -> None:
-        """Reject impossible settings early, naming the config key."""
-        checks = [
-            (
-                self.embed_dim >= 4 and self.embed_dim % 4 == 0,
-                f"embed_dim must be a positive multiple of 4, got {self.embed_dim}",
-            ),
-            (self.ncl >= 0, f"ncl must be >= 0, got {self.ncl}"),
-            (self.dia_blocks >= 0, f"dia_blocks must be >= 0, got {self.dia_blocks}"),
-            (self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}"),
-            (self.hidden >= 1, f"model.flow.hidden must be >= 1, got {self.hidden}"),
-            (
-                self.scale_context_kernel >= 0,
-                f"scale_context_kernel must be >= 0 (0 = off), got {self.scale_context_kernel}",
-            ),
-            (
-                self.spatial_context_kernel >= 0,
-                f"spatial_context_kernel must be >= 0 (0 = off), got {self.spatial_context_kernel}",
-            ),
-            (
-                self.expert_mode in EXPERT_MODES,
-                f"model.flow.expert_mode must be one of {EXPERT_MODES}, got {self.expert_mode!r}",
-            ),
-            (self.adapter in ADAPTERS, f"model.flow.adapter must be one of {ADAPTERS}, got {self.adapter!r}"),
-            (
-                self.standardize in STANDARDIZE_MODES,
-                f"model.flow.standardize must be one of {STANDARDIZE_MODES}, got {self.standardize!r}",
-            ),
-            (self.router in ROUTER_KINDS, f"model.flow.router must be one of {ROUTER_KINDS}, got {self.router!r}"),
-            (self.router_grid >= 1, f"model.flow.router_grid must be >= 1, got {self.router_grid}"),
-            (0 < self.router_keep <= 1, f"model.flow.router_keep must be in (0, 1], got {self.router_keep}"),
-            (
-                self.router_variance_floor > 0,
-                f"model.flow.router_variance_floor must be > 0, got {self.router_variance_floor}",
-            ),
-            (
-                self.base_sharing in BASE_SHARING_MODES,
-                f"model.flow.base_sharing must be one of {BASE_SHARING_MODES}, got {self.base_sharing!r}",
-            ),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
+        """Reject impossible settings early, naming the config key (the ranges declared above)."""
+        problems = range_problems(self, "model.flow")
+        if problems:
+            raise ValueError(problems[0])
 
 
 class MoLEFlowModel(nn.Module):

@@ -11,17 +11,17 @@ derived copy (``model.flow.ncl=8`` instead of ``ncl=8``) is itself a problem tha
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moleflow.training.feature_cache import CACHE_MODES
+from moleflow.training.schema import TrainConfig
+from moleflow.utils.settings import Range, ranges, value_problem
 
 if TYPE_CHECKING:
     from moleflow.models.feature_extractor import FeatureExtractor
@@ -43,39 +43,30 @@ STUDY_KNOBS: dict[str, str] = {
     "score_top_k": "model.score.top_k",
 }
 _SIMPLE_INTERPOLATION = re.compile(r"^\$\{([A-Za-z_][\w.]*)\}$")
-_ODD_KERNEL = "0 (off) or a positive odd number (an even kernel changes the patch grid)"
 
 
-@dataclass(frozen=True)
-class _Rule:
-    """One numeric key: where it lives, int or float, the allowed range as a test and in words."""
+def _schema_rules(schema: type, prefix: str = "") -> list[tuple[str, Range]]:
+    """(dotted path, range) of every field of the schema that declares one, nested dataclasses included."""
+    rules = []
+    for f in dataclasses.fields(schema):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            rules += _schema_rules(type(default), f"{prefix}{f.name}.")
+    return [(f"{prefix}{r.name}", r) for r in ranges(schema)] + rules
 
-    path: str
-    kind: type
-    ok: Callable[[Any], bool]
-    allowed: str
+
+def _target_rule(name: str, kind: type, ok: Callable[[Any], bool], allowed: str) -> Range:
+    return Range(name=name, kind=kind, ok=ok, allowed=allowed, nullable=False, choices=None)
 
 
-_RULES: tuple[_Rule, ...] = (
-    _Rule("model.flow.ncl", int, lambda v: v >= 0, ">= 0 (0 = no coupling blocks)"),
-    _Rule("model.flow.dia_blocks", int, lambda v: v >= 0, ">= 0 (0 = no DIA)"),
-    _Rule("model.flow.lora_rank", int, lambda v: v >= 1, ">= 1"),
-    _Rule("model.flow.embed_dim", int, lambda v: v >= 4 and v % 4 == 0, "a positive multiple of 4"),
-    _Rule("model.flow.hidden", int, lambda v: v >= 1, ">= 1"),
-    _Rule("model.flow.scale_context_kernel", int, lambda v: v == 0 or (v > 0 and v % 2 == 1), _ODD_KERNEL),
-    _Rule("model.flow.spatial_context_kernel", int, lambda v: v == 0 or (v > 0 and v % 2 == 1), _ODD_KERNEL),
-    _Rule("model.loss.tail_top_k_ratio", float, lambda v: 0 < v <= 1, "in (0, 1]"),
-    _Rule("model.loss.tail_weight", float, lambda v: 0 <= v <= 1, "in [0, 1]"),
-    _Rule("model.loss.lambda_logdet", float, lambda v: v >= 0, ">= 0"),
-    _Rule("model.score.top_k", int, lambda v: v >= 1, ">= 1 (and at most the patches per image)"),
-    _Rule("model.optimizer.lr", float, lambda v: v > 0, "> 0"),
-    _Rule("training.epochs", int, lambda v: v >= 1, ">= 1"),
-    _Rule("training.calibration_share", float, lambda v: 0 <= v < 1, "in [0, 1) (0 = no held-out thresholds)"),
-    _Rule("training.calibration_fpr", float, lambda v: 0 < v < 1, "in (0, 1), e.g. 0.01"),
-    _Rule("training.unknown_rate", float, lambda v: 0 < v < 1, "in (0, 1), e.g. 0.01"),
-    _Rule("data.train_batch_size", int, lambda v: v >= 1, ">= 1"),
-    _Rule("data.eval_batch_size", int, lambda v: v >= 1, ">= 1"),
-    _Rule("data.image_size", int, lambda v: v >= 1, ">= 1 (e.g. 224)"),
+# Ranges declared on the schema's fields (moleflow.training.schema), and the few arguments of _target_
+# entries (data module, optimizer) worth refusing before anything is built, in the order they are reported.
+_RULES: tuple[tuple[str, Range], ...] = (
+    *_schema_rules(TrainConfig),
+    ("model.optimizer.lr", _target_rule("lr", float, lambda v: v > 0, "> 0")),
+    ("data.train_batch_size", _target_rule("train_batch_size", int, lambda v: v >= 1, ">= 1")),
+    ("data.eval_batch_size", _target_rule("eval_batch_size", int, lambda v: v >= 1, ">= 1")),
+    ("data.image_size", _target_rule("image_size", int, lambda v: v >= 1, ">= 1 (e.g. 224)")),
 )
 
 
@@ -103,27 +94,15 @@ def _lookup(cfg: DictConfig, path: str) -> tuple[Any, str | None]:
         return None, f"cannot be resolved ({type(err).__name__}: {str(err).splitlines()[0]})"
 
 
-def _check_rule(cfg: DictConfig, rule: _Rule) -> str | None:
-    value, problem = _lookup(cfg, rule.path)
-    name = _key_name(cfg, rule.path)
+def _check_rule(cfg: DictConfig, path: str, rng: Range) -> str | None:
+    value, problem = _lookup(cfg, path)
+    name = _key_name(cfg, path)
     if problem is not None:
         return f"{name} {problem}"
     if value is _ABSENT:
         return None
-    if value is None or isinstance(value, bool):
-        return f"{name} must be {rule.allowed}, got {_shown(value)}"
-    if rule.kind is int:
-        if not isinstance(value, int):  # 4.0 too: sizes and counts reach range() and nn.Linear as given
-            return f"{name} must be an integer {rule.allowed}, got {_shown(value)} ({type(value).__name__})"
-    else:
-        if not isinstance(value, int | float):
-            hint = " (write numbers like 1.0e-4 with a dot: YAML reads 1e-4 as text)" if isinstance(value, str) else ""
-            return f"{name} must be a number {rule.allowed}, got {_shown(value)}{hint}"
-        if not math.isfinite(value):
-            return f"{name} must be a finite number {rule.allowed}, got {value}"
-    if not rule.ok(value):
-        return f"{name} must be {rule.allowed}, got {_shown(value)}"
-    return None
+    problem = value_problem(rng, value)
+    return None if problem is None else f"{name} {problem}"
 
 
 def derived_copy_problems(cfg: DictConfig) -> list[str]:
@@ -151,23 +130,7 @@ def derived_copy_problems(cfg: DictConfig) -> list[str]:
 def config_problems(cfg: DictConfig) -> list[str]:
     """Every invalid setting of ``cfg``, one sentence each naming the key; empty when all is well."""
     problems = derived_copy_problems(cfg)
-    problems += [p for rule in _RULES if (p := _check_rule(cfg, rule)) is not None]
-    steps, problem = _lookup(cfg, "training.steps")
-    if problem is not None:
-        problems.append(f"training.steps {problem}")
-    elif (
-        steps is not _ABSENT
-        and steps is not None
-        and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1)
-    ):
-        problems.append(
-            f"training.steps must be null (train for training.epochs) or an integer >= 1, got {_shown(steps)}"
-        )
-    mode, problem = _lookup(cfg, "training.feature_cache")
-    if problem is not None:
-        problems.append(f"training.feature_cache {problem}")
-    elif mode is not _ABSENT and mode not in CACHE_MODES:
-        problems.append(f"training.feature_cache must be one of {'|'.join(CACHE_MODES)}, got {_shown(mode)}")
+    problems += [p for path, rng in _RULES if (p := _check_rule(cfg, path, rng)) is not None]
     return problems
 
 

@@ -162,7 +162,7 @@ class ContinualRun:
 
     @property
     def runtime(self) -> Any:
-        return self.cfg.get("runtime") or {}
+        return self.cfg.runtime
 
     def make_payload(self) -> dict[str, Any]:
         """The metrics.json payload of the results so far (status "running")."""
@@ -234,11 +234,11 @@ def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> 
     # draws random numbers that a later run does not, which gave two different flow initialisations.
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     extractor = build_extractor(cfg.model.backbone, int(cfg.model.flow.embed_dim)).to(device)
-    runtime = cfg.get("runtime") or {}
-    if runtime.get("keep_freed_memory", True):
+    runtime = cfg.runtime  # defaults: moleflow.training.schema.RuntimeConfig
+    if runtime.keep_freed_memory:
         keep_freed_memory()  # CPU training steps were ~25 % slower re-faulting each large activation
-    amp_dtype = _amp_dtype(runtime.get("amp"))
-    extractor.configure_runtime(channels_last=bool(runtime.get("channels_last", False)), amp_dtype=amp_dtype)
+    amp_dtype = _amp_dtype(runtime.amp)
+    extractor.configure_runtime(channels_last=bool(runtime.channels_last), amp_dtype=amp_dtype)
     grid = check_backbone_accepts(extractor, int(cfg.data.image_size))
     _check_scoring(cfg, grid)
     names = dm.task_names
@@ -252,10 +252,10 @@ def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> 
             _check_finished_run(done, cfg, point.run_dir)
             log.info("resume: %s already finished; nothing to do.", point.run_dir)
             return done
-    share = float(cfg.training.get("calibration_share", 0.0) or 0.0)
+    share = float(cfg.training.calibration_share)
     calibration = new_calibration(
-        float(cfg.training.get("calibration_fpr", 0.01)),
-        float(cfg.training.get("unknown_rate", 0.01)),
+        float(cfg.training.calibration_fpr),
+        float(cfg.training.unknown_rate),
         int(cfg.model.score.top_k),
     )
     if point is not None and point.checkpoint is not None:
@@ -267,7 +267,7 @@ def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> 
     else:
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # see the note above build_extractor
         module = build_module(cfg.model)
-    if runtime.get("compile", False):
+    if runtime.compile:
         for flow in module.model.flows.values():
             flow.forward = torch.compile(flow.forward)  # per instance: state_dict keys stay the same
     timings["setup_s"] = time.time() - t0
@@ -306,13 +306,12 @@ def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> 
 
 def _feature_cache(cfg: DictConfig, extractor: Any, device: torch.device) -> FeatureCache:
     """The run's feature cache, keyed on everything that makes the features."""
-    runtime = cfg.get("runtime") or {}
-    train_cfg = cfg.training
+    runtime, train_cfg = cfg.runtime, cfg.training
     return FeatureCache(
         extractor,
         device,
         mode=str(train_cfg.feature_cache),
-        directory=train_cfg.get("feature_cache_dir"),
+        directory=train_cfg.feature_cache_dir,
         fingerprint={
             "backbone": to_dict(cfg.model.backbone),
             "d": cfg.model.flow.embed_dim,
@@ -321,8 +320,8 @@ def _feature_cache(cfg: DictConfig, extractor: Any, device: torch.device) -> Fea
             "source": cfg.data.get("source", "mvtec"),
             "source_options": to_dict(cfg.data.get("source_options")),
             "sources": to_dict_or_value(cfg.data.get("sources")),
-            "amp": str(runtime.get("amp")),
-            "channels_last": bool(runtime.get("channels_last", False)),
+            "amp": str(runtime.amp),
+            "channels_last": bool(runtime.channels_last),
         },
     )
 
@@ -389,7 +388,7 @@ def evaluate_seen_tasks(run: ContinualRun, task: TaskRound) -> None:
     tic = time.time()
     model = run.module.model
     amp = torch.autocast(run.device.type, dtype=run.amp_dtype) if run.amp_dtype else nullcontext()
-    with model.merged_experts(bool(run.runtime.get("merge_experts", True))), amp:
+    with model.merged_experts(bool(run.runtime.merge_experts)), amp:
         if task.held is not None and len(task.held):
             tic_thr = time.time()
             run.calibration.tasks[task.name] = _task_thresholds(run, task)
@@ -488,8 +487,8 @@ def _task_thresholds(run: ContinualRun, task: TaskRound) -> Any:
         int(cfg.model.score.top_k),
         int(cfg.data.eval_batch_size),
         run.device,
-        float(cfg.training.get("calibration_fpr", 0.01)),
-        float(cfg.training.get("unknown_rate", 0.01)),
+        float(cfg.training.calibration_fpr),
+        float(cfg.training.unknown_rate),
     )
 
 

@@ -11,26 +11,22 @@ from dataclasses import dataclass
 
 import torch
 
+from moleflow.utils.settings import range_problems, setting
+
 
 @dataclass
 class LossConfig:
-    """Loss weights; defaults are MAIN. ``max_loss`` is the guard above which a batch is skipped."""
+    """Loss weights (``model.loss.*``): default (MAIN), type and range, once; a batch above ``max_loss`` is skipped."""
 
-    tail_weight: float = 0.7
-    tail_top_k_ratio: float = 0.02
-    lambda_logdet: float = 1e-4
-    max_loss: float = 1e8
+    tail_weight: float = setting(0.7, "in [0, 1]", lambda v: 0 <= v <= 1)
+    tail_top_k_ratio: float = setting(0.02, "in (0, 1]", lambda v: 0 < v <= 1)
+    lambda_logdet: float = setting(1e-4, ">= 0", lambda v: v >= 0)
+    max_loss: float = setting(1e8, "> 0", lambda v: v > 0)
 
     def validate(self) -> None:
-        if not 0.0 < self.tail_top_k_ratio <= 1.0:
-            msg = f"tail_top_k_ratio must be in (0, 1], got {self.tail_top_k_ratio}."
-            raise ValueError(msg)
-        if not 0.0 <= self.tail_weight <= 1.0:
-            msg = f"tail_weight must be in [0, 1], got {self.tail_weight}."
-            raise ValueError(msg)
-        if self.lambda_logdet < 0:
-            msg = f"lambda_logdet must be >= 0, got {self.lambda_logdet}."
-            raise ValueError(msg)
+        problems = range_problems(self, "model.loss")
+        if problems:
+            raise ValueError(problems[0])
 
 
 def tail_k(num_patches: int, ratio: float) -> int:
