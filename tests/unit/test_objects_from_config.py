@@ -67,6 +67,23 @@ def test_schedule_from_config_is_the_methods_warmup_cosine(tmp_path: Path) -> No
     assert later.lr_lambdas[0](0) == pytest.approx(1.0)
 
 
+def test_adapt_lr_scale_scales_only_the_tasks_that_adapt_the_shared_flow(tmp_path: Path) -> None:
+    cfg = compose_config([*TINY_OVERRIDES, "model.scheduler.adapt_lr_scale=3"], tmp_path)
+    _, first = _optimizer_and_schedule(cfg, tasks=1)
+    _, later = _optimizer_and_schedule(cfg, tasks=2)
+    assert [first.lr_lambdas[0](e) for e in range(5)] == [lr_factor(e, 5, 0, 0.01) for e in range(5)]
+    assert [later.lr_lambdas[0](e) for e in range(5)] == pytest.approx([3 * lr_factor(e, 5, 2, 0.01) for e in range(5)])
+    separated = compose_config(
+        [*TINY_OVERRIDES, "+ablation=complete_separated", "model.scheduler.adapt_lr_scale=3"], tmp_path
+    )
+    _, fresh = _optimizer_and_schedule(separated, tasks=2)  # a separated flow starts fresh: not adapting
+    assert [fresh.lr_lambdas[0](e) for e in range(5)] == [lr_factor(e, 5, 0, 0.01) for e in range(5)]
+    with pytest.raises(ValueError, match=r"adapt_lr_scale must be > 0"):
+        _optimizer_and_schedule(
+            compose_config([*TINY_OVERRIDES, "model.scheduler.adapt_lr_scale=0"], tmp_path), tasks=2
+        )
+
+
 def test_step_budget_warms_up_for_warmup_epochs_worth_of_steps() -> None:
     from moleflow.training.optim import build_scheduler
 

@@ -36,6 +36,7 @@ DEFAULT_SCHEDULER: dict[str, Any] = {
     "_partial_": True,
     "warmup_epochs": 2,
     "min_lr_ratio": 0.01,
+    "adapt_lr_scale": 1.0,
 }
 
 
@@ -87,11 +88,18 @@ def warmup_cosine(
     warm_up: bool,
     warmup_epochs: int = 2,
     min_lr_ratio: float = 0.01,
+    adapt_lr_scale: float = 1.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The method's schedule (:func:`lr_factor`) over ``total`` units; warm-up only when ``warm_up``.
 
     ``warm_up`` is true for tasks after the first that adapt a trained shared flow; a first task (or a
-    separated flow, which starts fresh) has none.
+    separated flow, which starts fresh) has none. ``adapt_lr_scale`` multiplies the whole schedule of
+    those adapting tasks only (1 = the method): their experts start from zero on a frozen base, so they
+    may want a larger step than the base did, without changing how task 0 trains.
     """
+    if not adapt_lr_scale > 0:
+        msg = f"model.scheduler.adapt_lr_scale must be > 0 (1 = the method's schedule), got {adapt_lr_scale}"
+        raise ValueError(msg)
     warmup = warmup_epochs * units_per_epoch if warm_up else 0
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, total, warmup, min_lr_ratio))
+    scale = adapt_lr_scale if warm_up else 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: scale * lr_factor(e, total, warmup, min_lr_ratio))
