@@ -25,6 +25,7 @@ def test_quality_preset_needs_no_override_beyond_the_data(tmp_path: Path, synthe
     assert cfg.model.backbone.name == "efficientnet_lite0" and cfg.model.backbone.embedding == "pool_concat"
     assert (flow.embed_dim, flow.standardize, flow.adapter) == (152, "position", "none")
     assert cfg.training.steps == 300
+    assert (cfg.dia_blocks, cfg.model.scheduler.adapt_lr_scale) == (2, 10.0)  # docs/quality.md
 
     payload = train(compose_config([*data, *QUICK], tmp_path / "run"))  # the same, shortened to 2 steps a task
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
