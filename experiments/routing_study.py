@@ -1,7 +1,7 @@
 """Routing of defect-free and defective test images, router beside router, without training a flow.
 
     python experiments/routing_study.py [--preset demo] [--data elpv] [--max-train 200] [--max-test 200]
-                                        [--router prototype] [--router positional:grid=7,keep=0.25]
+                                        [--router prototype] [--router positional:grid=14,keep=0.1,global_vote=1]
                                         [--holdout 0.1] [--cache DIR] [--out DIR] [-o OVERRIDE ...]
     python experiments/routing_study.py --runs RUN_DIR [RUN_DIR ...]    (the routing of finished runs, side by side)
 
@@ -47,12 +47,17 @@ DEFAULT_ROUTERS = ("prototype", "positional")
 
 
 def parse_router(spec: str, defaults: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """``positional:grid=7,keep=0.25`` -> ("positional", {grid: 7, keep: 0.25, ...defaults})."""
+    """``positional:grid=14,keep=0.1,global_vote=1`` -> ("positional", {grid: 14, keep: 0.1, ...defaults})."""
     kind, _, rest = spec.partition(":")
     options = dict(defaults)
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        options[key] = float(value) if key != "grid" else int(value)
+        if key == "grid":
+            options[key] = int(value)
+        elif key == "global_vote":
+            options[key] = value.lower() in ("1", "true", "yes")
+        else:
+            options[key] = float(value)
     return kind, options
 
 
@@ -87,6 +92,7 @@ def study(cfg: Any, specs: list[str], cache_dir: Path | None, holdout: float = 0
         "grid": int(flow.router_grid),
         "keep": float(flow.router_keep),
         "variance_floor": float(flow.router_variance_floor),
+        "global_vote": bool(flow.router_global_vote),
     }
     results: dict[str, Any] = {
         "tasks": names,
@@ -99,13 +105,16 @@ def study(cfg: Any, specs: list[str], cache_dir: Path | None, holdout: float = 0
     }
     for spec in specs:
         kind, options = parse_router(spec, defaults)
+        if kind == "prototype":
+            options = {"ridge": options["ridge"]}
         router = build_router(kind, int(flow.embed_dim), **options)
-        held_inputs = []
+        held_inputs, kept_inputs = [], []
         for t, feats in enumerate(train):
             inputs = router.summarize(feats.features) if kind != "prototype" else feats.router
             kept, held = holdout_split(len(inputs), holdout, int(cfg.seed) + 1000 * (t + 1))  # as training does
             router.fit_task(t, inputs[kept])
             held_inputs.append(inputs[held])
+            kept_inputs.append(inputs[kept])
         thresholds = torch.tensor(
             [
                 tail_threshold(router.distances(x, t + 1)[:, t].numpy(), 0.01, float(router.floors(t + 1)[t]))
@@ -122,7 +131,13 @@ def study(cfg: Any, specs: list[str], cache_dir: Path | None, holdout: float = 0
             routed = dists.argmin(dim=1)
             unknown = (dists > thresholds[None, :]).all(dim=1)
             others = [k for k in range(len(names)) if k != t]  # task t never trained: flagged by the others?
-            never = (dists[:, others] > thresholds[others][None, :]).all(dim=1) if others else unknown
+            if others:  # a router fitted on the other tasks only (the vote must not see task t either)
+                without = router.empty_copy()
+                for i, k in enumerate(others):
+                    without.fit_task(i, kept_inputs[k])
+                never = (without.distances(inputs, len(others)) > thresholds[others][None, :]).all(dim=1)
+            else:
+                never = unknown
             true.append(torch.full_like(routed, t))
             pred.append(routed)
             labels.append(feats.labels)

@@ -18,16 +18,22 @@ def test_demo_config_composes(tmp_path) -> None:
     assert cfg.model.backbone.name == "efficientnet_lite0" and cfg.model.backbone.weights == "packaged"
     assert cfg.model.flow.ncl == 6 and cfg.model.flow.expert_mode == "lora"
     assert cfg.model.flow.router == "positional" and cfg.training.calibration_share == 0.1  # issue 14
+    flow = cfg.model.flow
+    assert (flow.router_grid, flow.router_keep, flow.router_global_vote) == (14, 0.1, True)  # model/router=robust
 
 
 def test_quality_and_similar_routing_presets_compose(tmp_path) -> None:
     cfg = compose_config(["experiment=quality_cpu"], tmp_path)
     assert cfg.model.flow.router == "positional" and cfg.training.calibration_share == 0.1
+    assert cfg.model.flow.router_global_vote and cfg.model.flow.router_grid == 14
     assert compose_config(["+ablation=main"], tmp_path).model.flow.router == "prototype"  # MAIN unchanged
     assert compose_config(["+ablation=main"], tmp_path).training.calibration_share == 0.0
     similar = compose_config(["experiment=similar_routing"], tmp_path)
     assert similar.data.name == "real_sequence" and similar.training.calibration_share == 0.1
-    assert str(similar.hydra.sweeper.params["model.flow.router"]) == "prototype,positional"
+    assert str(similar.hydra.sweeper.params["model/router"]) == "prototype,robust"
+    assert compose_config(["experiment=similar_routing", "model/router=prototype"], tmp_path).model.flow.router == (
+        "prototype"
+    )
 
 
 def test_one_epoch_demo_on_a_handful_of_cells(tmp_path, monkeypatch) -> None:

@@ -1,5 +1,6 @@
-"""A tiny 3-task run with ``model.flow.router=positional`` and thresholds made in training (3 of each task's 12
-training images held out): training, checkpoints, metrics.json's verdicts, predict without a calibration pass."""
+"""A tiny 3-task run with ``model/router=robust`` (positional cells + global vote) and thresholds made in training
+(3 of each task's 12 training images held out): training, checkpoints, metrics.json's verdicts, predict without a
+calibration pass."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def positional_run(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Pat
 
     out = tmp_path_factory.mktemp("positional_run")
     overrides = [*TINY_OVERRIDES, f"data.root={synthetic_root}", "data.generate=null"]
-    overrides += ["model.flow.router=positional", "model.flow.router_grid=4", "training.calibration_share=0.25"]
+    # the presets' router (positional cells with the global vote) on a 4 x 4 grid: 16 cells of the tiny patch grid
+    overrides += ["model/router=robust", "model.flow.router_grid=4", "training.calibration_share=0.25"]
     cfg = compose_config(overrides, out)
     train(cfg)
     return out, overrides
@@ -46,6 +48,9 @@ def test_run_routes_with_the_positional_router_and_never_changes_earlier_statist
     assert isinstance(last, PositionalRouter) and last.num_tasks == 3 and last.grid == 4
     assert last.train_counts.tolist() == [9, 9, 9]  # 3 of 12 images per task held out for the thresholds
     assert torch.equal(first.means[0], last.means[0]) and torch.equal(first.variances[0], last.variances[0])
+    assert last.global_vote and last.global_router is not None  # the vote's global Gaussians are in the checkpoint
+    assert torch.equal(first.global_router.means[0], last.global_router.means[0])
+    assert torch.equal(first.global_router.precisions[0], last.global_router.precisions[0])
 
 
 def test_predict_flags_never_trained_categories_and_not_known_ones(

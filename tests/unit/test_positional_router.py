@@ -15,7 +15,7 @@ import torch
 
 from moleflow.evaluation.thresholds import cross_validated_distances, tail_threshold
 from moleflow.models.moleflow import MoLEFlowConfig, MoLEFlowModel
-from moleflow.models.router import PositionalRouter, PrototypeRouter, build_router
+from moleflow.models.router import PositionalRouter, PrototypeRouter, _ranks, build_router
 
 H = W = 14
 D = 8
@@ -141,3 +141,72 @@ def test_model_builds_the_configured_router_and_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="larger than the patch grid"):
         router.summarize(torch.zeros(1, H, W, D))
     assert math.isfinite(float(PositionalRouter(D).floors(0).sum()))
+
+
+# ---------------------------------------------------------------- global vote (model/router=robust)
+def _vote_router() -> PositionalRouter:
+    """Three tasks whose local and global statistics are set by hand, so every rank is known."""
+    router = PositionalRouter(2, grid=1, keep=1.0, global_vote=True)
+    router.resize(3)
+    router.means[:, 0, 0] = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    router.variances.fill_(1.0)
+    assert router.global_router is not None
+    router.global_router.means[:] = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    return router
+
+
+def test_vote_picks_the_smallest_rank_sum_and_keeps_the_chosen_distance() -> None:
+    router = _vote_router()
+    x = torch.tensor([[1.0, 1.8]])[:, None, None, :]  # local ranks (0, 2, 1) by construction
+    local = router.local_distances(x)
+    assert local.argmin(dim=1).item() == 0
+    # the global Gaussian ranks task 0 last and task 2 first: rank sums 2, 3, 1 -> task 2
+    router.global_router.means[0] = torch.tensor([-9.0, -9.0], dtype=torch.float64)
+    router.global_router.means[2] = torch.tensor([1.0, 1.8], dtype=torch.float64)
+    d = router.distances(x)
+    assert d.argmin(dim=1).item() == 2 and router.route(x)[0].item() == 2
+    assert d[0, 2] == local[0, 2]  # the chosen task's distance is its own
+    assert (d[0, :2] > d[0, 2]).all() and (d[0, :2] >= local[0, :2]).all()  # the others raised above it
+    # equal rank sums go to the local router's choice: global ranks (1, 2, 0) give sums 1, 4, 1 -> task 0
+    router.global_router.means[0] = torch.tensor([0.0, 4.0], dtype=torch.float64)
+    assert _ranks(router.global_router.distances(x.mean(dim=(1, 2)))).tolist() == [[1, 2, 0]]
+    assert router.distances(x).argmin(dim=1).item() == 0
+
+
+def test_vote_keeps_earlier_statistics_and_one_task_routes_home() -> None:
+    gen = torch.Generator().manual_seed(0)
+    router = PositionalRouter(D, grid=7, keep=0.25, global_vote=True)
+    router.fit_task(0, router.summarize(_images("a", 30, gen)))
+    queries = router.summarize(_images("a_defective", 10, gen))
+    assert torch.equal(router.distances(queries), router.local_distances(queries))  # one task: no vote
+    state = {k: v.clone() for k, v in router.state_dict().items()}
+    local = router.local_distances(queries).clone()
+    router.fit_task(1, router.summarize(_images("b", 30, gen)))
+    router.fit_task(2, router.summarize(_images("c", 30, gen)))
+    for key, value in state.items():  # task 0's cell Gaussians and global Gaussian, bit-identical
+        assert torch.equal(router.state_dict()[key][:1], value[:1]), key
+    assert torch.equal(router.local_distances(queries)[:, :1], local)
+    assert set(state) == {
+        "means",
+        "variances",
+        "train_counts",
+        "global_router.means",
+        "global_router.precisions",
+        "global_router.train_counts",
+    }
+
+
+def test_vote_routes_defect_free_and_defective_images_home_on_the_generated_case() -> None:
+    voting = _fit(PositionalRouter(D, grid=7, keep=0.25, global_vote=True), torch.Generator().manual_seed(0))
+    assert (_routed(voting, "a", torch.Generator().manual_seed(1)) == 0).all()
+    assert (_routed(voting, "b", torch.Generator().manual_seed(2)) == 1).all()
+    assert (_routed(voting, "a_defective", torch.Generator().manual_seed(3)) == 0).all()
+
+
+def test_vote_needs_the_positional_router_and_has_its_own_state_keys() -> None:
+    with pytest.raises(ValueError, match="router_global_vote needs model.flow.router=positional"):
+        MoLEFlowModel(MoLEFlowConfig(embed_dim=8, ncl=0, hidden=8, router_global_vote=True))
+    plain = PositionalRouter(D)
+    assert plain.global_router is None and not any(k.startswith("global_router") for k in plain.state_dict())
+    copy = PositionalRouter(D, grid=3, keep=0.5, global_vote=True, ridge=1e-3).empty_copy()
+    assert copy.global_vote and copy.global_router is not None and copy.global_router.ridge == 1e-3

@@ -76,6 +76,8 @@ class MoLEFlowConfig:
     router_keep: float = setting(0.25, "in (0, 1]", lambda v: 0 < v <= 1)
     # positional: added variance, times the task's mean variance
     router_variance_floor: float = setting(0.1, "> 0", lambda v: v > 0)
+    # positional: the rank of a global Gaussian votes too (issue 14, docs/routing.md)
+    router_global_vote: bool = False
     permutation_seed: int = 0
 
     @classmethod
@@ -114,6 +116,7 @@ class MoLEFlowModel(nn.Module):
             grid=config.router_grid,
             keep=config.router_keep,
             variance_floor=config.router_variance_floor,
+            global_vote=config.router_global_vote,
         )
         self.num_tasks = 0
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}

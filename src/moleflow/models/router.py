@@ -17,6 +17,15 @@ task (poly's mottled grain) pay for its breadth, so an image does not go there m
 likely under a wide Gaussian. Each task's statistics come from its own training images only and never change
 afterwards (zero forgetting). Distances can be negative; ``floors()`` gives, per task, a value no distance
 goes below (the unknown-category threshold works on ``distance - floor``).
+
+``global_vote`` (``model.flow.router_global_vote``): with few deciding cells, a broad task whose cells are each
+wide (Magnetic Tile's varied tiles) can win an ordinary image of another task on a handful of cells. The
+global Gaussian of the prototype router, which sees the whole image, never does that, and fails on the
+opposite case (a defect moving the whole image). With the vote, each task keeps both statistics; the image
+goes to the task with the smallest sum of its two ranks (positional and global), ties going to the
+positional router's choice. The distances stay the positional ones, raised for the other tasks to just above
+the chosen task's, so that every caller's ``argmin`` is the vote and the unknown-category thresholds keep
+their meaning.
 """
 
 from __future__ import annotations
@@ -123,12 +132,21 @@ class PrototypeRouter(nn.Module):
 class PositionalRouter(nn.Module):
     """Per-task diagonal Gaussians per cell of a G x G pooled feature grid; see the module docstring.
 
-    Buffers: ``means`` and ``variances`` (T, G, G, D) float64 (variances include the floor), ``train_counts`` (T,).
+    Buffers: ``means`` and ``variances`` (T, G, G, D) float64 (variances include the floor), ``train_counts`` (T,);
+    with ``global_vote`` also ``global_router`` (a :class:`PrototypeRouter` of the mean of the G x G cells).
     """
 
     kind = "positional"
 
-    def __init__(self, dim: int, grid: int = 4, keep: float = 0.5, variance_floor: float = 1e-2) -> None:
+    def __init__(
+        self,
+        dim: int,
+        grid: int = 4,
+        keep: float = 0.5,
+        variance_floor: float = 1e-2,
+        global_vote: bool = False,
+        ridge: float = 1e-5,
+    ) -> None:
         super().__init__()
         if grid < 1:
             msg = f"model.flow.router_grid must be >= 1 (cells per side), got {grid}."
@@ -143,6 +161,9 @@ class PositionalRouter(nn.Module):
         self.grid = grid
         self.keep = keep
         self.variance_floor = variance_floor
+        self.global_vote = global_vote
+        # Only built with the vote, so checkpoints of the plain positional router keep their state keys.
+        self.global_router = PrototypeRouter(dim, ridge=ridge) if global_vote else None
         self.register_buffer("means", torch.zeros(0, grid, grid, dim, dtype=torch.float64))
         self.register_buffer("variances", torch.ones(0, grid, grid, dim, dtype=torch.float64))
         self.register_buffer("train_counts", torch.zeros(0, dtype=torch.int64))
@@ -165,7 +186,8 @@ class PositionalRouter(nn.Module):
         return pooled.permute(0, 2, 3, 1).contiguous()
 
     def empty_copy(self) -> PositionalRouter:
-        return PositionalRouter(self.dim, self.grid, self.keep, self.variance_floor)
+        ridge = self.global_router.ridge if self.global_router is not None else 1e-5
+        return PositionalRouter(self.dim, self.grid, self.keep, self.variance_floor, self.global_vote, ridge)
 
     def resize(self, num_tasks: int) -> None:
         """Make room for ``num_tasks`` tasks (zero means, unit variances), e.g. before loading a checkpoint."""
@@ -177,6 +199,8 @@ class PositionalRouter(nn.Module):
         self.means = torch.cat([self.means, torch.zeros(shape, dtype=torch.float64, device=dev)])
         self.variances = torch.cat([self.variances, torch.ones(shape, dtype=torch.float64, device=dev)])
         self.train_counts = torch.cat([self.train_counts, torch.zeros(extra, dtype=torch.int64, device=dev)])
+        if self.global_router is not None:
+            self.global_router.resize(num_tasks)
 
     @torch.no_grad()
     def fit_task(self, task: int, summaries: torch.Tensor) -> None:
@@ -201,6 +225,8 @@ class PositionalRouter(nn.Module):
         self.means[task] = mean
         self.variances[task] = var + self.variance_floor * scale
         self.train_counts[task] = n
+        if self.global_router is not None:
+            self.global_router.fit_task(task, summaries.mean(dim=(1, 2)))
 
     @torch.no_grad()
     def cell_nll(self, summaries: torch.Tensor, num_tasks: int | None = None) -> torch.Tensor:
@@ -218,11 +244,29 @@ class PositionalRouter(nn.Module):
         return torch.stack(out, dim=1)
 
     @torch.no_grad()
-    def distances(self, summaries: torch.Tensor, num_tasks: int | None = None) -> torch.Tensor:
-        """Distance (B, T) of each image to each task: mean NLL of its ``keep`` best-fitting cells."""
+    def local_distances(self, summaries: torch.Tensor, num_tasks: int | None = None) -> torch.Tensor:
+        """Mean NLL (B, T) of each image's ``keep`` best-fitting cells under each task (no vote)."""
         nll = self.cell_nll(summaries, num_tasks)
-        best = torch.topk(nll, self.kept_cells, dim=-1, largest=False).values
-        return best.mean(dim=-1)
+        return torch.topk(nll, self.kept_cells, dim=-1, largest=False).values.mean(dim=-1)
+
+    @torch.no_grad()
+    def distances(self, summaries: torch.Tensor, num_tasks: int | None = None) -> torch.Tensor:
+        """Distance (B, T) of each image to each task: :meth:`local_distances`.
+
+        With ``global_vote`` the other tasks' distances are raised to just above the voted task's (see the
+        module docstring), so ``argmin`` gives the vote; the voted task's own distance is unchanged.
+        """
+        dist = self.local_distances(summaries, num_tasks)
+        if self.global_router is None or dist.shape[1] < 2:
+            return dist
+        glob = self.global_router.distances(summaries.mean(dim=(1, 2)), dist.shape[1])
+        t = dist.shape[1]
+        rank_local, rank_global = _ranks(dist), _ranks(glob)
+        chosen = ((rank_local + rank_global) * t + rank_local).argmin(dim=1, keepdim=True)  # (B, 1)
+        floor = dist.gather(1, chosen)
+        raised = torch.maximum(dist, torch.nextafter(floor, torch.full_like(floor, math.inf)))
+        is_chosen = torch.arange(t, device=dist.device)[None, :] == chosen
+        return torch.where(is_chosen, dist, raised)
 
     def floors(self, num_tasks: int | None = None) -> torch.Tensor:
         """A value no distance to task t goes below (T,): the smallest cell's ``0.5 * sum_d log var_d``."""
@@ -237,13 +281,27 @@ class PositionalRouter(nn.Module):
         return idx, best
 
 
+def _ranks(d: torch.Tensor) -> torch.Tensor:
+    """Rank (0 = nearest) of every task per image, (B, T) -> (B, T) int64; ties keep task order."""
+    return torch.argsort(torch.argsort(d, dim=1, stable=True), dim=1)
+
+
 def build_router(
-    kind: str, dim: int, ridge: float = 1e-5, grid: int = 4, keep: float = 0.5, variance_floor: float = 1e-2
+    kind: str,
+    dim: int,
+    ridge: float = 1e-5,
+    grid: int = 4,
+    keep: float = 0.5,
+    variance_floor: float = 1e-2,
+    global_vote: bool = False,
 ) -> PrototypeRouter | PositionalRouter:
     """The router ``model.flow.router`` names."""
     if kind == "prototype":
+        if global_vote:
+            msg = "model.flow.router_global_vote needs model.flow.router=positional (the prototype router is global)."
+            raise ValueError(msg)
         return PrototypeRouter(dim, ridge=ridge)
     if kind == "positional":
-        return PositionalRouter(dim, grid=grid, keep=keep, variance_floor=variance_floor)
+        return PositionalRouter(dim, grid, keep, variance_floor, global_vote, ridge)
     msg = f"model.flow.router must be one of {ROUTER_KINDS}, got {kind!r}."
     raise ValueError(msg)
