@@ -147,6 +147,8 @@ def study(cfg: Any, specs: list[str], cache_dir: Path | None, holdout: float = 0
                 keep = feats.labels == label
                 row[key] = float((routed[keep] == t).double().mean()) if keep.any() else None
                 row[f"unknown_{key}"] = float(unknown[keep].double().mean()) if keep.any() else None
+                # routed to another task and not flagged unknown: the case predict cannot warn about
+                row[f"silent_{key}"] = int(((routed != t) & ~unknown)[keep].sum())
             row["flagged_if_never_trained"] = float(never.double().mean())
             row["per_defect_type"] = {
                 k: float((routed[torch.tensor([d == k for d in kinds])] == t).double().mean())
@@ -206,6 +208,12 @@ def markdown(results: dict[str, Any], command: str) -> str:
             row = r["per_task"][n]
             for key in ("unknown_normal", "unknown_defective", "flagged_if_never_trained"):
                 cells.append("n/a" if row[key] is None else f"{100 * row[key]:.1f}")
+        lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
+    lines += ["", "Test images routed to another task and not flagged unknown (count, defect-free / defective):", ""]
+    lines.append("| router | " + " | ".join(names) + " |")
+    lines.append("|---" * (len(names) + 1) + "|")
+    for spec, r in results["routers"].items():
+        cells = [f"{r['per_task'][n]['silent_normal']} / {r['per_task'][n]['silent_defective']}" for n in names]
         lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
     for spec, r in results["routers"].items():
         off = [n for n, thr in zip(names, r["route_thresholds"], strict=True) if thr == float("inf")]

@@ -113,9 +113,11 @@ def test_calibration_report_counts_unknown_and_misrouted_per_label() -> None:
         "flagged_unknown": 1,
         "routed_to_other_task_rate": 0.5,
         "unknown_rate": 0.5,
+        "misrouted_not_unknown": 0,
     }
     assert out["defective"]["images"] == 3
     assert out["defective"]["routed_to_other_task"] == 2 and out["defective"]["flagged_unknown"] == 1
+    assert out["defective"]["misrouted_not_unknown"] == 1  # image 2 only: image 3 is flagged unknown
     assert out["defective"]["unknown_rate"] == 1 / 3
     empty = routing_report(dists[:2], 0, np.array([0, 0]), torch.tensor([10.0, 10.0]))
     assert empty["defective"]["images"] == 0 and empty["defective"]["unknown_rate"] is None

@@ -185,7 +185,8 @@ def routing_report(
     ``distances`` (N, T) of the images to every task, ``labels`` (N,) 0/1, ``route_thresholds`` (T,): an image
     is an unknown category when its distance exceeds every task's threshold. Returns, per label
     (``normal``, ``defective``), the image count and the counts and rates of images routed to another task and
-    flagged unknown (rates None when there is no image with that label).
+    flagged unknown (rates None when there is no image with that label), and the count routed to another task
+    without being flagged unknown.
     """
     d = distances.double()
     unknown = (d > route_thresholds.double()[None, :]).all(dim=1).numpy()
@@ -201,6 +202,8 @@ def routing_report(
             "flagged_unknown": int(unknown[keep].sum()),
             "routed_to_other_task_rate": float(elsewhere[keep].mean()) if n else None,
             "unknown_rate": float(unknown[keep].mean()) if n else None,
+            # the silent failure: another task's expert and threshold decide, and nothing says "unknown"
+            "misrouted_not_unknown": int((elsewhere & ~unknown)[keep].sum()),
         }
     return out
 
