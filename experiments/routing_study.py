@@ -227,7 +227,11 @@ def from_runs(run_dirs: list[Path]) -> str:
     lines = ["| run | router | task | Rt Acc | Rt Nrm | Rt Def | FPR | recall |", "|---" * 8 + "|"]
     for run in run_dirs:
         m = json.loads((run / "metrics.json").read_text())
-        router = m["config"]["model"]["flow"].get("router", "prototype")
+        flow = m["config"]["model"]["flow"]
+        router = flow.get("router", "prototype")
+        if router == "positional":
+            vote = ", vote" if flow.get("router_global_vote") else ""
+            router = f"positional {flow.get('router_grid')}/{flow.get('router_keep')}{vote}"
         verdicts = (m.get("thresholds") or {}).get("per_task", {})
 
         def pct(v: float | None) -> str:

@@ -72,3 +72,21 @@ def test_study_counts_routing_per_label_as_a_hand_count(tmp_path: Path, syntheti
             assert row[key] == float((routed[keep] == t).double().mean())
     text = markdown(results, "cmd")
     assert f"`{spec}`" in text and "not flagged unknown" in text
+
+
+def test_runs_table_names_the_router_settings(tmp_path: Path) -> None:
+    import json
+
+    from experiments.routing_study import from_runs
+
+    flow = {"router": "positional", "router_grid": 14, "router_keep": 0.1, "router_global_vote": True}
+    row = {"routing_accuracy": 0.5, "routing_accuracy_normal": 1.0, "routing_accuracy_defective": 0.25}
+    run = tmp_path / "run_0"
+    run.mkdir()
+    payload = {
+        "config": {"model": {"flow": flow}},
+        "per_task": {"mono": row},
+        "thresholds": {"per_task": {"mono": {"fpr": 0.02, "recall": 0.4}}},
+    }
+    (run / "metrics.json").write_text(json.dumps(payload))
+    assert "| run_0 | positional 14/0.1, vote | mono | 50.0 | 100.0 | 25.0 | 2.0 | 40.0 |" in from_runs([run])
