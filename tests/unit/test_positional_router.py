@@ -210,3 +210,12 @@ def test_vote_needs_the_positional_router_and_has_its_own_state_keys() -> None:
     assert plain.global_router is None and not any(k.startswith("global_router") for k in plain.state_dict())
     copy = PositionalRouter(D, grid=3, keep=0.5, global_vote=True, ridge=1e-3).empty_copy()
     assert copy.global_vote and copy.global_router is not None and copy.global_router.ridge == 1e-3
+
+
+def test_config_check_refuses_the_vote_without_the_positional_router(tmp_path) -> None:
+    from moleflow.training.config_checks import config_problems
+    from tests.helpers import compose_config
+
+    bad = compose_config(["model.flow.router_global_vote=true"], tmp_path)
+    assert any("router_global_vote needs model.flow.router=positional" in p for p in config_problems(bad))
+    assert not config_problems(compose_config(["model/router=robust"], tmp_path))

@@ -24,7 +24,7 @@ from moleflow.models.dia import DIA
 from moleflow.models.experts import EXPERT_MODES, TaskExpertLinear
 from moleflow.models.mixer import SpatialContextMixer
 from moleflow.models.positional import positional_encoding_2d
-from moleflow.models.router import ROUTER_KINDS, build_router
+from moleflow.models.router import ROUTER_KINDS, build_router, vote_problem
 from moleflow.models.standardizer import STANDARDIZE_MODES, TaskStandardizer
 from moleflow.utils.settings import range_problems, setting
 
@@ -92,6 +92,8 @@ class MoLEFlowConfig:
     def validate(self) -> None:
         """Reject impossible settings early, naming the config key (the ranges declared above)."""
         problems = range_problems(self, "model.flow")
+        if (vote := vote_problem(self.router, self.router_global_vote)) is not None:
+            problems.append(vote)
         if problems:
             raise ValueError(problems[0])
 

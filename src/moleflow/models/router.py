@@ -286,6 +286,16 @@ def _ranks(d: torch.Tensor) -> torch.Tensor:
     return torch.argsort(torch.argsort(d, dim=1, stable=True), dim=1)
 
 
+def vote_problem(kind: str, global_vote: bool) -> str | None:
+    """Why ``model.flow.router_global_vote`` cannot be used with router ``kind``, or None when it can."""
+    if global_vote and kind != "positional":
+        return (
+            "model.flow.router_global_vote needs model.flow.router=positional (the prototype router is global); "
+            "use model/router=robust, or set model.flow.router_global_vote=false."
+        )
+    return None
+
+
 def build_router(
     kind: str,
     dim: int,
@@ -296,10 +306,10 @@ def build_router(
     global_vote: bool = False,
 ) -> PrototypeRouter | PositionalRouter:
     """The router ``model.flow.router`` names."""
+    problem = vote_problem(kind, global_vote)
+    if problem is not None:
+        raise ValueError(problem)
     if kind == "prototype":
-        if global_vote:
-            msg = "model.flow.router_global_vote needs model.flow.router=positional (the prototype router is global)."
-            raise ValueError(msg)
         return PrototypeRouter(dim, ridge=ridge)
     if kind == "positional":
         return PositionalRouter(dim, grid, keep, variance_floor, global_vote, ridge)

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from moleflow.models.router import vote_problem
 from moleflow.training.schema import TrainConfig
 from moleflow.utils.settings import Range, ranges, value_problem
 
@@ -131,6 +132,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
     """Every invalid setting of ``cfg``, one sentence each naming the key; empty when all is well."""
     problems = derived_copy_problems(cfg)
     problems += [p for path, rng in _RULES if (p := _check_rule(cfg, path, rng)) is not None]
+    flow = cfg.get("model", {}).get("flow", {}) or {}
+    if vote := vote_problem(str(flow.get("router", "prototype")), bool(flow.get("router_global_vote", False))):
+        problems.append(vote)
     return problems
 
 
