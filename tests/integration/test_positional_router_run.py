@@ -108,6 +108,8 @@ def test_thresholds_made_in_training_are_stored_and_predict_gives_the_reported_v
         assert row["unknown_rate_defective"] == pytest.approx(sum(r.is_unknown for r in found) / len(bad))
         look = sum(r.is_defective or r.is_unknown for r in found) / len(bad)
         assert row["recall_with_unknown"] == pytest.approx(look)
+        silent = sum(r.task != task and not r.is_unknown for r in found)
+        assert row["misrouted_not_unknown_defective"] == silent
 
 
 def test_resume_keeps_the_thresholds_of_finished_tasks(positional_run, tmp_path: Path) -> None:

@@ -20,7 +20,8 @@ class Prediction:
     Attributes:
         task: name of the routed (nearest) task. When ``is_unknown`` it is only the nearest known task.
         task_index: its index in the checkpoint's task order.
-        routing_distance: squared Mahalanobis distance to that task's prototype.
+        routing_distance: the router's distance to that task (squared Mahalanobis for the prototype router, the
+            mean NLL of the best-fitting cells for the positional one).
         score: image score (mean of the top-k patch NLLs under the routed task's expert).
         threshold: the routed task's score threshold (None when not calibrated).
         is_defective: ``score > threshold`` for an image of a known category (False when unknown).

@@ -106,8 +106,9 @@ def verdict_report(
     threshold, else "defective" when its routed score exceeds the routed task's score threshold. Per task:
     the false-positive rate (defect-free images called defective), recall (defective images called
     defective), the unknown-category rate per label, both rates counting "unknown" as a finding too
-    (``*_with_unknown``: what needs a look), and the rates with the true task's expert and threshold
-    (oracle routing: the threshold alone).
+    (``*_with_unknown``: what needs a look), the rates with the true task's expert and threshold
+    (oracle routing: the threshold alone), and the counts of images sent to another task's expert without an
+    unknown-category flag (``misrouted_not_unknown_*``).
     """
     seen = [n for n in names if n in calibration.tasks]
     if seen != names[: len(evaluations)]:  # e.g. a run resumed from one made without held-out images
@@ -124,6 +125,7 @@ def verdict_report(
         defective = (ev.routed_image_scores.double() > score_thr[ev.routed_tasks]) & ~unknown
         oracle = ev.oracle_image_scores.double() > score_thr[ev.task]
         normal, bad = ev.labels == 0, ev.labels == 1
+        misrouted = (ev.routed_tasks != ev.task) & ~unknown
 
         def rate(flags: torch.Tensor, keep: torch.Tensor) -> float | None:
             return float(flags[keep].double().mean()) if bool(keep.any()) else None
@@ -141,6 +143,9 @@ def verdict_report(
             "recall_with_unknown": rate(defective | unknown, bad),
             "oracle_fpr": rate(oracle, normal),
             "oracle_recall": rate(oracle, bad),
+            # judged by another task's expert and threshold with no "unknown" warning: the silent routing failure
+            "misrouted_not_unknown_normal": int((misrouted & normal).sum()),
+            "misrouted_not_unknown_defective": int((misrouted & bad).sum()),
         }
     return out
 
