@@ -41,7 +41,7 @@ def test_run_routes_with_the_positional_router_and_never_changes_earlier_statist
     assert metrics["status"] == "finished" and metrics["config"]["model"]["flow"]["router"] == "positional"
     assert metrics["routing"]["by_label"]["defective"]["images"] == 24
     # defect-free images of three generated categories route home (random backbone, 12 training images per task;
-    # 2 of the 24 defective ones, scratches, go to "dots" here: docs/routing.md)
+    # with the robust router the 24 defective ones do too here; the plain positional router sent 2 to "dots")
     assert metrics["routing"]["by_label"]["normal"]["accuracy"] == 1.0
     first = load_checkpoint(out / "checkpoints" / "task_00_stripes.ckpt").model.router
     last = load_checkpoint(out / "checkpoints" / "last.ckpt").model.router
