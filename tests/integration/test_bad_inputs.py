@@ -380,9 +380,19 @@ BAD_SETTINGS = {
     "train_batch_size_zero": BadSetting("data.train_batch_size=0", r"train_batch_size must be .*>= 1, got 0"),
     "image_size_zero": BadSetting("data.image_size=0", r"image_size must be .*>= 1.*got 0"),
     "feature_cache_unknown": BadSetting("training.feature_cache=ram", r"feature_cache must be one of .*'ram'"),
-    # larger than the 4 x 4 = 16 patches of a 32 px image: run_continual's _check_scoring, after the backbone
+    "global_vote_without_positional": BadSetting(
+        "model.flow.router_global_vote=true", r"router_global_vote needs model\.flow\.router=positional"
+    ),
+    # larger than the 4 x 4 = 16 patches of a 32 px image: run_continual's _check_patch_grid_settings, after the
+    # backbone
     "score_top_k_above_patch_count": BadSetting(
         "score_top_k=100000", r"score_top_k=100000 must be between 1 and the patches per image \(4x4=16\)", False
+    ),
+    # the positional router's 7 x 7 cells on that 4 x 4 patch grid
+    "router_grid_above_patch_grid": BadSetting(
+        "model.flow.router=positional",
+        r"model\.flow\.router_grid=7 is larger than the patch grid 4x4.*at most 4",
+        False,
     ),
 }
 # without validate_config these passed train(cfg) silently or failed inside torch

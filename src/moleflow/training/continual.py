@@ -68,11 +68,20 @@ from moleflow.utils.allocator import keep_freed_memory
 log = logging.getLogger(__name__)
 
 
-def _check_scoring(cfg: DictConfig, grid: tuple[int, int]) -> None:
+def _check_patch_grid_settings(cfg: DictConfig, grid: tuple[int, int]) -> None:
+    """Settings that depend on the real patch grid (H, W), checked before any task trains."""
     patches = grid[0] * grid[1]
     top_k = int(cfg.model.score.top_k)
     if not 1 <= top_k <= patches:
         msg = f"score_top_k={top_k} must be between 1 and the patches per image ({grid[0]}x{grid[1]}={patches})."
+        raise ValueError(msg)
+    flow = cfg.model.flow
+    if flow.router == "positional" and int(flow.router_grid) > min(grid):
+        msg = (
+            f"model.flow.router_grid={flow.router_grid} is larger than the patch grid {grid[0]}x{grid[1]} at "
+            f"data.image_size={cfg.data.image_size}: set model.flow.router_grid to at most {min(grid)}, or a larger "
+            "data.image_size."
+        )
         raise ValueError(msg)
 
 
@@ -240,7 +249,7 @@ def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> 
     amp_dtype = _amp_dtype(runtime.amp)
     extractor.configure_runtime(channels_last=bool(runtime.channels_last), amp_dtype=amp_dtype)
     grid = check_backbone_accepts(extractor, int(cfg.data.image_size))
-    _check_scoring(cfg, grid)
+    _check_patch_grid_settings(cfg, grid)
     names = dm.task_names
     tracker = ContinualTracker(names)
     start_task = 0
