@@ -61,11 +61,10 @@ def parse_router(spec: str, defaults: dict[str, Any]) -> tuple[str, dict[str, An
     return kind, options
 
 
-def study(cfg: Any, specs: list[str], cache_dir: Path | None, holdout: float = 0.1) -> dict[str, Any]:
-    torch.manual_seed(int(cfg.seed))
-    dm = build_datamodule(cfg.data)
+def feature_cache(cfg: Any, cache_dir: Path | None) -> FeatureCache:
+    """The backbone's feature cache for the study's config (on disk in ``cache_dir``, else in memory)."""
     extractor = build_extractor(cfg.model.backbone, int(cfg.model.flow.embed_dim))
-    cache = FeatureCache(
+    return FeatureCache(
         extractor,
         torch.device("cpu"),
         mode="disk" if cache_dir else "memory",
@@ -80,6 +79,12 @@ def study(cfg: Any, specs: list[str], cache_dir: Path | None, holdout: float = 0
             "categories": list(cfg.data.categories) if cfg.data.get("categories") else None,
         },
     )
+
+
+def study(cfg: Any, specs: list[str], cache_dir: Path | None, holdout: float = 0.1) -> dict[str, Any]:
+    torch.manual_seed(int(cfg.seed))
+    dm = build_datamodule(cfg.data)
+    cache = feature_cache(cfg, cache_dir)
     names = dm.task_names
     train, test = [], []
     for t, name in enumerate(names):

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from experiments.routing_study import markdown, parse_router, study
+from experiments.routing_study import feature_cache, markdown, parse_router, study
 from moleflow.models.router import build_router
 from moleflow.training.held_out import holdout_split
 from tests.helpers import TINY_OVERRIDES, compose_config
@@ -26,26 +24,12 @@ def test_study_counts_routing_per_label_as_a_hand_count(tmp_path: Path, syntheti
     assert set(results["routers"]) == {"prototype", spec}
     assert results["routers"][spec]["options"]["global_vote"] is True
 
-    # the same router by hand, from the cached features the study wrote (one file pair per split)
-    from moleflow.training.builders import build_datamodule, build_extractor, to_dict
-    from moleflow.training.feature_cache import FeatureCache
+    # the same router by hand, from the cached features the study wrote
+    from moleflow.training.builders import build_datamodule
 
     dm = build_datamodule(cfg.data)
-    cache = FeatureCache(
-        build_extractor(cfg.model.backbone, int(cfg.model.flow.embed_dim)),
-        torch.device("cpu"),
-        mode="disk",
-        directory=tmp_path / "cache",
-        fingerprint={
-            "backbone": to_dict(cfg.model.backbone),
-            "d": int(cfg.model.flow.embed_dim),
-            "size": int(cfg.data.image_size),
-            "data": str(cfg.data.get("name")),
-            "max_train": cfg.data.get("max_train_per_task"),
-            "max_test": cfg.data.get("max_test_per_task"),
-            "categories": list(cfg.data.categories) if cfg.data.get("categories") else None,
-        },
-    )
+    cache = feature_cache(cfg, tmp_path / "cache")
+    assert cache.extractions == 0
     flow = cfg.model.flow
     router = build_router(
         "positional",
@@ -70,6 +54,7 @@ def test_study_counts_routing_per_label_as_a_hand_count(tmp_path: Path, syntheti
         for label, key in ((0, "normal"), (1, "defective")):
             keep = feats.labels == label
             assert row[key] == float((routed[keep] == t).double().mean())
+    assert cache.extractions == 0  # every split came from the study's cache files
     text = markdown(results, "cmd")
     assert f"`{spec}`" in text and "not flagged unknown" in text
 
