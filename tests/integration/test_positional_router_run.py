@@ -14,7 +14,7 @@ import torch
 from moleflow.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_mvtec
 from moleflow.inference import MoLEFlowDetector, load_exported
 from moleflow.inference.inputs import to_model_inputs
-from moleflow.models.router import PositionalRouter
+from moleflow.models.router import PositionalRouter, PrototypeRouter
 from moleflow.training.checkpoint import load_checkpoint
 from tests.helpers import TINY_OVERRIDES, compose_config
 
@@ -121,3 +121,20 @@ def test_resume_keeps_the_thresholds_of_finished_tasks(positional_run, tmp_path:
     resumed, whole = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path, out))
     for key in ("routing", "per_task", "thresholds"):
         assert resumed[key] == whole[key], key
+
+
+def test_the_router_never_changes_what_the_flow_learns(positional_run, tmp_path: Path) -> None:
+    """The same run with the study's prototype router: every trained tensor outside the router is bit-identical,
+    and so are the oracle scores (routing only decides which expert scores an image)."""
+    from train import train
+
+    out, overrides = positional_run
+    train(compose_config([*overrides, "model/router=prototype"], tmp_path))
+    robust, proto = (load_checkpoint(d / "checkpoints" / "last.ckpt").model for d in (out, tmp_path))
+    assert isinstance(proto.router, PrototypeRouter) and isinstance(robust.router, PositionalRouter)
+    a, b = robust.state_dict(), proto.state_dict()
+    shared = [k for k in a if not k.startswith("router.")]
+    assert shared and set(shared) == {k for k in b if not k.startswith("router.")}
+    assert all(torch.equal(a[k], b[k]) for k in shared)
+    oracle = [json.loads((d / "metrics.json").read_text())["per_task"] for d in (out, tmp_path)]
+    assert [r["oracle"] for r in oracle[0].values()] == [r["oracle"] for r in oracle[1].values()]
