@@ -197,7 +197,10 @@ def test_vote_keeps_earlier_statistics_and_one_task_routes_home() -> None:
 
 
 def test_vote_routes_defect_free_and_defective_images_home_on_the_generated_case() -> None:
+    """Three tasks (with two the vote can only tie): where the global mean fails, the rank sum still goes home."""
     voting = _fit(PositionalRouter(D, grid=7, keep=0.25, global_vote=True), torch.Generator().manual_seed(0))
+    voting.fit_task(2, voting.summarize(_images("c", 60, torch.Generator().manual_seed(4))))
+    assert (_routed(voting, "c", torch.Generator().manual_seed(5)) == 2).all()
     assert (_routed(voting, "a", torch.Generator().manual_seed(1)) == 0).all()
     assert (_routed(voting, "b", torch.Generator().manual_seed(2)) == 1).all()
     assert (_routed(voting, "a_defective", torch.Generator().manual_seed(3)) == 0).all()
