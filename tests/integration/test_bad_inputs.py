@@ -383,7 +383,7 @@ BAD_SETTINGS = {
     "global_vote_without_positional": BadSetting(
         "model.flow.router_global_vote=true", r"router_global_vote needs model\.flow\.router=positional"
     ),
-    # larger than the 4 x 4 = 16 patches of a 32 px image: run_continual's _check_patch_grid_settings, after the
+    # larger than the 4 x 4 = 16 patches of a 32 px image: check_patch_grid_settings, after the
     # backbone
     "score_top_k_above_patch_count": BadSetting(
         "score_top_k=100000", r"score_top_k=100000 must be between 1 and the patches per image \(4x4=16\)", False

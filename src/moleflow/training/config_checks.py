@@ -205,3 +205,21 @@ def check_backbone_accepts(extractor: FeatureExtractor, image_size: int) -> tupl
     if features.ndim != 4 or min(features.shape[1:3]) < 1:
         raise failure(f"the patch grid is empty ({tuple(features.shape[1:3])})")
     return int(features.shape[1]), int(features.shape[2])
+
+
+def check_patch_grid_settings(cfg: DictConfig, grid: tuple[int, int]) -> None:
+    """Settings that depend on the real patch grid (H, W) of :func:`check_backbone_accepts`, checked before
+    any task trains: the score's top-k patches and the positional router's cells."""
+    patches = grid[0] * grid[1]
+    top_k = int(cfg.model.score.top_k)
+    if not 1 <= top_k <= patches:
+        msg = f"score_top_k={top_k} must be between 1 and the patches per image ({grid[0]}x{grid[1]}={patches})."
+        raise ValueError(msg)
+    flow = cfg.model.flow
+    if flow.router == "positional" and int(flow.router_grid) > min(grid):
+        msg = (
+            f"model.flow.router_grid={flow.router_grid} is larger than the patch grid {grid[0]}x{grid[1]} at "
+            f"data.image_size={cfg.data.image_size}: set model.flow.router_grid to at most {min(grid)}, or a larger "
+            "data.image_size."
+        )
+        raise ValueError(msg)

@@ -53,7 +53,7 @@ from moleflow.training.builders import (
     to_dict_or_value,
 )
 from moleflow.training.checkpoint import link_checkpoint, load_checkpoint, read_checkpoint_info, save_checkpoint
-from moleflow.training.config_checks import check_backbone_accepts, validate_config
+from moleflow.training.config_checks import check_backbone_accepts, check_patch_grid_settings, validate_config
 from moleflow.training.feature_cache import FeatureCache
 from moleflow.training.held_out import (
     holdout_split,
@@ -66,23 +66,6 @@ from moleflow.training.task_fit import fit_task, loss_curve_summary
 from moleflow.utils.allocator import keep_freed_memory
 
 log = logging.getLogger(__name__)
-
-
-def _check_patch_grid_settings(cfg: DictConfig, grid: tuple[int, int]) -> None:
-    """Settings that depend on the real patch grid (H, W), checked before any task trains."""
-    patches = grid[0] * grid[1]
-    top_k = int(cfg.model.score.top_k)
-    if not 1 <= top_k <= patches:
-        msg = f"score_top_k={top_k} must be between 1 and the patches per image ({grid[0]}x{grid[1]}={patches})."
-        raise ValueError(msg)
-    flow = cfg.model.flow
-    if flow.router == "positional" and int(flow.router_grid) > min(grid):
-        msg = (
-            f"model.flow.router_grid={flow.router_grid} is larger than the patch grid {grid[0]}x{grid[1]} at "
-            f"data.image_size={cfg.data.image_size}: set model.flow.router_grid to at most {min(grid)}, or a larger "
-            "data.image_size."
-        )
-        raise ValueError(msg)
 
 
 def _amp_dtype(name: str | None) -> torch.dtype | None:
@@ -249,7 +232,7 @@ def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> 
     amp_dtype = _amp_dtype(runtime.amp)
     extractor.configure_runtime(channels_last=bool(runtime.channels_last), amp_dtype=amp_dtype)
     grid = check_backbone_accepts(extractor, int(cfg.data.image_size))
-    _check_patch_grid_settings(cfg, grid)
+    check_patch_grid_settings(cfg, grid)
     names = dm.task_names
     tracker = ContinualTracker(names)
     start_task = 0
