@@ -56,6 +56,7 @@ def _per_task_from_run(payload: dict[str, Any], mode: str) -> dict[str, dict[str
     for name, row in payload["per_task"].items():
         entry = dict(row[mode])
         entry["routing_accuracy"] = row["routing_accuracy"] if mode == "routed" else None
+        entry["diverged"] = row.get("diverged")  # None, or why: left out of the means
         out[name] = entry
     return out
 

@@ -26,7 +26,15 @@ register_resolvers(Path(__file__).resolve().parents[1] / "conf")  # before Hydra
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Re-score ``cfg.ckpt_path`` and write ``eval_metrics.json`` to ``cfg.paths.output_dir``."""
     ks = list(cfg.score_top_k) if isinstance(cfg.score_top_k, ListConfig | list) else [int(cfg.score_top_k)]
-    result = rescore_checkpoint(cfg.ckpt_path, ks, cfg.data_root, cfg.pixel_sigma, str(cfg.device))
+    result = rescore_checkpoint(
+        cfg.ckpt_path,
+        ks,
+        cfg.data_root,
+        cfg.pixel_sigma,
+        str(cfg.device),
+        expected_sha256=cfg.get("ckpt_sha256"),
+        allow_unverified=bool(cfg.get("allow_unverified", False)),
+    )
     write_json_atomic(f"{cfg.paths.output_dir}/eval_metrics.json", result)
     table = Table(title=f"Re-scored {cfg.ckpt_path}")
     for col in ("score_top_k", "Img AUC", "Pix AUC", "Img AP", "Pix AP", "Rt Acc"):

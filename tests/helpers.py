@@ -29,8 +29,8 @@ TINY_OVERRIDES = [
 ]
 
 
-def compose_config(overrides: list[str], output_dir: Path, data_dir: Path | None = None):
-    """Compose conf/train.yaml as Hydra would, with the runtime config set (for ``train(cfg)``)."""
+def compose_config(overrides: list[str], output_dir: Path, data_dir: Path | None = None, config_name: str = "train"):
+    """Compose conf/<config_name>.yaml as Hydra would, with the runtime config set (for ``train(cfg)``)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -38,7 +38,7 @@ def compose_config(overrides: list[str], output_dir: Path, data_dir: Path | None
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)
         cfg.hydra.job.num = 0

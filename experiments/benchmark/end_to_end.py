@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from experiments.benchmark.settings import BenchSettings
+from moleflow.training.checkpoint_files import read_checkpoint_info
 
 
 # ------------------------------------------------------------------------------------------ 5. end to end
@@ -22,8 +23,8 @@ def _train_run(overrides: list[str], out: Path) -> tuple[float, dict[str, Any], 
     train(cfg)
     wall = time.perf_counter() - t0
     metrics = json.loads((out / "metrics.json").read_text())
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False, mmap=True)
-    return wall, metrics, ckpt["moleflow"]["loss_history"]
+    info = read_checkpoint_info(out / "checkpoints" / "last.ckpt")
+    return wall, metrics, info["loss_history"]
 
 
 def bench_end_to_end(s: BenchSettings, device: torch.device, scratch: Path) -> dict[str, Any]:

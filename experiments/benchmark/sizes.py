@@ -25,11 +25,11 @@ def bench_parameters_checkpoint(s: BenchSettings, module: MoLEFlowLitModule, scr
     expected = expected_parameter_counts(module.model.config, s.tasks)
     expected_main = expected_parameter_counts(MoLEFlowConfig(), len(MVTEC_TEST))
     path = scratch / f"bench_{s.tasks}_tasks.ckpt"
-    how = "moleflow.training.checkpoint.save_checkpoint(MoLEFlowLitModule)"
+    how = "moleflow.training.module_checkpoints.save_checkpoint(MoLEFlowLitModule)"
     error = None
     t0 = time.perf_counter()
     try:
-        from moleflow.training.checkpoint import save_checkpoint
+        from moleflow.training.module_checkpoints import save_checkpoint
 
         save_checkpoint(path, module.cpu())
     except Exception as err:  # noqa: BLE001 - report what blocked the measurement, fall back to the state dict

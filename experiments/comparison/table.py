@@ -26,13 +26,18 @@ def _finite(value: Any) -> bool:
 
 
 def method_mean(per_task: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Unweighted mean over the tasks that have the metric (pixel metrics: tasks with masks); counts kept."""
-    mean: dict[str, Any] = {}
+    """Unweighted mean over the tasks that have the metric (pixel metrics: tasks with masks); counts kept.
+
+    Tasks marked diverged (``diverged``: the reason) are left out, as the study's tables and metrics.json's
+    means leave them out; ``excluded`` names them so the table can say so.
+    """
+    kept = {name: row for name, row in per_task.items() if not row.get("diverged")}
+    mean: dict[str, Any] = {"excluded": sorted(set(per_task) - set(kept))}
     for key, _ in COLUMNS:
-        values = [row[key] for row in per_task.values() if _finite(row.get(key))]
+        values = [row[key] for row in kept.values() if _finite(row.get(key))]
         mean[key] = sum(values) / len(values) if values else None
         mean[f"{key}_tasks"] = len(values)
-    routing = [row["routing_accuracy"] for row in per_task.values() if _finite(row.get("routing_accuracy"))]
+    routing = [row["routing_accuracy"] for row in kept.values() if _finite(row.get("routing_accuracy"))]
     mean["routing_accuracy"] = sum(routing) / len(routing) if routing else None
     return mean
 
@@ -68,21 +73,34 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [f"- Started {result['started']}, finished {result['finished']}.", ""]
     header = ["method", "task", *[h for _, h in COLUMNS], "Rt Acc", "wall time"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    excluded_notes = []
     for method in result["methods"]:
         for task, row in method["per_task"].items():
             cells = [_pct(row.get(k)) for k, _ in COLUMNS]
+            name = f"{task} (diverged)" if row.get("diverged") else task
             lines.append(
-                f"| {method['label']} | {task} | " + " | ".join(cells) + f" | {_pct(row.get('routing_accuracy'))} | |"
+                f"| {method['label']} | {name} | " + " | ".join(cells) + f" | {_pct(row.get('routing_accuracy'))} | |"
             )
         mean = method["mean"]
         cells = [f"**{_pct(mean.get(k))}**" for k, _ in COLUMNS]
+        excluded = mean.get("excluded") or []
+        label = (
+            f"**mean** ({len(method['per_task']) - len(excluded)} of {len(method['per_task'])})"
+            if excluded
+            else ("**mean**")
+        )
         lines.append(
-            f"| {method['label']} | **mean** | " + " | ".join(cells) + f" | {_pct(mean.get('routing_accuracy'))} | "
+            f"| {method['label']} | {label} | " + " | ".join(cells) + f" | {_pct(mean.get('routing_accuracy'))} | "
             f"{_minutes(method['wall_s'])} |"
         )
+        if excluded:
+            excluded_notes.append(
+                f"{method['label']}: the mean leaves out the tasks marked diverged ({', '.join(excluded)}), as the "
+                "study's tables do; their rows show what they scored."
+            )
     lines += ["", "Methods:"]
     lines += [f"- **{m['label']}**: {m['description']}" for m in result["methods"]]
-    lines += ["", "Notes:"] + [f"- {note}" for note in result["notes"]]
+    lines += ["", "Notes:"] + [f"- {note}" for note in [*result["notes"], *excluded_notes]]
     return "\n".join(lines) + "\n"
 
 

@@ -28,19 +28,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from PIL import Image
 from torch import nn
 
-import moleflow.training.checkpoint as checkpoint_module
+import moleflow.training.checkpoint_files as checkpoint_module
 from moleflow.data.images import ImageReadError
 from moleflow.data.mvtec import DatasetLayoutError
 from moleflow.data.synthetic import generate_synthetic_mvtec
 from moleflow.models.feature_extractor import BackboneLoadError, FeatureExtractor
-from moleflow.training.checkpoint import (
-    CheckpointError,
-    link_checkpoint,
-    load_checkpoint,
-    read_checkpoint_info,
-    save_checkpoint,
-)
+from moleflow.training.checkpoint_files import CheckpointError, link_checkpoint, read_checkpoint_info
 from moleflow.training.config_checks import check_backbone_accepts, config_problems, validate_config
+from moleflow.training.module_checkpoints import load_checkpoint, save_checkpoint
 from moleflow.training.resume import check_compatible
 from tests.helpers import CONF_DIR, TINY_OVERRIDES, compose_config
 

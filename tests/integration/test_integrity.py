@@ -11,13 +11,14 @@ import torch
 
 from moleflow.evaluation.thresholds import calibrated_path
 from moleflow.inference import MoLEFlowDetector
-from moleflow.training.checkpoint import (
+from moleflow.training.checkpoint_files import (
     CheckpointIntegrityError,
-    load_checkpoint,
+    MissingIntegrityRecordError,
     read_checkpoint_info,
 )
 from moleflow.training.lightning_module import MoLEFlowLitModule
-from moleflow.utils.integrity import IntegrityError, content_hash
+from moleflow.training.module_checkpoints import load_checkpoint
+from moleflow.utils.integrity import content_hash
 from tests.helpers import TINY_OVERRIDES, compose_config, flip_tensor_byte
 
 
@@ -47,7 +48,9 @@ def test_one_flipped_byte_inside_a_tensor_is_refused(ckpt: Path, tiny_run) -> No
         with pytest.raises(CheckpointIntegrityError, match="does not match its content hash") as err:
             read(ckpt)
         assert str(ckpt) in str(err.value), read.__name__
-    with pytest.raises(IntegrityError, match="content hash"):  # Lightning's own loader checks it too
+    with pytest.raises(CheckpointIntegrityError, match="content hash"):  # Lightning's loader goes through ours
+        MoLEFlowLitModule.load_from_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="weights_only=True only"):
         MoLEFlowLitModule.load_from_checkpoint(ckpt, weights_only=False)
 
     cfg, _, _ = tiny_run
@@ -66,14 +69,20 @@ def test_changed_metadata_is_refused(ckpt: Path) -> None:
         read_checkpoint_info(ckpt)
 
 
-def test_checkpoint_without_a_hash_loads_with_one_warning(ckpt: Path, caplog) -> None:
-    raw = torch.load(ckpt, weights_only=False)
+def test_checkpoint_without_a_hash_is_refused_unless_allowed(ckpt: Path, caplog) -> None:
+    raw = torch.load(ckpt, weights_only=True)
     del raw["moleflow"]["integrity"]  # as written by an older moleflow
     torch.save(raw, ckpt)
+    for read in (read_checkpoint_info, load_checkpoint, MoLEFlowDetector.load, MoLEFlowLitModule.load_from_checkpoint):
+        with pytest.raises(MissingIntegrityRecordError, match="no integrity record") as err:
+            read(ckpt)
+        assert str(ckpt) in str(err.value) and "convert_checkpoint" in str(err.value), read.__name__
     with caplog.at_level(logging.WARNING):
-        assert read_checkpoint_info(ckpt)["task_names"] == ["stripes", "checker", "dots"]
-        assert load_checkpoint(ckpt).task_names == ["stripes", "checker", "dots"]
-    warnings = [r.getMessage() for r in caplog.records if "no content hash" in r.getMessage()]
+        assert read_checkpoint_info(ckpt, allow_unverified=True)["task_names"] == ["stripes", "checker", "dots"]
+        assert load_checkpoint(ckpt, allow_unverified=True).task_names == ["stripes", "checker", "dots"]
+        detector = MoLEFlowDetector.load(ckpt, auto_calibrate=False, allow_unverified=True)
+        assert detector.task_names == ["stripes", "checker", "dots"]
+    warnings = [r.getMessage() for r in caplog.records if "no integrity record" in r.getMessage()]
     assert len(warnings) == 1 and str(ckpt) in warnings[0]
 
 

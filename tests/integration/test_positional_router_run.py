@@ -15,7 +15,7 @@ from moleflow.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_mvt
 from moleflow.inference import MoLEFlowDetector, load_exported
 from moleflow.inference.inputs import to_model_inputs
 from moleflow.models.router import PositionalRouter, PrototypeRouter
-from moleflow.training.checkpoint import load_checkpoint
+from moleflow.training.module_checkpoints import load_checkpoint
 from tests.helpers import TINY_OVERRIDES, compose_config
 
 TASKS = ["stripes", "checker", "dots"]

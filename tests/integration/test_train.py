@@ -10,8 +10,8 @@ import torch
 from moleflow.evaluation.evaluate import ScoreConfig, evaluate_task
 from moleflow.evaluation.metrics import METRIC_NAMES
 from moleflow.training.builders import build_datamodule, build_extractor
-from moleflow.training.checkpoint import load_checkpoint
 from moleflow.training.feature_cache import FeatureCache
+from moleflow.training.module_checkpoints import load_checkpoint
 
 TASKS = ["stripes", "checker", "dots"]
 

@@ -481,3 +481,23 @@ def test_uint16_array_is_read_like_a_16bit_png(tmp_path: Path) -> None:
     Image.fromarray(values).save(tmp_path / "grey16.png")
     from_file, _ = load_rgb(tmp_path / "grey16.png", 32)
     assert torch.equal(pil_to_tensor(array_to_pil(values), 32), from_file)
+
+
+def test_generated_trees_of_other_settings_live_side_by_side(tmp_path: Path) -> None:
+    """Generating with other settings never deletes a tree that a parallel job may be reading."""
+    from moleflow.data.datamodule import ContinualDataModule, data_settings_for_reading
+
+    def module(size: int) -> ContinualDataModule:
+        generate = {"num_train": 2, "num_test_good": 1, "num_test_defect": 1, "image_size": size, "seed": 0}
+        return ContinualDataModule(root=tmp_path, categories=["stripes"], image_size=size, generate=generate)
+
+    small, large = module(32), module(48)
+    small.prepare_data()
+    first = sorted(p.relative_to(tmp_path) for p in small.root.rglob("*.png"))
+    large.prepare_data()  # another setting: its own folder, the first tree untouched
+    assert small.root != large.root and small.root.parent == large.root.parent == tmp_path
+    assert sorted(p.relative_to(tmp_path) for p in small.root.rglob("*.png")) == first
+    assert module(32).root == small.root  # the same settings find the same tree
+    stored = {"root": str(tmp_path), "categories": ["stripes"], "generate": dict(small.generate)}
+    reading = data_settings_for_reading(stored)
+    assert reading["root"] == str(small.root) and reading["generate"] is None

@@ -135,7 +135,7 @@ def test_the_cycle_search_finds_a_cycle() -> None:
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        ("from moleflow.training.checkpoint import load_checkpoint", {"moleflow.training.checkpoint"}),
+        ("from moleflow.training.module_checkpoints import load_checkpoint", {"moleflow.training.module_checkpoints"}),
         ("import moleflow.models.router", {"moleflow.models.router"}),
         ("from moleflow.models import router", {"moleflow.models.router"}),
         ("from . import metrics", {"moleflow.evaluation.metrics"}),

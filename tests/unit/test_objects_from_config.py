@@ -127,7 +127,7 @@ def test_data_and_backbone_are_built_from_their_targets(tmp_path: Path) -> None:
     assert cfg.data._target_ == "moleflow.data.datamodule.ContinualDataModule"
     dm = build_datamodule(cfg.data)  # prepare_data writes the generated tree first
     assert type(dm) is ContinualDataModule and dm.task_names == ["stripes"]
-    assert (Path(cfg.data.root) / "stripes" / "train" / "good").is_dir()
+    assert (dm.root / "stripes" / "train" / "good").is_dir() and dm.root.parent == Path(cfg.data.root)
     extractor = build_extractor(cfg.model.backbone, 32)
     assert type(extractor) is FeatureExtractor and extractor.embed_dim == 32
 

@@ -54,3 +54,14 @@ def test_files_are_written_and_json_has_null_for_nan(tmp_path: Path) -> None:
         flat = list(csv.DictReader(f))
     assert [r["task"] for r in flat] == ["mono", "tile", "mean"]
     assert "| PatchCore per task | mono | 90.00 | n/a |" in paths["md"].read_text()
+
+
+def test_diverged_tasks_are_left_out_of_the_mean_and_said_so(tmp_path: Path) -> None:
+    result = _result()
+    method = result["methods"][0]
+    method["per_task"]["lost"] = {"image_auroc": 0.1, "pixel_auroc": 0.2, "diverged": "loss NaN at every step"}
+    method["mean"] = table.method_mean(method["per_task"])
+    assert method["mean"]["image_auroc"] == pytest.approx(0.8) and method["mean"]["excluded"] == ["lost"]
+    md = table.write(result, tmp_path)["md"].read_text()
+    assert "| lost (diverged) | 10.00 |" in md and "**mean** (2 of 3)" in md
+    assert "leaves out the tasks marked diverged (lost)" in md

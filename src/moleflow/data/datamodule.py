@@ -20,7 +20,7 @@ from moleflow.data.grouping import group_name, group_splits, parse_scenario
 from moleflow.data.mvtec import CategorySplit, check_category_names
 from moleflow.data.sources import DATA_SOURCES, MULTI, check_options, read_source, read_sources
 from moleflow.data.subsets import check_limit, limit_split
-from moleflow.data.synthetic import generate_synthetic_mvtec
+from moleflow.data.synthetic import generate_synthetic_mvtec, generated_root
 
 MPDD_CATEGORIES: tuple[str, ...] = (
     "bracket_black",
@@ -137,6 +137,8 @@ class ContinualDataModule(pl.LightningDataModule):
             msg = "data.generate writes an MVTec-layout tree: it needs data.source=mvtec and data.categories."
             raise ValueError(msg)
         self.generate = dict(generate) if generate else None
+        if self.generate:  # a folder per generation setting: another setting never replaces this tree
+            self.root = generated_root(self.root, list(self._categories), **self.generate)
         self.image_size = _positive_int("image_size", image_size)
         self.train_batch_size = _positive_int("train_batch_size", train_batch_size)
         self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
@@ -305,3 +307,17 @@ class ContinualDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         """One test loader per task seen so far (0..current_task), in task order."""
         return [self.test_dataloader_for(t) for t in range(self.current_task + 1)]
+
+
+def data_settings_for_reading(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A finished run's ``data`` settings that read its images where they are and never write any.
+
+    A generated tree lives in the folder its settings name (:func:`generated_root`); reading it back means
+    pointing ``root`` there and dropping ``generate``, so that evaluation or calibration never rewrites data.
+    """
+    values = dict(data)
+    generate = values.get("generate")
+    if generate and values.get("root") is not None and values.get("categories"):
+        values["root"] = str(generated_root(values["root"], list(values["categories"]), **dict(generate)))
+    values["generate"] = None
+    return values

@@ -12,12 +12,14 @@ CLI: ``python -m moleflow.data.synthetic OUT_DIR [--categories ...] [--seed ...]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -302,6 +304,19 @@ def generate_synthetic_mvtec(
         if not _is_complete(root, args):
             _generate_tree(root, names, args)
     return root
+
+
+def generated_root(root: Path | str, categories: Sequence[str], **generate: Any) -> Path:
+    """The folder under ``root`` that holds the tree generated with these settings (``data.generate``).
+
+    Each setting gets a folder of its own, named after the settings and a hash of them, so that a run
+    generating with other settings never replaces (deletes) a tree that a parallel job is reading.
+    """
+    names = list(categories)
+    settings = {"version": _FORMAT_VERSION, "categories": names, **{k: generate[k] for k in sorted(generate)}}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    size = generate.get("image_size", "default")
+    return Path(root) / f"{len(names)}cat_{size}px_seed{generate.get('seed', 0)}_{digest}"
 
 
 def _is_complete(root: Path, args: dict) -> bool:

@@ -41,7 +41,6 @@ training images cannot be cross-validated: its threshold is infinite (never unkn
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -279,15 +278,6 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     return value
-
-
-def file_sha256(path: Path | str) -> str:
-    """Content hash of a checkpoint, to tell whether a calibrated copy still belongs to it."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def calibrated_path(path: Path | str) -> Path:

@@ -7,6 +7,7 @@ The threshold maths lives in :mod:`moleflow.evaluation.thresholds`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Iterator
@@ -15,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from moleflow.evaluation.thresholds import (
     MIN_ROUTE_IMAGES,
@@ -28,15 +28,16 @@ from moleflow.evaluation.thresholds import (
     check_rate,
     cross_validated_distances,
     f1_report,
-    file_sha256,
     fpr_threshold,
     routing_report,
     tail_threshold,
 )
 from moleflow.inference.inputs import scan_inputs, try_load
 from moleflow.inference.scoring import image_scores
-from moleflow.training.checkpoint import read_checkpoint, write_checkpoint
+from moleflow.training.checkpoint_files import read_checkpoint, write_checkpoint
+from moleflow.utils.integrity import file_sha256
 from moleflow.utils.progress import track
+from moleflow.utils.trusted_targets import UntrustedTargetError
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +61,22 @@ class CalibrationMixin:
 
     def _datamodule(self, data_root: str | Path | None) -> Any:
         """The run's data (train and test splits of the checkpoint's tasks), or CalibrationDataError."""
-        from moleflow.training.builders import build_datamodule
+        from moleflow.data.datamodule import data_settings_for_reading
+        from moleflow.training.builders import datamodule_from_stored
 
         if self.run_config is None:
             msg = "This detector has no run configuration, so it cannot find the training images."
             raise CalibrationDataError(msg)
-        data = OmegaConf.create(self.run_config["data"])
-        data.generate = None  # never write into a data folder while calibrating
-        data.categories = list(self.task_names)
-        data.num_workers = 0
+        data = copy.deepcopy(dict(self.run_config["data"]))
         if data_root is not None:
-            data.root = str(data_root)
+            data["root"] = str(data_root)
+        data = data_settings_for_reading(data)  # never write into a data folder while calibrating
+        data["categories"] = list(self.task_names)
+        data["num_workers"] = 0
         try:
-            return build_datamodule(data)
+            return datamodule_from_stored(data, f"The run config of {self.checkpoint}")
+        except UntrustedTargetError:
+            raise  # never turned into "images not reachable"
         except (FileNotFoundError, OSError, ValueError) as err:
             msg = (
                 f"The run's images are not reachable (data.root={data.get('root')}): {err}\nPass data_root=PATH if "
@@ -279,20 +283,23 @@ class CalibrationMixin:
             msg = "This detector was not loaded from a checkpoint, so there is no checkpoint to store thresholds in."
             raise RuntimeError(msg)
         target = Path(path) if path is not None else calibrated_path(self.checkpoint)
-        write_calibrated_checkpoint(self.checkpoint, self.calibration, target)
+        write_calibrated_checkpoint(self.checkpoint, self.calibration, target, allow_unverified=self.allow_unverified)
         log.info("Calibrated checkpoint written to %s.", target)
         return target
 
 
-def write_calibrated_checkpoint(source: Path | str, calibration: Calibration, target: Path | str) -> Path:
+def write_calibrated_checkpoint(
+    source: Path | str, calibration: Calibration, target: Path | str, allow_unverified: bool = False
+) -> Path:
     """Copy checkpoint ``source`` with ``calibration`` stored in it to ``target``, atomically.
 
     The checkpoint is otherwise unchanged, so the copy loads wherever the original does (prediction,
     eval.py, resuming). The source's content hash is verified first and the copy gets its own, so a
-    damaged source is never copied and a damaged copy is refused when read. Written to a unique temporary
-    file, flushed and renamed: a crash never leaves a broken file.
+    damaged source is never copied and a damaged copy is refused when read (a source without a record only
+    with ``allow_unverified``, which the user gave when loading it). Written to a unique temporary file,
+    flushed and renamed: a crash never leaves a broken file.
     """
     source, target = Path(source), Path(target)
-    checkpoint = read_checkpoint(source)
+    checkpoint = read_checkpoint(source, allow_unverified=allow_unverified)
     checkpoint["moleflow"][SECTION] = calibration.to_dict()
     return write_checkpoint(checkpoint, target)

@@ -26,13 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from moleflow.evaluation.evaluate import ScoreConfig
 from moleflow.evaluation.thresholds import (
     Calibration,
     calibrated_path,
-    file_sha256,
     read_calibration,
 )
 from moleflow.inference.calibrator import (  # noqa: F401 - CalibrationDataError and the defaults re-exported
@@ -49,6 +47,7 @@ from moleflow.inference.pipeline import RoutedPipeline
 from moleflow.inference.prediction import Prediction
 from moleflow.models.feature_extractor import FeatureExtractor
 from moleflow.models.moleflow import MoLEFlowModel
+from moleflow.utils.integrity import file_sha256
 from moleflow.utils.prefetch import overlap_pays_off, prefetch
 
 log = logging.getLogger(__name__)
@@ -105,6 +104,7 @@ class MoLEFlowDetector(CalibrationMixin):
         self.pixel_sigma = float(pixel_sigma)
         self.pipeline = RoutedPipeline(self.extractor, self.model, self.image_size, self.score_top_k, self.pixel_sigma)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.allow_unverified = False  # set by load(): the checkpoint had no integrity record and the user allowed it
         self.run_config = run_config
         self.calibration = calibration
         self._score_override: dict[str, float] = {}
@@ -123,8 +123,14 @@ class MoLEFlowDetector(CalibrationMixin):
         auto_calibrate: bool = True,
         save_calibration: bool = False,
         recalibrate: bool = False,
+        expected_sha256: str | None = None,
+        allow_unverified: bool = False,
     ) -> MoLEFlowDetector:
         """Load a training checkpoint (``run/checkpoints/*.ckpt``) or its calibrated copy.
+
+        The file is read without running code and refused, before anything is built, if it is not a moleflow
+        checkpoint, has no integrity record, fails it, or its stored config names code moleflow does not
+        build from files (:func:`moleflow.training.checkpoint_files.read_checkpoint`).
 
         Args:
             path: the checkpoint.
@@ -137,24 +143,31 @@ class MoLEFlowDetector(CalibrationMixin):
             recalibrate: a calibrated copy next to ``path`` that cannot be read, fails its content hash or was
                 made for another checkpoint is ignored (and replaced if ``save_calibration``). Without it
                 such a copy is an error: it may hold thresholds from held-out images that must not be lost.
+            expected_sha256: the file's SHA-256 as published by whoever made it (``sha256sum`` output); a file
+                that does not match is refused before it is read.
+            allow_unverified: load a checkpoint without an integrity record (an older moleflow's), with a warning.
 
         Raises:
             CalibratedCopyError: the calibrated copy next to ``path`` is unusable and ``recalibrate`` is False.
         """
-        from moleflow.training.builders import build_extractor
-        from moleflow.training.checkpoint import load_checkpoint, read_checkpoint_info
+        from moleflow.training.builders import extractor_from_stored
+        from moleflow.training.checkpoint_files import read_checkpoint
+        from moleflow.training.module_checkpoints import module_from_checkpoint
 
         path = Path(path).expanduser()
-        info = read_checkpoint_info(path)
+        checkpoint = read_checkpoint(path, expected_sha256=expected_sha256, allow_unverified=allow_unverified)
+        info = checkpoint["moleflow"]
         run_config = info.get("run_config")
         if run_config is None:
             msg = f"{path} holds no run configuration (made by an older moleflow): the backbone cannot be rebuilt."
             raise ValueError(msg)
-        module = load_checkpoint(path, map_location="cpu")
+        module = module_from_checkpoint(checkpoint, path, map_location="cpu")
         backbone = dict(run_config["model"]["backbone"])
         if backbone_weights is not None:
             backbone["weights"] = str(backbone_weights)
-        extractor = build_extractor(OmegaConf.create(backbone), int(run_config["model"]["flow"]["embed_dim"]))
+        extractor = extractor_from_stored(
+            backbone, int(run_config["model"]["flow"]["embed_dim"]), f"The run config of checkpoint {path}"
+        )
         calibration = read_calibration(info)
         if calibration is None:
             calibration = _calibrated_copy_of(path, recalibrate)
@@ -171,6 +184,7 @@ class MoLEFlowDetector(CalibrationMixin):
             run_config=run_config,
             device=device,
         )
+        detector.allow_unverified = allow_unverified  # the user's word on this file, for its calibrated copy
         if detector.calibration is None and auto_calibrate:
             log.warning("%s has no stored thresholds: calibrating on the training images (in-sample).", path)
             try:
@@ -366,7 +380,7 @@ def _calibrated_copy_of(path: Path, recalibrate: bool = False) -> Calibration | 
     A copy that is damaged or belongs to another checkpoint is an error unless ``recalibrate``: silently
     calibrating again (in-sample) and saving over it would lose thresholds calibrated on held-out images.
     """
-    from moleflow.training.checkpoint import CheckpointError, read_checkpoint_info
+    from moleflow.training.checkpoint_files import CheckpointError, read_checkpoint_info
 
     copy = calibrated_path(path)
     if copy == path or not copy.is_file():

@@ -19,6 +19,9 @@ pipeline instead visits every task (``every_task=True``) and runs each over its 
 (index select, flow, index copy), which is tensor ops alone and computes the same values. A task with
 no image in the batch costs one pass over an empty batch.
 
+**Trust.** An exported file is a program, not data: loading it runs what it holds. :func:`load_exported` uses
+only each format's own loader (``torch.jit.load``, ``torch.export.load``); load files from trusted sources only.
+
 **Parity.** After writing, the file is loaded back and compared with the Python detector on probe
 images: routed tasks must be identical and image scores and maps equal within ``rtol=1e-4`` (plus
 ``atol=1e-3`` nats for values near zero), otherwise the export fails. Input: (B, 3, S, S) float32 images,
@@ -31,6 +34,7 @@ import json
 import logging
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -190,18 +194,40 @@ def write_export(
     return path
 
 
+def exported_format(path: Path) -> str:
+    """The format of an exported file: "pt2" (torch.export) or "torchscript", by suffix, else by its entries."""
+    if path.suffix == ".pt2":
+        return "pt2"
+    if path.suffix == ".pt":
+        return "torchscript"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile) as err:
+        msg = f"{path} is not an exported moleflow model (not a zip archive: {err})."
+        raise ValueError(msg) from err
+    return "pt2" if any("serialized_exported_program" in n for n in names) else "torchscript"
+
+
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
-    """Load an exported model; returns (callable module, metadata). Needs only PyTorch."""
+    """Load an exported model with its runtime's own loader; returns (callable module, metadata).
+
+    An exported model is a program: loading it runs what it holds. Load only files from a source you trust
+    (your own export, or one whose SHA-256 its maker published and you checked). TorchScript files go to
+    ``torch.jit.load`` and ``.pt2`` programs to ``torch.export.load``, chosen by the file's format, never
+    by trying one loader after the other; moleflow never unpickles them itself.
+    """
     path = Path(path)
     if not path.is_file():
         msg = f"Exported model {path} does not exist."
         raise FileNotFoundError(msg)
     extra = {METADATA_NAME: ""}
+    fmt = exported_format(path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
-        try:
+        if fmt == "torchscript":
             module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
-        except Exception:  # noqa: BLE001 - not TorchScript: a torch.export program
+        else:
             program = torch.export.load(str(path), extra_files=extra)
             module = program.module().to(device)
     return module, json.loads(extra[METADATA_NAME] or "{}")

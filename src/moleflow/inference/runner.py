@@ -281,6 +281,8 @@ def run_from_config(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         save_calibration=bool(cal_cfg.save),
         # calibrating on purpose replaces an unusable copy; a plain predict must not lose one quietly
         recalibrate=bool(cal_cfg.get("recalibrate", False) or mode == "calibrate" or cal_cfg.get("normal_dir")),
+        expected_sha256=cfg.get("ckpt_sha256"),
+        allow_unverified=bool(cfg.get("allow_unverified", False)),
     )
     if mode == "calibrate" or cal_cfg.get("normal_dir") is not None:
         calibrated = detector.calibrate(

@@ -15,6 +15,7 @@ from moleflow.data.datamodule import ContinualDataModule
 from moleflow.models.feature_extractor import FeatureExtractor
 from moleflow.training.lightning_module import MoLEFlowLitModule
 from moleflow.utils.instantiation import build_entry
+from moleflow.utils.trusted_targets import build_stored
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,23 @@ def build_extractor(backbone_cfg: DictConfig | dict, embed_dim: int) -> FeatureE
         msg = f"model.backbone._target_ built a {type(extractor).__name__}, not a FeatureExtractor."
         raise TypeError(msg)
     return extractor
+
+
+def datamodule_from_stored(data: dict[str, Any], source: str) -> ContinualDataModule:
+    """The DataModule of a config read from a file (a checkpoint's run config), prepared and scanned.
+
+    Built without Hydra from a trusted ``_target_`` only (:mod:`moleflow.utils.trusted_targets`): a stored
+    config must not choose the code that runs.
+    """
+    dm = build_stored(data, "data", DATAMODULE_TARGET, source)
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def extractor_from_stored(backbone: dict[str, Any], embed_dim: int, source: str) -> FeatureExtractor:
+    """The frozen backbone of a config read from a file, built from a trusted ``_target_`` without Hydra."""
+    return build_stored(backbone, "model.backbone", EXTRACTOR_TARGET, source, embed_dim=embed_dim)
 
 
 def build_module(model_cfg: DictConfig) -> MoLEFlowLitModule:

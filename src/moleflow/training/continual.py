@@ -52,7 +52,7 @@ from moleflow.training.builders import (
     to_dict,
     to_dict_or_value,
 )
-from moleflow.training.checkpoint import link_checkpoint, load_checkpoint, read_checkpoint_info, save_checkpoint
+from moleflow.training.checkpoint_files import link_checkpoint, read_checkpoint
 from moleflow.training.config_checks import check_backbone_accepts, check_patch_grid_settings, validate_config
 from moleflow.training.feature_cache import FeatureCache
 from moleflow.training.held_out import (
@@ -61,6 +61,7 @@ from moleflow.training.held_out import (
     threshold_report,
     thresholds_from_held_out,
 )
+from moleflow.training.module_checkpoints import module_from_checkpoint, save_checkpoint
 from moleflow.training.resume import ResumeMismatchError, check_compatible, check_same_config, resolve_resume
 from moleflow.training.task_fit import fit_task, loss_curve_summary
 from moleflow.utils.allocator import keep_freed_memory
@@ -218,6 +219,14 @@ def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> 
     timings: dict[str, Any] = {"per_task": {}}
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     device = resolve_device(str(cfg.trainer.get("accelerator", "auto")))
+    point = resolve_resume(cfg, output_dir, overrides or [])
+    resumed = None
+    if point is not None and point.checkpoint is not None:  # checked before anything is built
+        resumed = read_checkpoint(
+            point.checkpoint,
+            expected_sha256=cfg.get("resume_sha256"),
+            allow_unverified=bool(cfg.get("resume_allow_unverified", False)),
+        )
 
     t0 = time.time()
     dm = build_datamodule(cfg.data)
@@ -236,7 +245,6 @@ def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> 
     names = dm.task_names
     tracker = ContinualTracker(names)
     start_task = 0
-    point = resolve_resume(cfg, output_dir, overrides or [])
     run_log: dict[str, Any] = {}
     if point is not None and point.run_dir != output_dir and (point.run_dir / "metrics.json").is_file():
         done = json.loads((point.run_dir / "metrics.json").read_text())
@@ -250,9 +258,9 @@ def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> 
         float(cfg.training.unknown_rate),
         int(cfg.model.score.top_k),
     )
-    if point is not None and point.checkpoint is not None:
-        module, start_task = _restore(point.checkpoint, cfg, names, tracker, timings, run_log)
-        stored = read_calibration(read_checkpoint_info(point.checkpoint))
+    if point is not None and resumed is not None:
+        module, start_task = _restore(resumed, point.checkpoint, cfg, names, tracker, timings, run_log)
+        stored = read_calibration(resumed["moleflow"])
         if stored is not None:  # thresholds of the finished tasks, made when each of them ended
             calibration = stored
         output_dir = point.run_dir
@@ -503,6 +511,7 @@ def _check_finished_run(done: dict[str, Any], cfg: DictConfig, run_dir: Path) ->
 
 
 def _restore(
+    content: dict[str, Any],
     checkpoint: Path,
     cfg: DictConfig,
     names: list[str],
@@ -510,12 +519,13 @@ def _restore(
     timings: dict[str, Any],
     run_log: dict[str, Any],
 ) -> tuple[Any, int]:
-    """Load a run's module and results after its last finished task; returns (module, next task)."""
-    info = read_checkpoint_info(checkpoint)
+    """A run's module and results after its last finished task, from its checked checkpoint ``content``
+    (:func:`read_checkpoint` of ``checkpoint``); returns (module, next task)."""
+    info = content["moleflow"]
     if "tracker" not in info:
         msg = f"{checkpoint} holds no results to resume from (made by an older moleflow); start a new run."
         raise ValueError(msg)
-    module = load_checkpoint(checkpoint)
+    module = module_from_checkpoint(content, checkpoint)
     check_compatible(dict(module.hparams), info.get("run_config"), cfg)  # the model itself: never forced
     force = bool(cfg.get("resume_force", False))
     mismatches = check_same_config(info.get("run_config"), cfg, checkpoint, force)

@@ -8,6 +8,7 @@ and nothing else is. Training batches are cached backbone features (B, H, W, D),
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,12 +16,19 @@ import torch
 from torch import nn
 
 from moleflow.models.moleflow import MoLEFlowConfig, MoLEFlowModel
+from moleflow.training.checkpoint_files import (
+    CONVERT_COMMAND,
+    NOT_A_CHECKPOINT,
+    READ_ERRORS,
+    VERIFIED_MARK,
+    CheckpointError,
+    read_checkpoint,
+)
 from moleflow.training.losses import LossConfig, is_unusable_loss, moleflow_loss
 from moleflow.training.optim import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER, build_optimizer, build_scheduler
 from moleflow.utils.integrity import verify
 
 log = logging.getLogger(__name__)
-VERIFIED_MARK = "_moleflow_hash_verified"  # set in memory by moleflow's reader once the hash was checked
 
 
 class BatchCounters(nn.Module):
@@ -154,14 +162,66 @@ class MoLEFlowLitModule(pl.LightningModule):
             "loss_history": {k: list(v) for k, v in self.loss_history.items()},
         }
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: str | torch.device | None = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        *,
+        expected_sha256: str | None = None,
+        allow_unverified: bool = False,
+    ) -> MoLEFlowLitModule:
+        """Lightning's loader, through moleflow's checked reader (:func:`read_checkpoint`).
+
+        Lightning's own would unpickle the file and build what its hyper-parameters name; a checkpoint may come
+        from elsewhere, so it is read with ``weights_only=True`` and checked before anything is built.
+        """
+        if weights_only is False:
+            msg = (
+                "moleflow reads checkpoints with weights_only=True only: weights_only=False would run code stored in "
+                f"the file. For a file you made yourself with an older moleflow: {CONVERT_COMMAND} OLD NEW --trust"
+            )
+            raise ValueError(msg)
+        if hparams_file is not None or strict is False:
+            msg = "hparams_file and strict=False are not supported: a moleflow checkpoint carries its own settings."
+            raise ValueError(msg)
+        checkpoint = read_checkpoint(
+            checkpoint_path, expected_sha256=expected_sha256, allow_unverified=allow_unverified
+        )
+        return cls.from_checked(checkpoint, checkpoint_path, map_location or "cpu")
+
+    @classmethod
+    def from_checked(
+        cls, checkpoint: dict[str, Any], path: str | Path, map_location: str | torch.device = "cpu"
+    ) -> MoLEFlowLitModule:
+        """The module with every task's experts and router slots, from a dict :func:`read_checkpoint` returned."""
+        if not checkpoint.get(VERIFIED_MARK):
+            msg = "from_checked takes what read_checkpoint returned (checked), not a raw torch.load result."
+            raise ValueError(msg)
+        try:
+            module = cls(**dict(checkpoint["hyper_parameters"]))
+            module.on_load_checkpoint(checkpoint)
+            module.load_state_dict(checkpoint["state_dict"])
+            module = module.to(map_location)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the file is fine: the device is full (map_location="cpu" avoids it)
+        except READ_ERRORS as err:
+            msg = f"Cannot load checkpoint {path} ({type(err).__name__}: {err}): {NOT_A_CHECKPOINT}"
+            raise CheckpointError(msg) from err
+        module.eval()
+        return module
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the content hash, then recreate the tasks' experts and router slots before the state dict loads.
 
-        ``moleflow.training.checkpoint.load_checkpoint`` verifies (naming the file) before it gets here; this
-        check covers ``MoLEFlowLitModule.load_from_checkpoint``.
+        moleflow's reader verifies (naming the file) before it gets here; this check covers a checkpoint dict
+        that reached Lightning some other way (e.g. ``Trainer.fit(ckpt_path=...)``).
         """
         if not checkpoint.get(VERIFIED_MARK):
-            verify(checkpoint, "the checkpoint given to MoLEFlowLitModule.load_from_checkpoint")
+            verify(checkpoint, "the checkpoint given to Lightning")
         info = checkpoint.get("moleflow", {})
         for name in info.get("task_names", [])[len(self.task_names) :]:
             self.add_task(name)

@@ -8,20 +8,22 @@ evaluation step of the training loop (data module, feature cache, checkpoint), s
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
+from moleflow.data.datamodule import data_settings_for_reading
 from moleflow.evaluation.anomaly_map import image_scores_topk
 from moleflow.evaluation.continual_metrics import routing_accuracy, routing_confusion
 from moleflow.evaluation.evaluate import ScoreConfig, TaskEvaluation, evaluate_task
 from moleflow.evaluation.metrics import METRIC_NAMES, binary_auroc, binary_average_precision
-from moleflow.training.builders import build_datamodule, build_extractor
-from moleflow.training.checkpoint import load_checkpoint, read_checkpoint_info
+from moleflow.training.builders import datamodule_from_stored, extractor_from_stored
+from moleflow.training.checkpoint_files import read_checkpoint
 from moleflow.training.feature_cache import FeatureCache
+from moleflow.training.module_checkpoints import module_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -47,28 +49,39 @@ def rescore_checkpoint(
     data_root: str | None = None,
     pixel_sigma: float | None = None,
     device: str = "cpu",
+    expected_sha256: str | None = None,
+    allow_unverified: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate every task of the checkpoint on its test set, once per image-score top-k."""
-    info = read_checkpoint_info(ckpt_path)
+    """Evaluate every task of the checkpoint on its test set, once per image-score top-k.
+
+    The checkpoint is read without running code and checked before anything is built from it
+    (:func:`moleflow.training.checkpoint_files.read_checkpoint`); data module and backbone come from its stored
+    config through trusted ``_target_`` entries only.
+    """
+    checkpoint = read_checkpoint(ckpt_path, expected_sha256=expected_sha256, allow_unverified=allow_unverified)
+    info = checkpoint["moleflow"]
     if "run_config" not in info:
         msg = f"{ckpt_path} holds no run configuration (made by an older moleflow); retrain to re-score it."
         raise ValueError(msg)
-    run_cfg = OmegaConf.create(info["run_config"])
+    run_cfg = copy.deepcopy(info["run_config"])
+    data = run_cfg["data"]
     if data_root is not None:
-        run_cfg.data.root = data_root
-    run_cfg.data.generate = None  # never rewrite data during evaluation
-    module = load_checkpoint(ckpt_path, map_location=device)
+        data["root"] = data_root
+    data = data_settings_for_reading(data)  # never rewrite data during evaluation
+    module = module_from_checkpoint(checkpoint, ckpt_path, map_location=device)
     names = list(module.task_names)
-    run_cfg.data.categories = names  # the checkpoint's tasks, in training order
+    data["categories"] = names  # the checkpoint's tasks, in training order
     dev = torch.device(device)
-    dm = build_datamodule(run_cfg.data)
+    source = f"The run config of checkpoint {ckpt_path}"
+    dm = datamodule_from_stored(data, source)
     dm.set_task(len(names) - 1)
-    cache = FeatureCache(build_extractor(run_cfg.model.backbone, int(run_cfg.model.flow.embed_dim)).to(dev), dev)
+    extractor = extractor_from_stored(run_cfg["model"]["backbone"], int(run_cfg["model"]["flow"]["embed_dim"]), source)
+    cache = FeatureCache(extractor.to(dev), dev)
     score = ScoreConfig(
         top_k=int(top_ks[0]),
-        pixel_sigma=float(pixel_sigma if pixel_sigma is not None else run_cfg.model.score.pixel_sigma),
-        image_size=int(run_cfg.data.image_size),
-        batch_size=int(run_cfg.data.eval_batch_size),
+        pixel_sigma=float(pixel_sigma if pixel_sigma is not None else run_cfg["model"]["score"]["pixel_sigma"]),
+        image_size=int(data["image_size"]),
+        batch_size=int(data["eval_batch_size"]),
     )
     model = module.model.to(dev).eval()
     evaluations = []

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
     "resume",
     "resume_force",
+    "resume_sha256",
+    "resume_allow_unverified",
     "hydra",
     "paths",  # data.root, which paths.data_dir usually sets, is compared on its own
     "logger",

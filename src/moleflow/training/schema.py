@@ -105,6 +105,8 @@ class TrainConfig:
     ablation_name: str = "main"  # +ablation=NAME sets it to NAME, recorded for the tables
     resume: Any = None  # true: the newest unfinished run with the same overrides; or a run dir / .ckpt
     resume_force: bool = False  # resume even though result-changing settings differ (recorded)
+    resume_sha256: str | None = None  # expected SHA-256 of the checkpoint resumed from (refused if it differs)
+    resume_allow_unverified: bool = False  # resume from a checkpoint without an integrity record (older moleflow)
     # The study's knobs, as plain top-level scalars so that `-m ncl=4,6,8` works as typed.
     ncl: int = _FLOW.ncl
     lora_rank: int = _FLOW.lora_rank

@@ -8,6 +8,11 @@ The hash covers the model (``state_dict``: each tensor's name, dtype, shape and 
 ``hyper_parameters`` and the ``moleflow`` section (task names, results so far, run config, calibration),
 in a canonical order that does not depend on dict insertion order or on the device a tensor was
 mapped to. Lightning's own keys (its version, which its loader may migrate) are left out.
+
+The stored hash catches damage, not malice: whoever crafts a file can write a matching hash. Against a file
+from elsewhere, moleflow reads checkpoints with ``torch.load(weights_only=True)`` (no code runs while
+reading), builds nothing a stored config names unless it is trusted (:mod:`moleflow.utils.trusted_targets`),
+and compares the file's own SHA-256 (:func:`file_sha256`) with one published by whoever made it, when given.
 """
 
 from __future__ import annotations
@@ -34,6 +39,19 @@ _warned_unhashed: set[str] = set()
 
 class IntegrityError(RuntimeError):
     """A checkpoint's content does not match the hash stored in it: the file was changed or damaged."""
+
+
+class MissingIntegrityError(IntegrityError):
+    """A checkpoint has no integrity record (an older moleflow, or a file not written by moleflow)."""
+
+
+def file_sha256(path: Path | str) -> str:
+    """SHA-256 of a file's bytes (what ``sha256sum`` prints): to compare with a hash its maker published."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _feed(digest: Any, value: Any) -> None:
@@ -97,20 +115,33 @@ def stamp(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
-def verify(checkpoint: Mapping[str, Any], source: str | Path) -> bool:
-    """Check the stored content hash; True if it matches, False (one warning per file) if there is none.
+def verify(checkpoint: Mapping[str, Any], source: str | Path, allow_unverified: bool = False) -> bool:
+    """Check the stored content hash; True if it matches.
+
+    A checkpoint without a record is refused unless ``allow_unverified`` (then False, with one warning per
+    file): an unhashed file cannot be told apart from a changed one.
 
     Raises:
+        MissingIntegrityError: there is no record and ``allow_unverified`` is False.
         IntegrityError: the content differs from the hash, naming ``source``.
     """
     section = checkpoint.get(SECTION)
     stored = section.get(KEY) if isinstance(section, Mapping) else None
     if stored is None:
+        if not allow_unverified:
+            msg = (
+                f"Checkpoint {source} has no integrity record (written by a moleflow older than 'Reliability, round "
+                "2', or not by moleflow), so a changed or damaged file cannot be detected. Refusing it. If you trust "
+                "the file, either load it once with allow_unverified=true (predict/eval/resume setting, or "
+                "MoLEFlowDetector.load(..., allow_unverified=True)), or write a checked copy with: python -m "
+                f"moleflow.training.convert_checkpoint {source} NEW.ckpt --trust"
+            )
+            raise MissingIntegrityError(msg)
         if str(source) not in _warned_unhashed:
             _warned_unhashed.add(str(source))
             log.warning(
-                "Checkpoint %s has no content hash (written by a moleflow older than 'Reliability, round 2'): "
-                "its integrity cannot be checked. It is loaded anyway; re-save it to add a hash.",
+                "Checkpoint %s has no integrity record: its integrity cannot be checked. Loaded anyway "
+                "(allow_unverified=true); re-save it with moleflow.training.convert_checkpoint to add one.",
                 source,
             )
         return False
