@@ -1,0 +1,88 @@
+"""Readers of KolektorSDD, BSData, PIPED and CrackForest on small generated trees in their real layouts, the
+grouped split they share, the derived-file folders, the validation split, and the dev benchmark's config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moleflow.data.mvtec import CategorySplit, Sample
+from moleflow.data.subsets import split_groups, split_validation
+
+CONF_DATA = Path(__file__).resolve().parents[2] / "conf" / "data"
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _groups(samples: list[Sample], group_of) -> set[str]:
+    return {group_of(s) for s in samples}
+
+
+def _assert_no_leak(split: CategorySplit, group_of) -> None:
+    assert all(s.label == 0 and s.mask_path is None for s in split.train)
+    assert not _groups(split.train, group_of) & _groups(split.test, group_of)
+
+
+# ------------------------------------------------------------------------------------------ grouped split
+
+
+def _sample(name: str, label: int) -> Sample:
+    return Sample(Path(f"/x/{name}.png"), label, "good" if label == 0 else "defect", None if label == 0 else Path("m"))
+
+
+def test_split_groups_holds_out_whole_groups_per_kind() -> None:
+    # groups a..f: normals and defects; g..j: normals only; k: defects only
+    normals = [_sample(f"{g}{i}", 0) for g in "abcdefghij" for i in range(3)]
+    defects = [_sample(f"{g}{i}d", 1) for g in "abcdefk" for i in range(2)]
+
+    def group(s: Sample) -> str:
+        return s.image_path.name[0]
+
+    train, test = split_groups("t", normals, defects, group, 0.5, seed=0)
+    held = _groups(test, group) - {"k"}
+    assert len(held & set("abcdef")) == 3 and len(held & set("ghij")) == 2  # half of each kind
+    assert not _groups(train, group) & _groups(test, group)
+    assert "k" in _groups(test, group)  # defect-only groups have nothing to train on: always tested
+    assert {s for s in defects if group(s) in held | {"k"}} == {s for s in test if s.label}
+    assert len(train) + sum(1 for s in test if s.label == 0) == len(normals)
+    assert split_groups("t", normals, defects, group, 0.5, seed=0) == (train, test)
+    picks = {frozenset(_groups(split_groups("t", normals, defects, group, 0.5, seed=s)[1], group)) for s in range(6)}
+    assert len(picks) > 1
+    # a tiny share still tests one group with defects; a huge one still trains on one group
+    _, test = split_groups("t", normals, defects, group, 0.01, seed=0)
+    assert any(s.label for s in test if group(s) != "k")
+    train, _ = split_groups("t", normals[:6], defects[:4], group, 0.99, seed=0)
+    assert train
+    with pytest.raises(ValueError, match="at least 2 are needed"):
+        split_groups("t", normals[:3], defects, group, 0.5, seed=0)
+
+
+# ------------------------------------------------------------------------------------------ validation part
+
+
+def _category(n_normal: int, n_defect: int) -> CategorySplit:
+    test = [_sample(f"n{i:02d}", 0) for i in range(n_normal)] + [_sample(f"d{i:02d}", 1) for i in range(n_defect)]
+    return CategorySplit("cat", train=[_sample("train", 0)], test=sorted(test, key=lambda s: s.image_path.name))
+
+
+def test_split_validation_is_stratified_disjoint_and_seeded() -> None:
+    split = _category(10, 4)
+    validation, test = split_validation(split, 0.25, seed=0)
+    assert [s.label for s in validation.test].count(0) == 3 and [s.label for s in validation.test].count(1) == 1
+    assert not set(validation.test) & set(test.test) and len(validation.test) + len(test.test) == 14
+    assert [s for s in split.test if s in test.test] == test.test  # order kept
+    assert validation.train == test.train == split.train and validation.category == "cat"
+    assert split_validation(split, 0.25, seed=0) == (validation, test)
+    assert len({tuple(split_validation(split, 0.25, seed=s)[0].test) for s in range(5)}) > 1
+    tiny, rest = split_validation(split, 0.01, seed=1)  # at least one of each label
+    assert sorted(s.label for s in tiny.test) == [0, 1] and {0, 1} <= {s.label for s in rest.test}
+    big, rest = split_validation(split, 0.99, seed=1)  # at most all but one of each label
+    assert sorted(s.label for s in rest.test) == [0, 1]
+    single, rest = split_validation(_category(5, 1), 0.5, seed=0)  # a lone defective image stays in test
+    assert all(s.label == 0 for s in single.test) and sum(s.label for s in rest.test) == 1
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        split_validation(split, 1.0, seed=0)
