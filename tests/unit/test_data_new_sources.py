@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moleflow.data.derived import DERIVED_DIR, INDEX, derived_folder
 from moleflow.data.mvtec import CategorySplit, Sample
 from moleflow.data.subsets import split_groups, split_validation
 
@@ -86,3 +87,38 @@ def test_split_validation_is_stratified_disjoint_and_seeded() -> None:
     assert all(s.label == 0 for s in single.test) and sum(s.label for s in rest.test) == 1
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         split_validation(split, 1.0, seed=0)
+
+
+# ------------------------------------------------------------------------------------------ derived folders
+
+
+def test_derived_folder_is_atomic_keyed_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+
+    def build(folder: Path) -> dict[str, int]:
+        calls.append(folder)
+        (folder / "a.txt").write_text("x")
+        return {"files": 1}
+
+    def broken(folder: Path) -> None:
+        (folder / "half.txt").write_text("x")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        derived_folder(tmp_path, "r", 1, {"size": 4}, broken)
+    assert list((tmp_path / DERIVED_DIR).iterdir()) == []  # nothing half-written is left to trust
+    one, index = derived_folder(tmp_path, "r", 1, {"size": 4}, build)
+    assert index == {"files": 1} and (one / "a.txt").is_file() and (one / INDEX).is_file()
+    assert derived_folder(tmp_path, "r", 1, {"size": 4}, build) == (one, index) and len(calls) == 1  # reused
+    two, _ = derived_folder(tmp_path, "r", 1, {"size": 8}, build)
+    three, _ = derived_folder(tmp_path, "r", 2, {"size": 4}, build)
+    assert len({one, two, three}) == 3 and all(p.is_dir() for p in (one, two, three))
+    # a read-only root: the files go to the user's cache, with a warning saying where
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / DERIVED_DIR).write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="is not writable.*cache"):
+        cached, _ = derived_folder(ro, "r", 1, {"size": 4}, build)
+    assert cached.is_relative_to(tmp_path / "cache") and (cached / "a.txt").is_file()
+    assert derived_folder(ro, "r", 1, {"size": 4}, build)[0] == cached and len(calls) == 4
