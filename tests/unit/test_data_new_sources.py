@@ -3,12 +3,17 @@ grouped split they share, the derived-file folders, the validation split, and th
 
 from __future__ import annotations
 
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from moleflow.data import DatasetLayoutError, load_mask
 from moleflow.data.derived import DERIVED_DIR, INDEX, derived_folder
+from moleflow.data.kolektor import kolektor_part, kolektor_splits, read_kolektor
 from moleflow.data.mvtec import CategorySplit, Sample
 from moleflow.data.subsets import split_groups, split_validation
 
@@ -122,3 +127,75 @@ def test_derived_folder_is_atomic_keyed_and_reused(tmp_path: Path, monkeypatch: 
         cached, _ = derived_folder(ro, "r", 1, {"size": 4}, build)
     assert cached.is_relative_to(tmp_path / "cache") and (cached / "a.txt").is_file()
     assert derived_folder(ro, "r", 1, {"size": 4}, build)[0] == cached and len(calls) == 4
+
+
+# ------------------------------------------------------------------------------------------ KolektorSDD
+
+KOS_PARTS, KOS_IMAGES = 6, 3
+
+
+def write_kolektor(root: Path) -> Path:
+    """ROOT/data/kosNN/PartK.jpg + PartK_label.bmp; image 1 of each part defective (palette mask, as released),
+    and data/kos03/kos01/, a byte-identical copy of data/kos01/ (as in the mirror)."""
+    rng = _rng()
+    for p in range(1, KOS_PARTS + 1):
+        part = root / "data" / f"kos{p:02d}"
+        part.mkdir(parents=True)
+        for k in range(KOS_IMAGES):
+            height = 30 + p  # sizes differ per part, as in the real data
+            Image.fromarray(rng.integers(0, 255, (height, 12), dtype=np.uint8)).save(part / f"Part{k}.jpg")
+            values = np.zeros((height, 12), dtype=np.uint8)
+            if k == 1:
+                values[10:14, 3:6] = 1
+            mask = Image.new("P", (12, height))
+            mask.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)  # an 8-bit palette BMP, as released
+            mask.putdata(values.ravel().tolist())
+            mask.save(part / f"Part{k}_label.bmp")
+    shutil.copytree(root / "data" / "kos01", root / "data" / "kos03" / "kos01")
+    return root
+
+
+@pytest.fixture()
+def kolektor_root(tmp_path: Path) -> Path:
+    return write_kolektor(tmp_path / "kolektor")
+
+
+def test_kolektor_reads_parts_masks_and_drops_the_copy(kolektor_root: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the byte-identical copy is dropped quietly
+        normals, defects = read_kolektor(kolektor_root)
+    assert len(normals) == KOS_PARTS * (KOS_IMAGES - 1) and len(defects) == KOS_PARTS
+    paths = [s.image_path for s in normals + defects]
+    assert len(set(paths)) == len(paths) and all(p.parent.parent == kolektor_root / "data" for p in paths)
+    assert all(s.mask_path == s.image_path.with_name(f"{s.image_path.stem}_label.bmp") for s in defects)
+    mask = load_mask(defects[0].mask_path, 36, None)  # the palette BMP reads as-is: index 1 is defect
+    assert 0 < float(mask.sum()) < 36 * 36
+    # a nested folder that is not a copy is not read either, but named
+    copy = kolektor_root / "data" / "kos03" / "kos01" / "Part0.jpg"
+    copy.write_bytes(copy.read_bytes() + b"\0")
+    with pytest.warns(UserWarning, match=r"Skipped the nested folder .*kos03/kos01"):
+        assert len(read_kolektor(kolektor_root)[0]) == len(normals)
+
+
+def test_kolektor_split_never_shares_a_part(kolektor_root: Path) -> None:
+    (split,) = kolektor_splits(kolektor_root, test_group_fraction=0.5, seed=3)
+    assert split.category == "kolektor" and split.has_masks
+    _assert_no_leak(split, kolektor_part)
+    held = _groups(split.test, kolektor_part)
+    assert len(held) == 3 and len(split.train) == 3 * (KOS_IMAGES - 1)
+    assert sum(s.label for s in split.test) == 3  # the defective images of the training parts are left out
+    assert kolektor_splits(kolektor_root, test_group_fraction=0.5, seed=3) == [split]
+    others = {frozenset(_groups(kolektor_splits(kolektor_root, seed=s)[0].test, kolektor_part)) for s in range(5)}
+    assert len(others) > 1
+    with pytest.raises(ValueError, match="test_group_fraction must be strictly between"):
+        kolektor_splits(kolektor_root, test_group_fraction=1.5)
+
+
+def test_kolektor_masks_are_checked(kolektor_root: Path) -> None:
+    mask = kolektor_root / "data" / "kos02" / "Part0_label.bmp"
+    Image.fromarray(np.zeros((5, 5), dtype=np.uint8)).save(mask)
+    with pytest.raises(DatasetLayoutError, match="is 5x5 px but its image"):
+        read_kolektor(kolektor_root)
+    mask.unlink()
+    with pytest.raises(DatasetLayoutError, match="has no mask"):
+        read_kolektor(kolektor_root)
