@@ -3,6 +3,7 @@ grouped split they share, the derived-file folders, the validation split, and th
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from moleflow.data import DatasetLayoutError, load_mask
+from moleflow.data.bsdata import bsdata_group, bsdata_splits, read_bsdata
 from moleflow.data.derived import DERIVED_DIR, INDEX, derived_folder
 from moleflow.data.kolektor import kolektor_part, kolektor_splits, read_kolektor
 from moleflow.data.mvtec import CategorySplit, Sample
@@ -199,3 +201,105 @@ def test_kolektor_masks_are_checked(kolektor_root: Path) -> None:
     mask.unlink()
     with pytest.raises(DatasetLayoutError, match="has no mask"):
         read_kolektor(kolektor_root)
+
+
+# ------------------------------------------------------------------------------------------ BSData
+
+BS_POSITIONS = ("100000_000", "200000_090", "300000_180", "400000_270")
+BS_SIZE = (40, 24)  # width, height
+BS_SQUARE = [[10.0, 4.0], [20.0, 4.0], [20.0, 12.0], [10.0, 12.0]]
+
+
+def _labelme(name: str, shapes: list[list[list[float]]]) -> dict:
+    return {
+        "version": "4.5.6",
+        "flags": {},
+        "shapes": [
+            {"label": "Pitting", "points": p, "group_id": None, "shape_type": "polygon", "flags": {}} for p in shapes
+        ],
+        "imagePath": f"{name}.jpg",
+        "imageData": None,
+        "imageHeight": BS_SIZE[1],
+        "imageWidth": BS_SIZE[0],
+    }
+
+
+def write_bsdata(root: Path) -> Path:
+    """ROOT/data/*.jpg + ROOT/label/*.json: four positions over five times (pitting annotated at times 4 and 5 of
+    the first three, none at the fourth), a late unannotated image at position 1, and one KGT image."""
+    rng = _rng()
+    (root / "data").mkdir(parents=True)
+    (root / "label").mkdir()
+    names: list[tuple[str, bool]] = []
+    for p, position in enumerate(BS_POSITIONS):
+        for t in range(1, 6):
+            names.append((f"01_2009010{t}0000_{position}_crop_2", p < 3 and t >= 4))
+    names += [("01_200901090000_100000_000_crop_1", False), ("KGT1-S-060-A02_crop_0", True)]
+    for name, pitting in names:
+        Image.fromarray(rng.integers(0, 255, (BS_SIZE[1], BS_SIZE[0], 3), dtype=np.uint8)).save(
+            root / "data" / f"{name}.jpg"
+        )
+        if pitting:
+            shapes = [BS_SQUARE, [[30.0, 2.0], [36.0, 2.0], [33.0, 8.0]]]
+            (root / "label" / f"{name}.json").write_text(json.dumps(_labelme(name, shapes)))
+    return root
+
+
+@pytest.fixture()
+def bsdata_root(tmp_path: Path) -> Path:
+    return write_bsdata(tmp_path / "bsdata")
+
+
+def test_bsdata_reads_normals_and_rasterises_polygons(bsdata_root: Path) -> None:
+    normals, defects = read_bsdata(bsdata_root)
+    assert len(normals) == 14 and len(defects) == 6  # the late unannotated image and the KGT image left out
+    assert not any("crop_1" in s.image_path.name for s in normals)
+    assert all(s.defect_type == "pitting" for s in defects)
+    mask = np.asarray(Image.open(defects[0].mask_path))
+    assert defects[0].mask_path.is_relative_to(bsdata_root / DERIVED_DIR) and mask.shape == BS_SIZE[::-1]
+    square = np.zeros_like(mask, dtype=bool)
+    square[4:13, 10:21] = True  # the polygon's vertices are pixel centres, edges included
+    assert (mask[square] == 255).all() and mask[12, 21] == 0 and mask[13, 15] == 0
+    assert mask[4, 33] == 255 and mask[7, 33] == 255 and mask[2, 30] == 255 and mask[20, 5] == 0  # the triangle
+    assert 99 < int((mask == 255).sum()) < 99 + 30
+    kept, with_kgt = read_bsdata(bsdata_root, drop_late_unlabelled=False), read_bsdata(bsdata_root, include_kgt=True)
+    assert len(kept[0]) == 15 and len(with_kgt[1]) == 7
+
+
+def test_bsdata_split_never_shares_a_position(bsdata_root: Path) -> None:
+    (split,) = bsdata_splits(bsdata_root, test_group_fraction=0.34, seed=0)
+    group = lambda s: bsdata_group(s.image_path.stem)  # noqa: E731
+    _assert_no_leak(split, group)
+    assert len(_groups(split.test, group)) == 1 and sum(s.label for s in split.test) == 2
+    assert _groups(split.test, group) <= set(BS_POSITIONS[:3])  # the tested position has pitting
+    assert bsdata_splits(bsdata_root, test_group_fraction=0.34, seed=0) == [split]
+    (with_kgt,) = bsdata_splits(bsdata_root, test_group_fraction=0.34, seed=0, include_kgt=True)
+    assert "KGT1-A02" in _groups(with_kgt.test, group)  # a group without normals is only ever tested
+    assert bsdata_group("KGT3-S-111-A03_crop_0") == bsdata_group("KGT3-V-104-A03_crop_4") == "KGT3-A03"
+
+
+def test_bsdata_masks_are_derived_once_and_redone_for_new_annotations(bsdata_root: Path) -> None:
+    read_bsdata(bsdata_root)
+    (first,) = (bsdata_root / DERIVED_DIR).iterdir()
+    stamp = (first / INDEX).stat().st_mtime_ns
+    read_bsdata(bsdata_root)
+    assert [p.name for p in (bsdata_root / DERIVED_DIR).iterdir()] == [first.name]
+    assert (first / INDEX).stat().st_mtime_ns == stamp
+    label = sorted((bsdata_root / "label").glob("*.json"))[0]
+    data = json.loads(label.read_text())
+    data["shapes"] = data["shapes"][:1]
+    label.write_text(json.dumps(data))
+    read_bsdata(bsdata_root)
+    assert len(list((bsdata_root / DERIVED_DIR).iterdir())) == 2 and (first / INDEX).is_file()
+
+
+def test_bsdata_annotation_errors_name_the_file(bsdata_root: Path) -> None:
+    label = sorted((bsdata_root / "label").glob("*.json"))[0]
+    data = json.loads(label.read_text())
+    data["imageWidth"] = 99
+    label.write_text(json.dumps(data))
+    with pytest.raises(DatasetLayoutError, match=rf"{label.name} was drawn on a 99x24 px image"):
+        read_bsdata(bsdata_root)
+    label.write_text("{not json")
+    with pytest.raises(DatasetLayoutError, match=f"Cannot read the annotation .*{label.name}"):
+        read_bsdata(bsdata_root)
