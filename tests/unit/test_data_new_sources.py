@@ -17,6 +17,7 @@ from moleflow.data.bsdata import bsdata_group, bsdata_splits, read_bsdata
 from moleflow.data.derived import DERIVED_DIR, INDEX, derived_folder
 from moleflow.data.kolektor import kolektor_part, kolektor_splits, read_kolektor
 from moleflow.data.mvtec import CategorySplit, Sample
+from moleflow.data.piped import piped_photograph, piped_splits, read_piped
 from moleflow.data.subsets import split_groups, split_validation
 
 CONF_DATA = Path(__file__).resolve().parents[2] / "conf" / "data"
@@ -303,3 +304,70 @@ def test_bsdata_annotation_errors_name_the_file(bsdata_root: Path) -> None:
     label.write_text("{not json")
     with pytest.raises(DatasetLayoutError, match=f"Cannot read the annotation .*{label.name}"):
         read_bsdata(bsdata_root)
+
+
+# ------------------------------------------------------------------------------------------ PIPED
+
+PIPED_TYPES = {"PA_AAA01_TL": "GroundThruth", "PA_BBB01_TL": "GroundTruth", "PA_CCC01_RL": "GroundThruth"}
+
+
+def write_piped(root: Path) -> Path:
+    """ROOT/data/PA_<T>_<L>/{NoDefects,Defects,Defects/GroundT(h)ruth}: 4 photographs x 2 normal patches and
+    2 x 2 defective patches per type, 1-bit masks with the impurity black; plus PU_PNG01_TL (never read)."""
+    rng = _rng()
+    for folder, gt_name in PIPED_TYPES.items():
+        base = root / "data" / folder
+        for sub in ("NoDefects", f"Defects/{gt_name}"):
+            (base / sub).mkdir(parents=True)
+        for n in range(1, 5):
+            for k in (1, 2):
+                patch = rng.integers(100, 200, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(patch).save(base / "NoDefects" / f"{folder}_S_ND_{n:02d}_{k}.bmp")
+                if n > 2:
+                    continue
+                patch[3:6, 4 + k : 8 + k] = 20
+                Image.fromarray(patch).save(base / "Defects" / f"{folder}_S_D_{n}_{k}.bmp")
+                white = np.ones((16, 16), dtype=bool)
+                white[3:6, 4 + k : 8 + k] = False
+                Image.fromarray(white).save(base / "Defects" / gt_name / f"{folder}_S_GT_{n}_{k}.bmp")
+    other = root / "data" / "PU_PNG01_TL" / "NoDefect"
+    other.mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(other / "PL_PNG_1_1wo.bmp")
+    return root
+
+
+@pytest.fixture()
+def piped_root(tmp_path: Path) -> Path:
+    return write_piped(tmp_path / "piped")
+
+
+def test_piped_pools_types_per_lighting_mode_with_inverted_masks(piped_root: Path) -> None:
+    normals, defects = read_piped(piped_root, "piped_tl")
+    assert len(normals) == 16 and len(defects) == 8  # AAA and BBB (both mask-folder spellings), not PU_PNG
+    assert {s.defect_type for s in defects} == {"aaa01", "bbb01"}
+    rl_normals, rl_defects = read_piped(piped_root, "piped_rl")
+    assert len(rl_normals) == 8 and len(rl_defects) == 4 and {s.defect_type for s in rl_defects} == {"ccc01"}
+    sample = next(s for s in defects if s.image_path.stem.endswith("_2_2"))
+    mask = np.asarray(Image.open(sample.mask_path))
+    expected = np.zeros((16, 16), dtype=np.uint8)
+    expected[3:6, 6:10] = 255  # the black pixels of the 1-bit mask
+    assert np.array_equal(mask, expected)
+    assert len(list((piped_root / DERIVED_DIR).iterdir())) == 2  # one folder per lighting mode
+
+
+def test_piped_split_never_shares_a_photograph(piped_root: Path) -> None:
+    tl, rl = piped_splits(piped_root, test_group_fraction=0.25, seed=1)
+    assert (tl.category, rl.category) == ("piped_tl", "piped_rl")
+    for split, n_defects in ((tl, 8), (rl, 4)):
+        _assert_no_leak(split, piped_photograph)
+        assert sum(s.label for s in split.test) == n_defects  # every defective patch is tested
+    assert len(_groups([s for s in tl.test if s.label == 0], piped_photograph)) == 2  # 25 % of 8 photographs
+    folder = piped_root / "data" / "PA_AAA01_TL" / "NoDefects"
+    one, two, other = (
+        Sample(folder / f"PA_AAA01_TL_S_ND_{nk}.bmp", 0, "good", None) for nk in ("03_1", "03_2", "04_1")
+    )
+    assert piped_photograph(one) == piped_photograph(two) != piped_photograph(other)
+    assert piped_splits(piped_root, test_group_fraction=0.25, seed=1) == [tl, rl]
+    assert [s.category for s in piped_splits(piped_root, categories=["piped_rl"])] == ["piped_rl"]
+    with pytest.raises(ValueError, match="Unknown PIPED task"):
+        piped_splits(piped_root, categories=["piped"])
