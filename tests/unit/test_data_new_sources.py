@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.io
 from PIL import Image
 
 from moleflow.data import DatasetLayoutError, load_mask
 from moleflow.data.bsdata import bsdata_group, bsdata_splits, read_bsdata
+from moleflow.data.crackforest import crackforest_photograph, crackforest_splits, load_segmentation, read_crackforest
 from moleflow.data.derived import DERIVED_DIR, INDEX, derived_folder
 from moleflow.data.kolektor import kolektor_part, kolektor_splits, read_kolektor
 from moleflow.data.mvtec import CategorySplit, Sample
@@ -371,3 +373,83 @@ def test_piped_split_never_shares_a_photograph(piped_root: Path) -> None:
     assert [s.category for s in piped_splits(piped_root, categories=["piped_rl"])] == ["piped_rl"]
     with pytest.raises(ValueError, match="Unknown PIPED task"):
         piped_splits(piped_root, categories=["piped"])
+
+
+# ------------------------------------------------------------------------------------------ CrackForest
+
+CF_SIZE = (64, 48)  # width, height: 4 x 3 tiles of 16 px
+
+
+def write_crackforest(root: Path) -> Path:
+    """ROOT/image/NNN.jpg + ROOT/groundTruth/NNN.mat (struct groundTruth.Segmentation, 1 = background): five
+    photographs with a vertical crack in a different column each; plus an unannotated photograph."""
+    rng = _rng()
+    (root / "image").mkdir(parents=True)
+    (root / "groundTruth").mkdir()
+    for i in range(1, 6):
+        segmentation = np.ones(CF_SIZE[::-1], dtype=np.uint8)
+        column = 2 + 12 * i
+        segmentation[:, column : column + 2] = 2
+        segmentation[40:44, 2:4] = 3 if i == 5 else 1  # a second segment counts as defect too
+        if i == 1:  # short horizontal cracks just above tile (y16, x48) and just below tile (y16, x32)
+            segmentation[14:16, 56:64] = 2
+            segmentation[32:34, 32:41] = 2
+        truth = {"Segmentation": segmentation, "Boundaries": (segmentation > 1).astype(np.uint8)}
+        scipy.io.savemat(root / "groundTruth" / f"{i:03d}.mat", {"groundTruth": truth})
+        photo = rng.integers(90, 160, (CF_SIZE[1], CF_SIZE[0], 3), dtype=np.uint8)
+        Image.fromarray(photo).save(root / "image" / f"{i:03d}.jpg")
+    Image.fromarray(np.zeros((48, 64, 3), dtype=np.uint8)).save(root / "image" / "201.jpg")
+    return root
+
+
+@pytest.fixture()
+def crackforest_root(tmp_path: Path) -> Path:
+    return write_crackforest(tmp_path / "crackforest")
+
+
+def test_crackforest_tiles_keep_normals_away_from_cracks(crackforest_root: Path) -> None:
+    normals, cracks = read_crackforest(crackforest_root, tile_size=16, margin=4, min_defect_pixels=4)
+    assert normals and cracks and "201" not in {crackforest_photograph(s) for s in normals + cracks}
+    for sample in normals + cracks:
+        photo = crackforest_photograph(sample)
+        y, x = (int(v) for v in sample.image_path.stem.split("_y")[1].split("_x"))
+        truth = load_segmentation(crackforest_root / "groundTruth" / f"{photo}.mat")
+        with Image.open(crackforest_root / "image" / f"{photo}.jpg") as img:
+            source = np.asarray(img.convert("RGB"))[y : y + 16, x : x + 16]
+        assert np.array_equal(np.asarray(Image.open(sample.image_path)), source)  # the tile is the crop
+        if sample.label == 0:
+            assert not truth[max(0, y - 4) : y + 20, max(0, x - 4) : x + 20].any()  # no crack within the margin
+        else:
+            crop = truth[y : y + 16, x : x + 16]
+            assert crop.sum() >= 4 and np.array_equal(np.asarray(Image.open(sample.mask_path)) > 0, crop)
+    # photograph 1: tiles holding a crack are defective, clean tiles within 4 px of one (beside, above or below)
+    # are left out, the others are normal
+    first = {s.image_path.stem: s.label for s in normals + cracks if crackforest_photograph(s) == "001"}
+    defective = ("y0_x0", "y16_x0", "y32_x0", "y0_x48", "y32_x32")
+    assert first == {f"001_{t}": 1 for t in defective} | {"001_y0_x32": 0, "001_y32_x48": 0}
+    assert any(s.image_path.stem == "005_y32_x0" for s in cracks)  # segment 3 counts as defect
+
+
+def test_crackforest_split_and_derived_folders_per_setting(crackforest_root: Path) -> None:
+    (split,) = crackforest_splits(crackforest_root, tile_size=16, margin=4, min_defect_pixels=4, seed=2)
+    _assert_no_leak(split, crackforest_photograph)
+    assert split.train and {0, 1} <= {s.label for s in split.test}
+    again = crackforest_splits(crackforest_root, tile_size=16, margin=4, min_defect_pixels=4, seed=2)
+    assert again == [split]
+    (other,) = crackforest_splits(crackforest_root, tile_size=12, margin=2, min_defect_pixels=4, seed=2)
+    folders = sorted((crackforest_root / DERIVED_DIR).iterdir())
+    assert len(folders) == 2 and all((f / INDEX).is_file() for f in folders)  # both settings kept
+    assert all(s.image_path.is_file() for s in split.train + split.test + other.train + other.test)
+    assert {Image.open(other.train[0].image_path).size, Image.open(split.train[0].image_path).size} == {
+        (12, 12),
+        (16, 16),
+    }
+    with pytest.raises(ValueError, match="tile_size must be an int >= 8"):
+        crackforest_splits(crackforest_root, tile_size=2)
+
+
+def test_crackforest_bad_annotation_names_the_file(crackforest_root: Path) -> None:
+    bad = crackforest_root / "groundTruth" / "003.mat"
+    scipy.io.savemat(bad, {"other": np.zeros((2, 2))})
+    with pytest.raises(DatasetLayoutError, match=r"Cannot read the annotation .*003\.mat"):
+        read_crackforest(crackforest_root, tile_size=16)
