@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+from omegaconf import OmegaConf
 from PIL import Image
 
-from moleflow.data import DatasetLayoutError, load_mask
+from moleflow.data import ContinualDataModule, DatasetLayoutError, load_mask
 from moleflow.data.bsdata import bsdata_group, bsdata_splits, read_bsdata
 from moleflow.data.crackforest import crackforest_photograph, crackforest_splits, load_segmentation, read_crackforest
 from moleflow.data.derived import DERIVED_DIR, INDEX, derived_folder
@@ -453,3 +454,58 @@ def test_crackforest_bad_annotation_names_the_file(crackforest_root: Path) -> No
     scipy.io.savemat(bad, {"other": np.zeros((2, 2))})
     with pytest.raises(DatasetLayoutError, match=r"Cannot read the annotation .*003\.mat"):
         read_crackforest(crackforest_root, tile_size=16)
+
+
+# ------------------------------------------------------------------------------------------ all four
+
+
+@pytest.mark.parametrize(
+    ("source", "clone"),
+    [
+        ("kolektor", "git clone https://github.com/songpeixuan22/Unet-Defect-Detection-in-kolektorSSD data/kolektor"),
+        ("bsdata", "git clone https://github.com/2Obe/BSData data/bsdata"),
+        ("piped", "git clone https://github.com/bianconif/PIPED data/piped"),
+        ("crackforest", "git clone https://github.com/cuilimeng/CrackForest-dataset data/crackforest"),
+    ],
+)
+def test_missing_root_says_how_to_get_the_data(source: str, clone: str, tmp_path: Path) -> None:
+    with pytest.raises(DatasetLayoutError, match=r"(?s)does not exist.*" + clone.replace(".", r"\.")):
+        ContinualDataModule(tmp_path / "nowhere", None, source=source).setup()
+
+
+def test_datamodule_reads_the_new_sources_with_masks(
+    kolektor_root: Path, bsdata_root: Path, piped_root: Path, crackforest_root: Path
+) -> None:
+    sources = [
+        {"source": "kolektor", "root": str(kolektor_root)},
+        {"source": "bsdata", "root": str(bsdata_root), "source_options": {"test_group_fraction": 0.34}},
+        {"source": "piped", "root": str(piped_root)},
+        {"source": "crackforest", "root": str(crackforest_root), "source_options": {"tile_size": 16, "margin": 4}},
+    ]
+    dm = ContinualDataModule(None, None, image_size=16, source="multi", sources=sources)
+    assert dm.task_names == ["kolektor", "bsdata", "piped_tl", "piped_rl", "crackforest"]
+    for task in range(len(dm.task_names)):
+        assert dm.has_masks(task)
+        test = dm.test_dataset(task)
+        item = next(test[i] for i in range(len(test)) if test.samples[i].label == 1)
+        assert item["image"].shape == (3, 16, 16) and 0 < float(item["mask"].sum()) < 16 * 16
+
+
+def test_dev_benchmark_chains_the_sources_in_task_order() -> None:
+    cfg = OmegaConf.load(CONF_DATA / "dev_benchmark.yaml")
+    names = [e.get("prefix", "") + name for e in cfg.sources for name in e.categories]
+    assert names == [
+        "elpv_mono",
+        "kolektor",
+        "mvtec_bottle",
+        "piped_tl",
+        "magnetic_tile",
+        "bsdata",
+        "crackforest",
+        "piped_rl",
+        "elpv_poly",
+    ]
+    for entry in cfg.sources:
+        if entry.source not in ("elpv", "mvtec"):
+            assert OmegaConf.load(CONF_DATA / f"{entry.source}.yaml").source == entry.source
+    assert OmegaConf.load(CONF_DATA / "mvtec_bottle.yaml").categories == ["bottle"]
