@@ -257,7 +257,9 @@ def test_datamodule_elpv_source(fake_elpv: Path) -> None:
 
 
 def test_datamodule_source_and_options_checked(fake_elpv: Path, tmp_path: Path) -> None:
-    known = r"\['mvtec', 'elpv', 'folder', 'visa', 'magnetic_tile', 'multi'\]"
+    known = (
+        r"\['mvtec', 'elpv', 'folder', 'visa', 'magnetic_tile', 'kolektor', 'bsdata', 'piped', 'crackforest', 'multi'\]"
+    )
     with pytest.raises(ValueError, match=r"Unknown data source 'csv'.*" + known):
         ContinualDataModule(tmp_path, ["a"], source="csv")
     with pytest.raises(ValueError, match=r"\['layout'\] are not accepted by source='elpv'.*labels_csv"):

@@ -1,5 +1,5 @@
-"""Data: MVTec-layout, ELPV, VisA, Magnetic Tile and user-folder sources (or several in a row), task grouping,
-images, datasets, DataModule, synthetic data.
+"""Data: MVTec-layout, ELPV, VisA, Magnetic Tile, KolektorSDD, BSData, PIPED, CrackForest and user-folder sources
+(or several in a row), task grouping, images, datasets, DataModule, synthetic data.
 
 Names are imported lazily, so that `python -m moleflow.data.synthetic` neither loads torch/lightning
 nor triggers runpy's "found in sys.modules" warning.
@@ -11,12 +11,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from moleflow.data.bsdata import bsdata_splits
+    from moleflow.data.crackforest import crackforest_splits
     from moleflow.data.datamodule import MPDD_CATEGORIES, ContinualDataModule
     from moleflow.data.datasets import SampleDataset
     from moleflow.data.elpv import ELPV_TASKS, elpv_counts, elpv_labels_csv, elpv_splits
     from moleflow.data.folder import FOLDER_LAYOUTS, folder_splits
     from moleflow.data.grouping import group_splits, parse_scenario
     from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, load_mask, load_rgb
+    from moleflow.data.kolektor import kolektor_splits
     from moleflow.data.magnetic_tile import MT_DEFECTS, magnetic_tile_splits
     from moleflow.data.mvtec import (
         MVTEC_CATEGORIES,
@@ -26,7 +29,9 @@ if TYPE_CHECKING:
         scan_categories,
         scan_category,
     )
+    from moleflow.data.piped import PIPED_TASKS, piped_splits
     from moleflow.data.sources import DATA_SOURCES, read_source, read_sources
+    from moleflow.data.subsets import split_validation
     from moleflow.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_mvtec
     from moleflow.data.visa import VISA_CATEGORIES, visa_splits
 
@@ -37,6 +42,12 @@ _EXPORTS: dict[str, str] = {
     "read_sources": "sources",
     "MT_DEFECTS": "magnetic_tile",
     "magnetic_tile_splits": "magnetic_tile",
+    "kolektor_splits": "kolektor",
+    "bsdata_splits": "bsdata",
+    "PIPED_TASKS": "piped",
+    "piped_splits": "piped",
+    "crackforest_splits": "crackforest",
+    "split_validation": "subsets",
     "MPDD_CATEGORIES": "datamodule",
     "SampleDataset": "datasets",
     "ELPV_TASKS": "elpv",
@@ -73,6 +84,7 @@ __all__ = [
     "MPDD_CATEGORIES",
     "MT_DEFECTS",
     "MVTEC_CATEGORIES",
+    "PIPED_TASKS",
     "SYNTHETIC_CATEGORIES",
     "VISA_CATEGORIES",
     "CategorySplit",
@@ -81,20 +93,25 @@ __all__ = [
     "ImageReadError",
     "Sample",
     "SampleDataset",
+    "bsdata_splits",
+    "crackforest_splits",
     "elpv_counts",
     "elpv_labels_csv",
     "elpv_splits",
     "folder_splits",
     "generate_synthetic_mvtec",
     "group_splits",
+    "kolektor_splits",
     "load_mask",
     "load_rgb",
     "magnetic_tile_splits",
     "parse_scenario",
+    "piped_splits",
     "read_source",
     "read_sources",
     "scan_categories",
     "scan_category",
+    "split_validation",
     "visa_splits",
 ]
 

@@ -47,7 +47,7 @@ FOLDER_EXPECTED_LAYOUTS = (
 )
 
 # Seed-sequence codes that keep the random streams of one task apart.
-STREAM_SPLIT, STREAM_TRAIN_SUBSET, STREAM_TEST_SUBSET = 0, 1, 2
+STREAM_SPLIT, STREAM_TRAIN_SUBSET, STREAM_TEST_SUBSET, STREAM_VALIDATION = 0, 1, 2, 3
 
 
 def _folder_error(problem: str) -> DatasetLayoutError:
@@ -55,15 +55,19 @@ def _folder_error(problem: str) -> DatasetLayoutError:
     return DatasetLayoutError(msg)
 
 
-def check_fraction(test_normal_fraction: float) -> float:
-    """Reject a held-out share of normals outside (0, 1): both splits need normal images."""
+def check_fraction(test_normal_fraction: float, name: str = "test_normal_fraction") -> float:
+    """Reject a held-out share (of normals, or of groups) outside (0, 1): both splits need normal images.
+
+    ``name`` is the option named in the error (e.g. "test_group_fraction").
+    """
+    what = "normal images" if name == "test_normal_fraction" else "groups"
     if isinstance(test_normal_fraction, bool) or not isinstance(test_normal_fraction, int | float):
-        msg = f"test_normal_fraction must be a number in (0, 1) such as 0.25, got {test_normal_fraction!r}."
+        msg = f"{name} must be a number in (0, 1) such as 0.25, got {test_normal_fraction!r}."
         raise TypeError(msg)
     value = float(test_normal_fraction)
     if not 0.0 < value < 1.0:
         msg = (
-            f"test_normal_fraction must be strictly between 0 and 1 (share of the normal images held out "
+            f"{name} must be strictly between 0 and 1 (share of the {what} held out "
             f"for testing), got {test_normal_fraction!r}."
         )
         raise ValueError(msg)

@@ -3,7 +3,8 @@
 A source turns (root, categories, options) into one :class:`CategorySplit` per category. The readers
 live in their own modules; this one only knows their names, which options each accepts (its keyword
 arguments) and how to chain several sources into one task sequence, so that a continual run can be
-built from real data sets of different kinds (e.g. ELPV mono, ELPV poly, then Magnetic Tile).
+built from real data sets of different kinds (e.g. ELPV mono, ELPV poly, then Magnetic Tile, KolektorSDD,
+BSData, PIPED and CrackForest, as ``conf/data/dev_benchmark.yaml`` does).
 """
 
 from __future__ import annotations
@@ -14,14 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moleflow.data.bsdata import bsdata_splits
+from moleflow.data.crackforest import crackforest_splits
 from moleflow.data.elpv import ELPV_TASKS, elpv_splits
 from moleflow.data.folder import folder_splits
+from moleflow.data.kolektor import kolektor_splits
 from moleflow.data.magnetic_tile import magnetic_tile_splits
 from moleflow.data.mvtec import EXPECTED_LAYOUT, CategorySplit, DatasetLayoutError, scan_categories
+from moleflow.data.piped import piped_splits
 from moleflow.data.visa import visa_splits
 
 MULTI = "multi"
 MPDD_URL = "https://github.com/stepanje/MPDD"
+MVTEC_BOTTLE_URL = "https://github.com/notalepower/PatchCoreViT"
 MVTEC_LAYOUT_LINES = (
     "Expected layout (MVTec AD layout):\n"
     "  ROOT/CATEGORY/train/good/*.png\n"
@@ -32,6 +38,11 @@ DOWNLOAD_HINTS: dict[str, str] = {
     "mpdd": (
         f"MPDD (Metal Parts Defect Detection) comes from {MPDD_URL} : download it by hand, extract it and "
         "point `data.root` at the folder holding its category folders (bracket_black, ..., tubes)."
+    ),
+    "mvtec_bottle": (
+        f"MVTec AD's bottle category alone is in {MVTEC_BOTTLE_URL} (folder bottle/, CC BY-NC-SA 4.0): get it with "
+        "`git clone https://github.com/notalepower/PatchCoreViT data/mvtec_bottle` and point `data.root` at that "
+        "clone (categories: [bottle])."
     ),
 }
 """Where a data set in MVTec layout other than MVTec AD comes from, keyed by its name (data.name)."""
@@ -65,6 +76,10 @@ SOURCES: dict[str, Source] = {
     "folder": Source(folder_splits),
     "visa": Source(visa_splits),
     "magnetic_tile": Source(magnetic_tile_splits),
+    "kolektor": Source(kolektor_splits),
+    "bsdata": Source(bsdata_splits),
+    "piped": Source(piped_splits),
+    "crackforest": Source(crackforest_splits),
 }
 DATA_SOURCES: tuple[str, ...] = (*SOURCES, MULTI)
 """Task sources; "multi" chains several of the others (``data.sources``)."""
