@@ -501,3 +501,27 @@ def test_generated_trees_of_other_settings_live_side_by_side(tmp_path: Path) -> 
     stored = {"root": str(tmp_path), "categories": ["stripes"], "generate": dict(small.generate)}
     reading = data_settings_for_reading(stored)
     assert reading["root"] == str(small.root) and reading["generate"] is None
+
+
+def test_validation_part_never_overlaps_the_test_part(synthetic_root: Path) -> None:
+    """With data.validation_share, a run scores either the validation or the test part, disjoint and seeded."""
+    from moleflow.data.datamodule import ContinualDataModule
+
+    def tests(**kwargs) -> dict[str, set[Path]]:
+        dm = ContinualDataModule(root=synthetic_root, categories=["stripes", "dots"], image_size=32, **kwargs)
+        dm.setup()
+        return {s.category: {x.image_path for x in s.test} for s in dm.category_splits}
+
+    full = tests()
+    val = tests(validation_share=0.5, evaluate_on="validation")
+    test = tests(validation_share=0.5, evaluate_on="test")
+    for name in full:
+        assert val[name] and test[name] and not val[name] & test[name]
+        assert val[name] | test[name] == full[name]
+    assert tests(validation_share=0.5, evaluate_on="validation") == val  # seeded
+    capped = tests(validation_share=0.5, evaluate_on="test", max_test_per_task=2)
+    assert all(capped[n] <= test[n] for n in full)  # the cap draws from the test part only
+    with pytest.raises(ValueError, match="needs a validation part"):
+        tests(evaluate_on="validation")
+    with pytest.raises(ValueError, match="evaluate_on"):
+        tests(validation_share=0.5, evaluate_on="train")

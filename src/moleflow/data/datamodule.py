@@ -19,8 +19,11 @@ from moleflow.data.folder import check_seed
 from moleflow.data.grouping import group_name, group_splits, parse_scenario
 from moleflow.data.mvtec import CategorySplit, check_category_names
 from moleflow.data.sources import DATA_SOURCES, MULTI, check_options, read_source, read_sources
-from moleflow.data.subsets import check_limit, limit_split
+from moleflow.data.subsets import check_limit, limit_split, split_validation
 from moleflow.data.synthetic import generate_synthetic_mvtec, generated_root
+
+EVALUATION_PARTS: tuple[str, ...] = ("test", "validation")
+"""Which part of each category's test images a run scores (``data.evaluate_on``)."""
 
 MPDD_CATEGORIES: tuple[str, ...] = (
     "bracket_black",
@@ -77,6 +80,9 @@ class ContinualDataModule(pl.LightningDataModule):
             category per task), "10-5", "14-1", "3x5", ... or a list of lists of category names.
         name: Name of the data set (data.name); for MVTec-layout data sets other than MVTec AD
             (e.g. "mpdd") layout errors say where that data set comes from instead of MVTec AD.
+        validation_share: Seeded share of each category's test images kept apart as its validation part
+            (0 = none, MAIN); the test images are then the rest.
+        evaluate_on: "test" or "validation": which part the run's evaluations score.
         generate: Arguments of `generate_synthetic_mvtec` (data=generated): `prepare_data` first writes
             that seeded tree of the categories under root (atomically; a second call returns at once).
     """
@@ -99,6 +105,8 @@ class ContinualDataModule(pl.LightningDataModule):
         max_test_per_task: int | None = None,
         subset_seed: int = 0,
         generate: Mapping[str, Any] | None = None,
+        validation_share: float = 0.0,
+        evaluate_on: str = "test",
     ) -> None:
         super().__init__()
         if source not in DATA_SOURCES:
@@ -147,6 +155,20 @@ class ContinualDataModule(pl.LightningDataModule):
         self.max_train_per_task = check_limit("max_train_per_task", max_train_per_task, minimum=1)
         self.max_test_per_task = check_limit("max_test_per_task", max_test_per_task, minimum=2)
         self.subset_seed = check_seed(subset_seed)
+        if isinstance(validation_share, bool) or not isinstance(validation_share, int | float):
+            msg = f"data.validation_share must be a number in [0, 1), e.g. 0.3, got {validation_share!r}."
+            raise TypeError(msg)
+        if not 0.0 <= float(validation_share) < 1.0:
+            msg = f"data.validation_share must be in [0, 1) (0 = no validation part), got {validation_share!r}."
+            raise ValueError(msg)
+        if evaluate_on not in EVALUATION_PARTS:
+            msg = f"data.evaluate_on must be one of {list(EVALUATION_PARTS)}, got {evaluate_on!r}."
+            raise ValueError(msg)
+        if evaluate_on == "validation" and not validation_share:
+            msg = "data.evaluate_on=validation needs a validation part: set data.validation_share, e.g. 0.3."
+            raise ValueError(msg)
+        self.validation_share = float(validation_share)
+        self.evaluate_on = evaluate_on
         self.current_task = 0
         self._category_splits: list[CategorySplit] | None = None
         self._splits: list[CategorySplit] | None = None
@@ -181,10 +203,23 @@ class ContinualDataModule(pl.LightningDataModule):
             raise ValueError(msg)
         return [by_name[c] for c in self._categories]
 
+    def _evaluated_part(self, split: CategorySplit) -> CategorySplit:
+        """The category with the part of its test images this run scores: all, the test part or the validation part.
+
+        With ``validation_share`` a seeded, label-stratified share of each category's test images is kept
+        apart as its validation part (chosen before any cap, never overlapping the test part); a run scores
+        one of the two (``evaluate_on``), so settings are chosen on validation images and the test images are
+        scored once.
+        """
+        if not self.validation_share:
+            return split
+        validation, test = split_validation(split, self.validation_share, self.subset_seed)
+        return validation if self.evaluate_on == "validation" else test
+
     def _scan(self) -> list[CategorySplit]:
         if self._splits is None:
             caps = (self.max_train_per_task, self.max_test_per_task, self.subset_seed)
-            splits = [limit_split(split, *caps) for split in self._read_source()]
+            splits = [limit_split(self._evaluated_part(split), *caps) for split in self._read_source()]
             categories = [s.category for s in splits]
             groups = self._groups if self._groups is not None else parse_scenario(self._task_groups, categories)
             grouped = group_splits(splits, groups)
