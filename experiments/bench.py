@@ -1,6 +1,6 @@
 """Performance benchmark of MoLE-Flow (issue 8): how fast, against what the machine allows, and how much memory.
 
-    python experiments/bench.py [--quick] [--out DIR] [--device cpu|cuda] [--threads N]
+    python -m experiments.bench [--quick] [--out DIR] [--device cpu|cuda] [--threads N]
 
 Everything is measured side by side in one process and written to DIR/bench.json and DIR/bench.md
 (default DIR: logs/bench/<timestamp>); the Markdown is also printed. Sections:
@@ -35,20 +35,17 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "src"):  # run as a script: the repo root (tests.helpers) and src (train.py)
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+from experiments.benchmark.end_to_end import bench_end_to_end
+from experiments.benchmark.flow import bench_ceiling, bench_flow, build_module
+from experiments.benchmark.inference import bench_inference
+from experiments.benchmark.measure import MemoryTracker, loadavg, machine_info, ru_maxrss_mb
+from experiments.benchmark.report import render_markdown
+from experiments.benchmark.settings import BenchSettings, full_settings, quick_settings
+from experiments.benchmark.sizes import bench_parameters_checkpoint, bench_pixel_metrics
+from experiments.benchmark.targets import estimate_full_run, evaluate_targets
+from moleflow.utils.allocator import keep_freed_memory
 
-from experiments.benchmark.end_to_end import bench_end_to_end  # noqa: E402
-from experiments.benchmark.flow import bench_ceiling, bench_flow, build_module  # noqa: E402
-from experiments.benchmark.inference import bench_inference  # noqa: E402
-from experiments.benchmark.measure import MemoryTracker, loadavg, machine_info, ru_maxrss_mb  # noqa: E402
-from experiments.benchmark.report import render_markdown  # noqa: E402
-from experiments.benchmark.settings import BenchSettings, full_settings, quick_settings  # noqa: E402
-from experiments.benchmark.sizes import bench_parameters_checkpoint, bench_pixel_metrics  # noqa: E402
-from experiments.benchmark.targets import estimate_full_run, evaluate_targets  # noqa: E402
-from moleflow.utils.allocator import keep_freed_memory  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -148,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = (quick_settings if args.quick else full_settings)(args.device, args.threads)
     settings = replace(settings, keep_freed_memory=not args.system_allocator)
     out = args.out or ROOT / "logs" / "bench" / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    command = " ".join(["python experiments/bench.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m experiments.bench", *(sys.argv[1:] if argv is None else argv)])
     res = run_benchmark(settings, out, command)
     print(render_markdown(res))
     print(f"\nwrote {out / 'bench.json'} and {out / 'bench.md'}")

@@ -1,6 +1,6 @@
 """Detection quality on real data, beside the field's standard baseline (``make quality``).
 
-    python experiments/quality.py [--data real_sequence] [--max-train 200] [--max-test 200]
+    python -m experiments.quality [--data real_sequence] [--max-train 200] [--max-test 200]
                                   [--preset quality_cpu] [--row LABEL=override,override ...]
                                   [--patchcore-ratio 0.1] [--skip-patchcore] [--out DIR]
 
@@ -30,17 +30,16 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "src"):  # run as a script: the repo root (tests.helpers, experiments) and src (train.py)
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+from experiments.benchmark.measure import machine_info
+from experiments.comparison.patchcore import PatchCoreSettings, run_patchcore_task
+from experiments.tables import quality_table as table
+from moleflow.assembly.builders import build_datamodule
+from moleflow.config.compose import compose_config
+from moleflow.config.instantiation import to_dict
+from moleflow.training.job import train_job
+from moleflow.utils.allocator import keep_freed_memory
 
-from experiments.benchmark.measure import machine_info  # noqa: E402
-from experiments.comparison import table  # noqa: E402
-from experiments.comparison.patchcore import PatchCoreSettings, run_patchcore_task  # noqa: E402
-from moleflow.training.builders import build_datamodule, to_dict  # noqa: E402
-from moleflow.utils.allocator import keep_freed_memory  # noqa: E402
-from tests.helpers import compose_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DESCRIPTIONS = {
     "moleflow": "MoLE-Flow with the preset, continual over the task sequence; scores routed by its own router",
@@ -63,10 +62,8 @@ def _per_task_from_run(payload: dict[str, Any], mode: str) -> dict[str, dict[str
 
 def run_moleflow_row(label: str, overrides: list[str], out_dir: Path) -> tuple[dict[str, Any], float]:
     """One MoLE-Flow run (train(cfg) in this process); returns metrics.json's payload and wall seconds."""
-    from train import train
-
     tic = time.perf_counter()
-    payload = train(compose_config(overrides, out_dir))
+    payload = train_job(compose_config(overrides, out_dir))
     return payload, time.perf_counter() - tic
 
 
@@ -209,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info = machine_info(torch.device("cpu"))
     result = {
         "title": f"MoLE-Flow ({args.preset}) beside anomalib PatchCore",
-        "command": "python experiments/quality.py "
+        "command": "python -m experiments.quality "
         + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "machine": f"{info['cpu']}, {info['logical_cores']} logical cores, {info['ram_gb']:.0f} GiB, "
         f"torch {torch.__version__}, load average at start {info['load_average_start']}",

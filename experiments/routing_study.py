@@ -1,9 +1,9 @@
 """Routing of defect-free and defective test images, router beside router, without training a flow.
 
-    python experiments/routing_study.py [--preset demo] [--data elpv] [--max-train 200] [--max-test 200]
+    python -m experiments.routing_study [--preset demo] [--data elpv] [--max-train 200] [--max-test 200]
                                         [--router prototype] [--router positional:grid=14,keep=0.1,global_vote=1]
                                         [--holdout 0.1] [--cache DIR] [--out DIR] [-o OVERRIDE ...]
-    python experiments/routing_study.py --runs RUN_DIR [RUN_DIR ...]    (the routing of finished runs, side by side)
+    python -m experiments.routing_study --runs RUN_DIR [RUN_DIR ...]    (the routing of finished runs, side by side)
 
 Routers need only the frozen backbone's patch features of each task's training images (the flow is never
 involved), so this measures routing exactly as a run of the preset would (same data subset, backbone,
@@ -30,18 +30,16 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "src"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+from moleflow.assembly.builders import build_datamodule, build_extractor
+from moleflow.config.compose import compose_config
+from moleflow.config.instantiation import to_dict
+from moleflow.evaluation.continual_metrics import routing_confusion
+from moleflow.models.router import build_router
+from moleflow.thresholds.fitting import tail_threshold
+from moleflow.thresholds.held_out import holdout_split
+from moleflow.training.feature_cache import FeatureCache
 
-from moleflow.evaluation.continual_metrics import routing_confusion  # noqa: E402
-from moleflow.evaluation.thresholds import tail_threshold  # noqa: E402
-from moleflow.models.router import build_router  # noqa: E402
-from moleflow.training.builders import build_datamodule, build_extractor, to_dict  # noqa: E402
-from moleflow.training.feature_cache import FeatureCache  # noqa: E402
-from moleflow.training.held_out import holdout_split  # noqa: E402
-from tests.helpers import compose_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_ROUTERS = ("prototype", "positional")
 
@@ -281,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = compose_config(overrides, args.out)
     results = study(cfg, args.router or list(DEFAULT_ROUTERS), args.cache, args.holdout)
-    command = "python experiments/routing_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m experiments.routing_study " + " ".join(sys.argv[1:] if argv is None else argv)
     results["command"] = command
     results["overrides"] = overrides
     (args.out / "routing.json").write_text(json.dumps(results, indent=2))

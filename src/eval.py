@@ -15,12 +15,13 @@ from omegaconf import DictConfig, ListConfig
 from rich.console import Console
 from rich.table import Table
 
+from moleflow.config import register
 from moleflow.evaluation.report import write_json_atomic
 from moleflow.training.rescore import rescore_checkpoint
-from moleflow.training.resolvers import register_resolvers
 from moleflow.utils.allocator import keep_freed_memory
 
-register_resolvers(Path(__file__).resolve().parents[1] / "conf")  # before Hydra composes anything
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+register(CONF_DIR)  # before Hydra composes anything
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

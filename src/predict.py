@@ -16,11 +16,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from moleflow.config import register
 from moleflow.inference.runner import run_from_config
-from moleflow.training.resolvers import register_resolvers
 from moleflow.utils.allocator import keep_freed_memory
 
-register_resolvers(Path(__file__).resolve().parents[1] / "conf")  # before Hydra composes anything
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+register(CONF_DIR)  # before Hydra composes anything
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:

@@ -7,32 +7,30 @@ python src/train.py -m ncl=4,6,8,12,16,20                   # a multirun sweep
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from moleflow.training.continual import run_continual
-from moleflow.training.resolvers import register_resolvers
+from moleflow.config import register
+from moleflow.training.job import train_job
 
-register_resolvers(Path(__file__).resolve().parents[1] / "conf")  # before Hydra composes anything
-
-log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+register(CONF_DIR)  # before Hydra composes anything, here and in every launcher worker that imports this file
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job from a composed config (Hydra's runtime config set); returns metrics.json's payload."""
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    return run_continual(cfg, output_dir=cfg.paths.output_dir, overrides=overrides)
+    return train_job(cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point; returns the mean routed image AUROC for sweepers (NaN if undefined)."""
-    payload = train(cfg)
+    """Hydra entry point (the task function of every job, in launcher workers too); returns the mean routed
+    image AUROC for sweepers (NaN if undefined)."""
+    register(CONF_DIR)
+    payload = train_job(cfg)
     value = payload["final"]["routed"]["image_auroc"]
     return float("nan") if value is None else float(value)
 

@@ -6,8 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from moleflow.config import register
 from moleflow.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_mvtec
-from tests.helpers import TINY_OVERRIDES, compose_config
+from moleflow.training.job import train_job
+from tests.helpers import CONF_DIR, TINY_OVERRIDES, compose_config
+
+register(CONF_DIR)  # resolvers and schema, as the entry points do before Hydra composes
 
 
 @pytest.fixture(scope="session")
@@ -20,9 +24,7 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path):
     """One tiny 3-task run on generated data, shared by the integration tests that only read its outputs."""
-    from train import train
-
     out = tmp_path_factory.mktemp("tiny_run")
     cfg = compose_config([*TINY_OVERRIDES, f"data.root={synthetic_root}", "data.generate=null"], out)
-    payload = train(cfg)
+    payload = train_job(cfg)
     return cfg, out, payload

@@ -1,19 +1,13 @@
-"""Helpers shared by tests: composing the Hydra config as the CLI would."""
+"""Helpers shared by tests: the tiny run's overrides, composing a config (moleflow.config.compose), damage."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from moleflow.config.compose import compose_config
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-def _register() -> None:
-    from moleflow.training.resolvers import register_resolvers
-
-    register_resolvers(CONF_DIR)
-
-
-_register()  # the configs' resolvers (${ablation_rows:...}, ${path_safe:...}), as the entry points do
+__all__ = ["CONF_DIR", "TINY_OVERRIDES", "compose_config", "flip_tensor_byte"]
 
 # A tiny but complete run: generated data, random resnet10t, small flow, one epoch per task.
 TINY_OVERRIDES = [
@@ -27,27 +21,6 @@ TINY_OVERRIDES = [
     "model.flow.hidden=32",
     "training.epochs=1",
 ]
-
-
-def compose_config(overrides: list[str], output_dir: Path, data_dir: Path | None = None, config_name: str = "train"):
-    """Compose conf/<config_name>.yaml as Hydra would, with the runtime config set (for ``train(cfg)``)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-        cfg.paths.output_dir = str(output_dir)
-        if data_dir is not None:
-            cfg.paths.data_dir = str(data_dir)
-    HydraConfig().set_config(cfg)
-    GlobalHydra.instance().clear()
-    return cfg
 
 
 def flip_tensor_byte(path: Path) -> str:

@@ -10,17 +10,16 @@ from typing import Any
 import torch
 
 from experiments.benchmark.settings import BenchSettings
-from moleflow.training.checkpoint_files import read_checkpoint_info
+from moleflow.assembly.checkpoint_files import read_checkpoint_info
+from moleflow.config.compose import compose_config
+from moleflow.training.job import train_job
 
 
 # ------------------------------------------------------------------------------------------ 5. end to end
 def _train_run(overrides: list[str], out: Path) -> tuple[float, dict[str, Any], dict[str, list[float]]]:
-    from tests.helpers import compose_config
-    from train import train
-
     cfg = compose_config(overrides, out)
     t0 = time.perf_counter()
-    train(cfg)
+    train_job(cfg)
     wall = time.perf_counter() - t0
     metrics = json.loads((out / "metrics.json").read_text())
     info = read_checkpoint_info(out / "checkpoints" / "last.ckpt")
@@ -94,7 +93,7 @@ def bench_end_to_end(s: BenchSettings, device: torch.device, scratch: Path) -> d
             }
         runs[mode]["walls_s"] = walls
     return {
-        "command": "train(compose_config([...])) from src/train.py, as the CLI: " + " ".join(overrides),
+        "command": "train_job(compose_config([...])), as python src/train.py runs it: " + " ".join(overrides),
         "backbone": f"{s.e2e_backbone} with RANDOM weights (model.backbone.pretrained=false)",
         "flow": "MAIN shapes" if not s.e2e_flow_overrides else "reduced: " + " ".join(s.e2e_flow_overrides),
         "images": {"train": n_train, "test": n_test, "size_px": size},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moleflow.models.moleflow import MoLEFlowConfig
+from moleflow.config.flow import MoLEFlowConfig
 
 
 # ------------------------------------------------------------------------------------------------- 3. flow

@@ -11,11 +11,12 @@ import torch
 from experiments.benchmark.flop import flow_flop_per_patch, train_step_flop
 from experiments.benchmark.measure import sync, time_call, time_pair, unmerged
 from experiments.benchmark.settings import BenchSettings
+from moleflow.config.loss import LossConfig
 from moleflow.models.experts import LoRAExpert
 from moleflow.models.moleflow import MoLEFlowModel
 from moleflow.models.subnet import ScaleContext
 from moleflow.training.lightning_module import MoLEFlowLitModule
-from moleflow.training.losses import LossConfig, moleflow_loss
+from moleflow.training.losses import moleflow_loss
 from moleflow.training.optim import DEFAULT_OPTIMIZER, build_optimizer
 
 

@@ -16,10 +16,10 @@ from PIL import Image
 from experiments.benchmark.measure import sync, time_call, time_pair, unmerged
 from experiments.benchmark.settings import MERGE_ATOL, MERGE_RTOL, PIXEL_SIGMA, SCORE_TOP_K, BenchSettings
 from moleflow.data.images import load_rgb
+from moleflow.data.inputs import to_model_inputs
 from moleflow.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_mvtec
 from moleflow.evaluation.anomaly_map import image_scores_topk, pixel_anomaly_map, sanitize_nonfinite
 from moleflow.inference.export import ExportableMoLEFlow
-from moleflow.inference.inputs import to_model_inputs
 from moleflow.inference.pipeline import RoutedPipeline
 from moleflow.models.experts import TaskExpertLinear
 from moleflow.models.feature_extractor import FeatureExtractor

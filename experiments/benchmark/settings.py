@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from moleflow.models.moleflow import MoLEFlowConfig
+from moleflow.config.flow import MoLEFlowConfig
 
 # MVTec AD (data-set facts, alphabetical task order): normal training images and test images per category.
 MVTEC_TRAIN = {
@@ -37,12 +37,12 @@ class BenchSettings:
     threads: int | None = None
     batch: int = 16
     image_size: int = 224
-    embed_dim: int = 768
-    hidden: int = 768
-    ncl: int = 6
-    lora_rank: int = 64
-    scale_context_kernel: int = 5
-    spatial_context_kernel: int = 3
+    embed_dim: int = MoLEFlowConfig.embed_dim  # MAIN's shapes: the flow settings' own defaults
+    hidden: int = MoLEFlowConfig.hidden
+    ncl: int = MoLEFlowConfig.ncl
+    lora_rank: int = MoLEFlowConfig.lora_rank
+    scale_context_kernel: int = MoLEFlowConfig.scale_context_kernel
+    spatial_context_kernel: int = MoLEFlowConfig.spatial_context_kernel
     tasks: int = 15
     warmup: int = 1
     repeats: int = 3

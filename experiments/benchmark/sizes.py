@@ -12,9 +12,9 @@ import torch
 from experiments.benchmark.flop import expected_parameter_counts
 from experiments.benchmark.measure import reset_peak_rss, status_kb
 from experiments.benchmark.settings import MVTEC_TEST, PIXEL_BOUND_BYTES, PIXEL_BOUND_PIXELS, PIXEL_SIGMA, BenchSettings
+from moleflow.config.flow import MoLEFlowConfig
 from moleflow.evaluation.anomaly_map import pixel_anomaly_map
 from moleflow.evaluation.metrics import binary_auroc_ap
-from moleflow.models.moleflow import MoLEFlowConfig
 from moleflow.training.lightning_module import MoLEFlowLitModule
 
 

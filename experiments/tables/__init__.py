@@ -1,1 +1,3 @@
-"""The parts of ``experiments/make_tables.py``: results, collecting runs, building a table, writing it."""
+"""Every table of the project in one place: the study's tables (``specs``: rows and reference figures;
+``collect``, ``build``, ``output``, ``results``; the command ``python -m experiments.tables``) and the quality
+benchmark's table (``quality_table``)."""

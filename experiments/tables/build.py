@@ -7,7 +7,9 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from experiments.table_specs import (
+from experiments.tables.collect import as_number, get_path
+from experiments.tables.results import NA, NOT_RUN, WITHIN, RowResult, RunRecord, Stat, TableResult
+from experiments.tables.specs import (
     ALL_METRICS,
     DATA_NAMES,
     METRICS,
@@ -18,10 +20,8 @@ from experiments.table_specs import (
     RowSpec,
     TableSpec,
 )
-from experiments.tables.collect import as_number, get_path
-from experiments.tables.results import NA, NOT_RUN, WITHIN, RowResult, RunRecord, Stat, TableResult
+from moleflow.config.checks import STUDY_KNOBS
 from moleflow.data.mvtec import MVTEC_CATEGORIES as MVTEC_CATEGORY_NAMES
-from moleflow.training.config_checks import STUDY_KNOBS
 
 
 def _override_key(override: str) -> str:

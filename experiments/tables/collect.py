@@ -9,11 +9,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.table_specs import (
+from experiments.tables.results import RunRecord
+from experiments.tables.specs import (
     ALL_METRICS,
     TABLES,
 )
-from experiments.tables.results import RunRecord
 
 
 def get_path(data: Any, path: Sequence[str]) -> Any:

@@ -7,14 +7,14 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from experiments.table_specs import (
+from experiments.tables.build import ref_delta
+from experiments.tables.results import RowResult, Stat, TableResult
+from experiments.tables.specs import (
     ALL_METRICS,
     METRICS,
     PLOT_DELTAS,
     TableSpec,
 )
-from experiments.tables.build import ref_delta
-from experiments.tables.results import RowResult, Stat, TableResult
 
 
 def _write_csv(result: TableResult, path: Path) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.table_specs import (
+from experiments.tables.specs import (
     RowSpec,
     TableSpec,
 )

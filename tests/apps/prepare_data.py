@@ -12,9 +12,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from moleflow.training.builders import build_datamodule
+from moleflow.assembly.builders import build_datamodule
+from moleflow.config import register
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+register(CONF_DIR)  # as the entry points do: the launcher's workers import this file before composing
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

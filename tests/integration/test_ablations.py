@@ -8,10 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from experiments.table_specs import TABLES
-from moleflow.training.ablation_rows import read_ablation_rows, sweep_of
-from moleflow.training.builders import build_module
-from moleflow.training.losses import LossConfig, moleflow_loss
+from experiments.tables.specs import TABLES
+from moleflow.config.ablation_rows import read_ablation_rows, sweep_of
+from moleflow.config.loss import LossConfig
+from moleflow.training.losses import moleflow_loss
+from moleflow.training.trainer_parts import build_module
 from tests.helpers import CONF_DIR, compose_config
 
 SMALL = ["model.flow.embed_dim=16", "model.flow.hidden=16"]  # rank stays a config value (rank-16 row)

@@ -28,13 +28,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from PIL import Image
 from torch import nn
 
-import moleflow.training.checkpoint_files as checkpoint_module
+import moleflow.assembly.checkpoint_files as checkpoint_module
+from moleflow.assembly.checkpoint_files import CheckpointError, link_checkpoint, read_checkpoint_info
+from moleflow.assembly.probes import check_backbone_accepts
+from moleflow.config.checks import config_problems, validate_config
+from moleflow.config.typed import job_settings
 from moleflow.data.images import ImageReadError
-from moleflow.data.mvtec import DatasetLayoutError
 from moleflow.data.synthetic import generate_synthetic_mvtec
+from moleflow.data.types import DatasetLayoutError
 from moleflow.models.feature_extractor import BackboneLoadError, FeatureExtractor
-from moleflow.training.checkpoint_files import CheckpointError, link_checkpoint, read_checkpoint_info
-from moleflow.training.config_checks import check_backbone_accepts, config_problems, validate_config
 from moleflow.training.module_checkpoints import load_checkpoint, save_checkpoint
 from moleflow.training.resume import check_compatible
 from tests.helpers import CONF_DIR, TINY_OVERRIDES, compose_config
@@ -396,6 +398,9 @@ CAUGHT_BY_VALIDATE_CONFIG = {
     "scale_context_kernel_even": BadSetting("scale_context_kernel=4", r"scale_context_kernel must be 0 \(off\)"),
     "epochs_zero": BadSetting("training.epochs=0", r"training\.epochs must be >= 1, got 0"),
     "learning_rate_zero": BadSetting("model.optimizer.lr=0", r"model\.optimizer\.lr must be > 0, got 0"),
+    "adapt_lr_scale_zero": BadSetting(
+        "model.scheduler.adapt_lr_scale=0", r"model\.scheduler\.adapt_lr_scale must be > 0 \(1 = MAIN\), got 0"
+    ),
 }
 TRAIN_ROWS = [pytest.param(s, id=k) for k, s in BAD_SETTINGS.items()] + [
     pytest.param(s, id=k) for k, s in CAUGHT_BY_VALIDATE_CONFIG.items()
@@ -468,7 +473,7 @@ def test_validate_config_rejects_wrong_types(override: str, pattern: str, pristi
     ],
 )
 def test_the_schema_refuses_a_wrong_type_when_composing(override: str, key: str, kind: str, tmp_path: Path) -> None:
-    """Types are the schema's (moleflow.training.schema): Hydra refuses the override and names the key."""
+    """Types are the schema's (moleflow.config.schema): Hydra refuses the override and names the key."""
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException) as info:
@@ -720,8 +725,9 @@ def _resume_overrides(synthetic_root: Path) -> list[str]:
 def test_check_compatible_names_the_key(override, named, real_checkpoint: Path, synthetic_root: Path, tmp_path):
     info = read_checkpoint_info(real_checkpoint)
     hparams = dict(load_checkpoint(real_checkpoint).hparams)
-    check_compatible(hparams, info["run_config"], _compose(_resume_overrides(synthetic_root), [], tmp_path))
-    cfg = _compose(_resume_overrides(synthetic_root), [override], tmp_path)
+    same = job_settings(_compose(_resume_overrides(synthetic_root), [], tmp_path))
+    check_compatible(hparams, info["run_config"], same)
+    cfg = job_settings(_compose(_resume_overrides(synthetic_root), [override], tmp_path))
     with pytest.raises(ValueError, match="different configuration") as err:
         check_compatible(hparams, info["run_config"], cfg)
     assert named in str(err.value)

@@ -18,7 +18,7 @@ from experiments import bench
 from experiments.benchmark.flop import expected_parameter_counts, flow_flop_per_patch
 from experiments.benchmark.inference import STAGES
 from experiments.benchmark.settings import smoke_settings
-from moleflow.models.moleflow import MoLEFlowConfig
+from moleflow.config.flow import MoLEFlowConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = (
@@ -113,7 +113,7 @@ def test_flop_and_parameter_formulas_match_the_design() -> None:
 
 @pytest.mark.bench
 def test_bench_quick_command_line(tmp_path: Path) -> None:
-    cmd = [sys.executable, "experiments/bench.py", "--quick", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "experiments.bench", "--quick", "--out", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     data = _check_report(tmp_path)

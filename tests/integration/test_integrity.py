@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from moleflow.evaluation.thresholds import calibrated_path
-from moleflow.inference import MoLEFlowDetector
-from moleflow.training.checkpoint_files import (
+from moleflow.assembly.checkpoint_files import (
     CheckpointIntegrityError,
     MissingIntegrityRecordError,
     read_checkpoint_info,
 )
+from moleflow.assembly.integrity import content_hash
+from moleflow.inference import MoLEFlowDetector
+from moleflow.thresholds.records import calibrated_path
 from moleflow.training.lightning_module import MoLEFlowLitModule
 from moleflow.training.module_checkpoints import load_checkpoint
-from moleflow.utils.integrity import content_hash
 from tests.helpers import TINY_OVERRIDES, compose_config, flip_tensor_byte
 
 

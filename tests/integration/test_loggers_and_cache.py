@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from moleflow.assembly.builders import build_datamodule
 from moleflow.models.feature_extractor import FeatureExtractor
-from moleflow.training.builders import build_datamodule
 from moleflow.training.feature_cache import FeatureCache
 from tests.helpers import TINY_OVERRIDES, compose_config
 

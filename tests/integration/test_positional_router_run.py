@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from moleflow.data.inputs import to_model_inputs
 from moleflow.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_mvtec
 from moleflow.inference import MoLEFlowDetector, load_exported
-from moleflow.inference.inputs import to_model_inputs
 from moleflow.models.router import PositionalRouter, PrototypeRouter
 from moleflow.training.module_checkpoints import load_checkpoint
 from tests.helpers import TINY_OVERRIDES, compose_config

@@ -25,15 +25,6 @@ from PIL import Image
 
 from moleflow.data.images import load_rgb
 from moleflow.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_mvtec
-from moleflow.evaluation.thresholds import (
-    SOURCE_HELD_OUT,
-    SOURCE_TRAINING,
-    calibrated_path,
-    cross_validated_distances,
-    f1_report,
-    fpr_threshold,
-    tail_threshold,
-)
 from moleflow.inference import (
     VERDICT_UNKNOWN,
     CalibratedCopyError,
@@ -43,6 +34,8 @@ from moleflow.inference import (
 )
 from moleflow.inference.runner import run_from_config
 from moleflow.models.router import PrototypeRouter
+from moleflow.thresholds.fitting import cross_validated_distances, f1_report, fpr_threshold, tail_threshold
+from moleflow.thresholds.records import SOURCE_HELD_OUT, SOURCE_TRAINING, calibrated_path
 from tests.helpers import CONF_DIR, flip_tensor_byte
 
 ROOT = Path(__file__).resolve().parents[2]

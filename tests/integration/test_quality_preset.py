@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from moleflow.training.config_checks import validate_config
+from moleflow.config.checks import validate_config
 from tests.helpers import compose_config
 
 pytest.importorskip("anomalib")

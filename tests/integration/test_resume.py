@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from moleflow.config.typed import job_settings
 from tests.helpers import CONF_DIR, TINY_OVERRIDES, compose_config
 
 ROOT = CONF_DIR.parent
@@ -114,9 +115,9 @@ def test_resume_with_a_result_changing_setting_is_refused(override, named, unint
     from moleflow.training.resume import ResumeMismatchError, check_same_config
 
     info = json.loads((uninterrupted / "metrics.json").read_text())
-    same = compose_config(_overrides(Path(info["config"]["data"]["root"])), tmp_path)
+    same = job_settings(compose_config(_overrides(Path(info["config"]["data"]["root"])), tmp_path))
     assert check_same_config(info["config"], same, uninterrupted, force=False) == []
-    cfg = compose_config([*_overrides(Path(info["config"]["data"]["root"])), override], tmp_path)
+    cfg = job_settings(compose_config([*_overrides(Path(info["config"]["data"]["root"])), override], tmp_path))
     with pytest.raises(ResumeMismatchError, match="resume_force=true") as err:
         check_same_config(info["config"], cfg, uninterrupted, force=False)
     assert named in str(err.value) and str(uninterrupted) in str(err.value)
@@ -127,7 +128,7 @@ def test_settings_that_cannot_change_results_may_differ(uninterrupted, synthetic
 
     info = json.loads((uninterrupted / "metrics.json").read_text())
     neutral = ["logger=csv", "data.num_workers=1", "report.figures=false", "training.feature_cache=disk"]
-    cfg = compose_config([*_overrides(synthetic_root), *neutral, "data.pin_memory=true"], tmp_path / "x")
+    cfg = job_settings(compose_config([*_overrides(synthetic_root), *neutral, "data.pin_memory=true"], tmp_path / "x"))
     assert check_same_config(info["config"], cfg, uninterrupted, force=False) == []
 
 

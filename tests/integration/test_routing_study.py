@@ -6,7 +6,7 @@ from pathlib import Path
 
 from experiments.routing_study import feature_cache, markdown, parse_router, study
 from moleflow.models.router import build_router
-from moleflow.training.held_out import holdout_split
+from moleflow.thresholds.held_out import holdout_split
 from tests.helpers import TINY_OVERRIDES, compose_config
 
 
@@ -25,7 +25,7 @@ def test_study_counts_routing_per_label_as_a_hand_count(tmp_path: Path, syntheti
     assert results["routers"][spec]["options"]["global_vote"] is True
 
     # the same router by hand, from the cached features the study wrote
-    from moleflow.training.builders import build_datamodule
+    from moleflow.assembly.builders import build_datamodule
 
     dm = build_datamodule(cfg.data)
     cache = feature_cache(cfg, tmp_path / "cache")

@@ -6,18 +6,18 @@ import json
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
+from moleflow.config.schema import TrainingConfig
 from moleflow.training.optim import lr_factor
 from moleflow.training.task_fit import loss_curve_summary, task_length
 from tests.helpers import TINY_OVERRIDES, compose_config
 
 
 def test_task_length_from_epochs_or_steps() -> None:
-    assert task_length(OmegaConf.create({"epochs": 8, "steps": None}), 12) == (8, -1)
-    assert task_length(OmegaConf.create({"epochs": 8}), 12) == (8, -1)
-    assert task_length(OmegaConf.create({"epochs": 8, "steps": 300}), 12) == (25, 300)
-    assert task_length(OmegaConf.create({"epochs": 8, "steps": 5}), 12) == (1, 5)
+    assert task_length(TrainingConfig(epochs=8, steps=None), 12) == (8, -1)
+    assert task_length(TrainingConfig(epochs=8), 12) == (8, -1)
+    assert task_length(TrainingConfig(epochs=8, steps=300), 12) == (25, 300)
+    assert task_length(TrainingConfig(epochs=8, steps=5), 12) == (1, 5)
 
 
 def test_loss_curve_summary_tells_a_plateau() -> None:
@@ -50,7 +50,7 @@ def test_step_schedule_is_a_cosine_over_steps_with_warmup_epochs_of_steps() -> N
 
 
 def test_bad_step_budget_is_named(tmp_path) -> None:
-    from moleflow.training.config_checks import config_problems
+    from moleflow.config.checks import config_problems
 
     cfg = compose_config([*TINY_OVERRIDES, "training.steps=0"], tmp_path)
     assert any(p.startswith("training.steps must be null") for p in config_problems(cfg))

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from experiments.make_tables import build_table, collect_runs, main
-from experiments.table_specs import ABLATION_DIR, METRICS, TABLES
-from moleflow.training.ablation_rows import read_ablation_rows
-from moleflow.training.config_checks import STUDY_KNOBS
+from experiments.tables.__main__ import build_table, collect_runs, main
+from experiments.tables.specs import ABLATION_DIR, METRICS, TABLES
+from moleflow.config.ablation_rows import read_ablation_rows
+from moleflow.config.checks import STUDY_KNOBS
 
 ROOT = Path(__file__).resolve().parents[2]
 ABLATION_SETTINGS = {row.name: row.sets for rows in read_ablation_rows(ABLATION_DIR).values() for row in rows}
@@ -267,7 +267,16 @@ def test_real_multirun_end_to_end(tmp_path: Path) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
     assert len(list(sweep.glob("*/metrics.json"))) == 2  # one per job
     out = tmp_path / "tables"
-    tables = [sys.executable, "experiments/make_tables.py", str(sweep), "--table", "table3_2_depth", "--out", str(out)]
+    tables = [
+        sys.executable,
+        "-m",
+        "experiments.tables",
+        str(sweep),
+        "--table",
+        "table3_2_depth",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(tables, cwd=ROOT, check=True, capture_output=True, text=True, timeout=120)
     assert "2 of 7 rows with runs, 2 runs used, 0 skipped" in done.stdout
     rows = [r for r in csv.DictReader((out / "table3_2_depth.csv").open()) if r["n_seeds"] != "0"]

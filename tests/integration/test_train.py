@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from moleflow.evaluation.evaluate import ScoreConfig, evaluate_task
+from moleflow.assembly.builders import build_datamodule, build_extractor
+from moleflow.evaluation.evaluate import EvaluationSpec, evaluate_task
 from moleflow.evaluation.metrics import METRIC_NAMES
-from moleflow.training.builders import build_datamodule, build_extractor
 from moleflow.training.feature_cache import FeatureCache
 from moleflow.training.module_checkpoints import load_checkpoint
 
@@ -79,7 +79,7 @@ def test_zero_forgetting_scores_bit_identical(tiny_run) -> None:
     dm.set_task(0)
     cache = FeatureCache(build_extractor(cfg.model.backbone, int(cfg.model.flow.embed_dim)), torch.device("cpu"))
     test = cache.get("test0", lambda: dm.test_dataloader_for(0), with_masks=True)
-    score_cfg = ScoreConfig(top_k=3, pixel_sigma=4.0, image_size=64, batch_size=16)
+    score_cfg = EvaluationSpec(top_k=3, pixel_sigma=4.0, image_size=64, batch_size=16)
     ev0 = evaluate_task(after_0, test, 0, "stripes", 1, score_cfg, torch.device("cpu"))
     ev2 = evaluate_task(after_2, test, 0, "stripes", 3, score_cfg, torch.device("cpu"))
     assert torch.equal(ev0.oracle_image_scores, ev2.oracle_image_scores)
@@ -90,7 +90,7 @@ def test_zero_forgetting_scores_bit_identical(tiny_run) -> None:
 
 
 def test_missing_dataset_root_says_where_to_get_it(tmp_path) -> None:
-    from moleflow.data.mvtec import DatasetLayoutError
+    from moleflow.data.types import DatasetLayoutError
     from tests.helpers import TINY_OVERRIDES, compose_config
     from train import train
 
@@ -139,11 +139,12 @@ def test_eval_rescores_checkpoint_like_training(tiny_run, tmp_path) -> None:
 
 def test_continual_steps_run_one_at_a_time(tmp_path, synthetic_root) -> None:
     """run_continual is a loop over named steps; each does its one job when called alone."""
+    from moleflow.config.typed import job_settings
     from moleflow.training import continual
     from tests.helpers import TINY_OVERRIDES, compose_config
 
     cfg = compose_config([*TINY_OVERRIDES, f"data.root={synthetic_root}", "data.generate=null"], tmp_path)
-    run = continual.open_run(cfg, tmp_path, [])
+    run = continual.open_run(job_settings(cfg), tmp_path, [])
     assert isinstance(run, continual.ContinualRun) and run.names == TASKS and run.start_task == 0
     assert run.module.model.num_tasks == 0 and run.loggers == []
 

@@ -22,18 +22,18 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from moleflow.inference import MoLEFlowDetector
-from moleflow.inference.runner import run_from_config
-from moleflow.training.checkpoint_files import (
+from moleflow.assembly.checkpoint_files import (
     ChecksumMismatchError,
     MissingIntegrityRecordError,
     UnsafeCheckpointError,
     read_checkpoint,
     read_checkpoint_info,
 )
-from moleflow.training.convert_checkpoint import ConversionError, convert
+from moleflow.assembly.convert_checkpoint import ConversionError, convert
+from moleflow.assembly.integrity import file_sha256, stamp
+from moleflow.inference import MoLEFlowDetector
+from moleflow.inference.runner import run_from_config
 from moleflow.training.lightning_module import MoLEFlowLitModule
-from moleflow.utils.integrity import file_sha256, stamp
 from tests.helpers import TINY_OVERRIDES, compose_config
 
 PRECIOUS = "a file the user can write, which must keep its content"

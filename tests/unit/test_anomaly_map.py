@@ -143,7 +143,7 @@ class _StubModel:
 
 def test_evaluation_does_not_depend_on_the_batch_size() -> None:
     """Non-finite patches are replaced image by image and maps blurred per image: any batch size, same bits."""
-    from moleflow.evaluation.evaluate import ScoreConfig, evaluate_task
+    from moleflow.evaluation.evaluate import EvaluationSpec, evaluate_task
     from moleflow.models.feature_extractor import FeatureSet
 
     gen = torch.Generator().manual_seed(0)
@@ -153,7 +153,7 @@ def test_evaluation_does_not_depend_on_the_batch_size() -> None:
     labels = torch.tensor([0, 1] * 5 + [0])
     test = FeatureSet(features, features.mean(dim=(1, 2)), labels, masks)
     runs = [
-        evaluate_task(_StubModel(), test, 1, "t", 2, ScoreConfig(3, 2.0, 24, batch), torch.device("cpu"))
+        evaluate_task(_StubModel(), test, 1, "t", 2, EvaluationSpec(3, 2.0, 24, batch), torch.device("cpu"))
         for batch in (1, 3, 11)
     ]
     assert runs[0].nonfinite_oracle > 0 and runs[0].nonfinite_routed > 0

@@ -475,7 +475,7 @@ def test_broken_image_symlink_in_a_data_set_is_named(small_root: Path) -> None:
 
 
 def test_uint16_array_is_read_like_a_16bit_png(tmp_path: Path) -> None:
-    from moleflow.inference.inputs import array_to_pil, pil_to_tensor
+    from moleflow.data.inputs import array_to_pil, pil_to_tensor
 
     values = (_grey_ramp().astype(np.uint16) * 3).astype(np.uint16)  # 16-bit data that happens to be dark
     Image.fromarray(values).save(tmp_path / "grey16.png")

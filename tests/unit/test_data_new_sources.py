@@ -19,9 +19,9 @@ from moleflow.data.bsdata import bsdata_group, bsdata_splits, read_bsdata
 from moleflow.data.crackforest import crackforest_photograph, crackforest_splits, load_segmentation, read_crackforest
 from moleflow.data.derived import DERIVED_DIR, INDEX, derived_folder
 from moleflow.data.kolektor import kolektor_part, kolektor_splits, read_kolektor
-from moleflow.data.mvtec import CategorySplit, Sample
 from moleflow.data.piped import piped_photograph, piped_splits, read_piped
 from moleflow.data.subsets import split_groups, split_validation
+from moleflow.data.types import CategorySplit, Sample
 
 CONF_DATA = Path(__file__).resolve().parents[2] / "conf" / "data"
 

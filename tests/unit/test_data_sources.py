@@ -23,7 +23,7 @@ from moleflow.data import (
     scan_category,
 )
 from moleflow.data import elpv as elpv_module
-from moleflow.data.mvtec import CategorySplit
+from moleflow.data.types import CategorySplit
 
 # Real ELPV labels (elpv-dataset 2624 cells), counted once by hand from labels.csv:
 # {type: {probability: cells}}.

@@ -82,7 +82,7 @@ def test_every_training_key_is_documented_and_every_documented_key_exists(tmp_pa
 
 
 def _schema_defaults(schema: type, prefix: str = "") -> dict[str, object]:
-    """{dotted key: default} of every scalar field of the schema (moleflow.training.schema)."""
+    """{dotted key: default} of every scalar field of the schema (moleflow.config.schema)."""
     out: dict[str, object] = {}
     for f in dataclasses.fields(schema):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -119,10 +119,10 @@ def _same(documented: str, default: object) -> bool:
 
 def test_documented_defaults_are_the_schemas() -> None:
     """docs/configuration.md's default column says what the schema declares, for every schema key."""
-    from moleflow.training.config_checks import STUDY_KNOBS
-    from moleflow.training.schema import TrainConfig
+    from moleflow.config.checks import STUDY_KNOBS
+    from moleflow.config.schema import JobConfig
 
-    schema = _schema_defaults(TrainConfig)
+    schema = _schema_defaults(JobConfig)
     documented = _documented_defaults()
     copies = set(STUDY_KNOBS.values())  # documented as `${knob}`
     assert len(schema) > 40
@@ -184,7 +184,7 @@ def test_every_docs_path_mentioned_exists() -> None:
 
 def test_study_page_lists_every_table_and_row() -> None:
     """docs/study.md names every table (with its command) and every named row with its label."""
-    from experiments.table_specs import TABLES
+    from experiments.tables.specs import TABLES
 
     text = (DOCS / "study.md").read_text()
     for table in TABLES.values():

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from moleflow.config.flow import MoLEFlowConfig
 from moleflow.models.experts import TaskExpertLinear
-from moleflow.models.moleflow import MoLEFlowConfig, MoLEFlowModel
+from moleflow.models.moleflow import MoLEFlowModel
 
 
 def small_config(**kw) -> MoLEFlowConfig:

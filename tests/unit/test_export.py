@@ -12,12 +12,13 @@ import pytest
 import torch
 from torch import nn
 
+from moleflow.config.flow import MoLEFlowConfig
 from moleflow.evaluation.anomaly_map import sanitize_nonfinite
+from moleflow.evaluation.scoring import sanitize_per_image, score_maps
 from moleflow.inference.export import ExportableMoLEFlow, ExportError
 from moleflow.inference.pipeline import RoutedPipeline
-from moleflow.inference.scoring import sanitize_per_image, score_maps
 from moleflow.models.feature_extractor import router_features
-from moleflow.models.moleflow import MoLEFlowConfig, MoLEFlowModel
+from moleflow.models.moleflow import MoLEFlowModel
 
 D, GRID, TASKS, IMAGE = 16, (4, 4), 3, 16
 VARIANTS = {
@@ -159,8 +160,8 @@ def test_detector_exports_with_the_quality_switches(fmt: str, tmp_path) -> None:
     """pool_concat embedding, per-position standardizer, no adapter: exported end to end, parity-checked."""
     from omegaconf import OmegaConf
 
+    from moleflow.assembly.builders import build_extractor
     from moleflow.inference import MoLEFlowDetector, load_exported
-    from moleflow.training.builders import build_extractor
     from tests.helpers import CONF_DIR
 
     backbone = OmegaConf.load(CONF_DIR / "model" / "backbone" / "tiny_random.yaml")

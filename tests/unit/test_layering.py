@@ -3,9 +3,13 @@
 Layers, lowest first (a package may import its own modules and any lower layer, never a higher one or a
 sibling of its own rank):
 
-    utils  <  data, models  <  evaluation  <  training  <  inference  <  apps (src/train.py, eval.py, predict.py)
+    utils  <  config  <  data, models  <  evaluation  <  assembly  <  thresholds  <  training  <  inference
+           <  apps (src/train.py, eval.py, predict.py)  <  experiments
 
-``training`` runs the evaluation after each task, so ``evaluation`` sits below it and must not import it.
+``config`` declares every setting (plain dataclasses), so the models build from it; ``assembly`` builds
+objects from settings and checkpoint files for training and inference alike, so inference needs nothing
+from training; ``training`` runs the evaluation after each task, so ``evaluation`` sits below it.
+``experiments/`` is a client: it may import the package (never ``tests/``), and nothing imports it.
 Every import counts, including those inside functions and under ``TYPE_CHECKING``: a lazy import hides a
 dependency from the reader but not from the design.
 """
@@ -20,8 +24,18 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 PACKAGE = "moleflow"
-LAYERS = {"utils": 0, "data": 1, "models": 1, "evaluation": 2, "training": 3, "inference": 4}
-APPS_RANK = 5  # the entry points next to the package: src/*.py
+LAYERS = {
+    "utils": 0,
+    "config": 1,
+    "data": 2,
+    "models": 2,
+    "evaluation": 3,
+    "assembly": 4,
+    "thresholds": 5,
+    "training": 6,
+    "inference": 7,
+}
+APPS_RANK = 8  # the entry points next to the package: src/*.py
 
 
 def _module_name(path: Path) -> str:
@@ -68,10 +82,12 @@ def _imports(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
     return found
 
 
-def _rank(module: str) -> tuple[str, int]:
+def _rank(module: str) -> tuple[str, float]:
     parts = module.split(".")
     if parts[0] != PACKAGE:
         return "apps", APPS_RANK
+    if parts == [PACKAGE]:  # the package's face (its public names): above every layer, below the apps
+        return PACKAGE, APPS_RANK - 0.5
     if len(parts) < 2 or parts[1] not in LAYERS:
         msg = f"{module} is in no layer: add its package to LAYERS in {Path(__file__).name}."
         raise AssertionError(msg)
@@ -170,3 +186,34 @@ def test_module_names_do_not_look_alike() -> None:
         ("calibrating", "calibration"),
         ("stacked_head", "stacked_layers"),
     ]
+
+
+EXPERIMENTS = SRC.parent / "experiments"
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """The first name of every absolute import in a file (``tests``, ``moleflow``, ``experiments``, ...)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_experiments_are_a_client_of_the_package() -> None:
+    """experiments/ imports the installed package, never tests/ or the entry scripts, and never edits sys.path;
+    the package never imports experiments/."""
+    problems = []
+    for path in sorted(EXPERIMENTS.rglob("*.py")):
+        names = _top_level_imports(path)
+        bad = sorted(names & {"tests", "train", "eval", "predict"})
+        if bad:
+            problems.append(f"{path.relative_to(SRC.parent)} imports {bad}")
+        if "sys.path" in path.read_text():
+            problems.append(f"{path.relative_to(SRC.parent)} edits sys.path")
+    for path in sorted((SRC / PACKAGE).rglob("*.py")):
+        if "experiments" in _top_level_imports(path):
+            problems.append(f"{path.relative_to(SRC)} imports experiments")
+    assert not problems, "\n".join(problems)

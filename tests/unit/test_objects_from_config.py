@@ -10,8 +10,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, RichModelSummary, R
 from omegaconf import OmegaConf
 from timm.optim import AdamP
 
-from moleflow.training.builders import build_callbacks, build_module
 from moleflow.training.optim import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER, build_optimizer, lr_factor
+from moleflow.training.trainer_parts import build_callbacks, build_module
 from tests.helpers import TINY_OVERRIDES, compose_config
 
 
@@ -119,9 +119,9 @@ def test_a_callback_entry_without_target_is_refused(tmp_path: Path) -> None:
 
 
 def test_data_and_backbone_are_built_from_their_targets(tmp_path: Path) -> None:
+    from moleflow.assembly.builders import build_datamodule, build_extractor
     from moleflow.data.datamodule import ContinualDataModule
     from moleflow.models.feature_extractor import FeatureExtractor
-    from moleflow.training.builders import build_datamodule, build_extractor
 
     cfg = compose_config([*TINY_OVERRIDES, "data.categories=[stripes]"], tmp_path, data_dir=tmp_path / "data")
     assert cfg.data._target_ == "moleflow.data.datamodule.ContinualDataModule"

@@ -13,9 +13,10 @@ import math
 import pytest
 import torch
 
-from moleflow.evaluation.thresholds import cross_validated_distances, tail_threshold
-from moleflow.models.moleflow import MoLEFlowConfig, MoLEFlowModel
+from moleflow.config.flow import MoLEFlowConfig
+from moleflow.models.moleflow import MoLEFlowModel
 from moleflow.models.router import PositionalRouter, PrototypeRouter, _ranks, build_router
+from moleflow.thresholds.fitting import cross_validated_distances, tail_threshold
 
 H = W = 14
 D = 8
@@ -216,7 +217,7 @@ def test_vote_needs_the_positional_router_and_has_its_own_state_keys() -> None:
 
 
 def test_config_check_refuses_the_vote_without_the_positional_router(tmp_path) -> None:
-    from moleflow.training.config_checks import config_problems
+    from moleflow.config.checks import config_problems
     from tests.helpers import compose_config
 
     bad = compose_config(["model.flow.router_global_vote=true"], tmp_path)

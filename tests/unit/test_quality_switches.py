@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moleflow.config.flow import MoLEFlowConfig
 from moleflow.models.feature_extractor import FeatureExtractor
-from moleflow.models.moleflow import MoLEFlowConfig, MoLEFlowModel
+from moleflow.models.moleflow import MoLEFlowModel
 from moleflow.models.standardizer import TaskStandardizer
 
 SMALL = {"embed_dim": 16, "hidden": 16, "ncl": 2, "lora_rank": 4}

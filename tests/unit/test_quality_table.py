@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.comparison import table
+from experiments.tables import quality_table as table
 
 
 def _result() -> dict:

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
+from moleflow.config.loss import LossConfig
 from moleflow.models.positional import positional_encoding_2d
 from moleflow.models.router import PrototypeRouter
 from moleflow.training.lightning_module import MoLEFlowLitModule
-from moleflow.training.losses import LossConfig, is_unusable_loss, moleflow_loss, tail_aware_loss, tail_k
+from moleflow.training.losses import is_unusable_loss, moleflow_loss, tail_aware_loss, tail_k
 from moleflow.training.optim import lr_factor
 
 

@@ -100,7 +100,7 @@ def test_routing_per_defect_type_matches_a_hand_count() -> None:
 
 
 def test_calibration_report_counts_unknown_and_misrouted_per_label() -> None:
-    from moleflow.evaluation.thresholds import routing_report
+    from moleflow.thresholds.fitting import routing_report
 
     # 5 test images of task 0 (labels 0, 0, 1, 1, 1), distances to tasks 0 and 1, thresholds (10, 10)
     dists = torch.tensor([[1.0, 20.0], [12.0, 11.0], [3.0, 2.0], [50.0, 40.0], [5.0, 30.0]], dtype=torch.float64)

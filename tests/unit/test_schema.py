@@ -1,4 +1,4 @@
-"""The config schema holds each setting's default, type and range once (moleflow.training.schema)."""
+"""The config schema holds each setting's default, type and range once (moleflow.config.schema)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,18 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from moleflow.models.moleflow import MoLEFlowConfig
-from moleflow.training.config_checks import STUDY_KNOBS, config_problems
-from moleflow.training.losses import LossConfig
-from moleflow.training.schema import TrainConfig
-from moleflow.utils.settings import ranges
+from moleflow.config.checks import STUDY_KNOBS, config_problems
+from moleflow.config.flow import MoLEFlowConfig
+from moleflow.config.loss import LossConfig
+from moleflow.config.schema import JobConfig
+from moleflow.config.settings import ranges
 from tests.helpers import compose_config
 
 
 def test_yaml_files_override_nothing_of_main(tmp_path: Path) -> None:
     """conf/train.yaml with its default groups is exactly the schema's defaults for every schema-held key."""
     composed = compose_config([], tmp_path)
-    schema = OmegaConf.structured(TrainConfig)
+    schema = OmegaConf.structured(JobConfig)
     for group in ("model.flow", "model.loss", "model.score", "training", "report", "runtime"):
         got = OmegaConf.to_container(OmegaConf.select(composed, group), resolve=True)
         want = OmegaConf.to_container(OmegaConf.select(schema, group), resolve=False)
@@ -31,8 +31,8 @@ def test_yaml_files_override_nothing_of_main(tmp_path: Path) -> None:
 
 
 def test_knob_defaults_are_the_models_own() -> None:
-    assert TrainConfig.ncl == MoLEFlowConfig.ncl == 6 and TrainConfig.lora_rank == MoLEFlowConfig.lora_rank == 64
-    assert TrainConfig.tail_weight == LossConfig.tail_weight == 0.7
+    assert JobConfig.ncl == MoLEFlowConfig.ncl == 6 and JobConfig.lora_rank == MoLEFlowConfig.lora_rank == 64
+    assert JobConfig.tail_weight == LossConfig.tail_weight == 0.7
 
 
 def _bad_value(rng) -> object:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from moleflow.training.config_checks import STUDY_KNOBS, config_problems, validate_config
+from moleflow.config.checks import STUDY_KNOBS, config_problems, validate_config
 from tests.helpers import compose_config
 
 

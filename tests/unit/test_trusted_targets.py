@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moleflow.utils.trusted_targets import (
+from moleflow.assembly.trusted_targets import (
     TRUSTED_TARGETS,
     UntrustedTargetError,
     build_stored,

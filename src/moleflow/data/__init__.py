@@ -21,18 +21,12 @@ if TYPE_CHECKING:
     from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, load_mask, load_rgb
     from moleflow.data.kolektor import kolektor_splits
     from moleflow.data.magnetic_tile import MT_DEFECTS, magnetic_tile_splits
-    from moleflow.data.mvtec import (
-        MVTEC_CATEGORIES,
-        CategorySplit,
-        DatasetLayoutError,
-        Sample,
-        scan_categories,
-        scan_category,
-    )
+    from moleflow.data.mvtec import MVTEC_CATEGORIES, scan_categories, scan_category
     from moleflow.data.piped import PIPED_TASKS, piped_splits
     from moleflow.data.sources import DATA_SOURCES, read_source, read_sources
     from moleflow.data.subsets import split_validation
     from moleflow.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_mvtec
+    from moleflow.data.types import CategorySplit, DatasetLayoutError, Sample
     from moleflow.data.visa import VISA_CATEGORIES, visa_splits
 
 _EXPORTS: dict[str, str] = {

@@ -33,8 +33,9 @@ from PIL import Image, ImageDraw
 
 from moleflow.data.derived import derived_folder, input_fingerprint
 from moleflow.data.folder import check_fraction, check_seed
-from moleflow.data.mvtec import GOOD, CategorySplit, DatasetLayoutError, Sample, check_category_names
+from moleflow.data.mvtec import check_category_names
 from moleflow.data.subsets import by_name, split_groups
+from moleflow.data.types import GOOD, CategorySplit, DatasetLayoutError, Sample
 
 BSDATA_TASK = "bsdata"
 BSDATA_URL = "https://github.com/2Obe/BSData"

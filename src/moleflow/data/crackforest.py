@@ -34,8 +34,9 @@ from PIL import Image
 
 from moleflow.data.derived import derived_folder, input_fingerprint
 from moleflow.data.folder import check_fraction, check_seed
-from moleflow.data.mvtec import GOOD, CategorySplit, DatasetLayoutError, Sample, check_category_names
+from moleflow.data.mvtec import check_category_names
 from moleflow.data.subsets import split_groups
+from moleflow.data.types import GOOD, CategorySplit, DatasetLayoutError, Sample
 
 CRACKFOREST_TASK = "crackforest"
 CRACKFOREST_DEFECT = "crack"

@@ -17,10 +17,11 @@ from torch.utils.data import DataLoader
 from moleflow.data.datasets import SampleDataset
 from moleflow.data.folder import check_seed
 from moleflow.data.grouping import group_name, group_splits, parse_scenario
-from moleflow.data.mvtec import CategorySplit, check_category_names
+from moleflow.data.mvtec import check_category_names
 from moleflow.data.sources import DATA_SOURCES, MULTI, check_options, read_source, read_sources
 from moleflow.data.subsets import check_limit, limit_split, split_validation
 from moleflow.data.synthetic import generate_synthetic_mvtec, generated_root
+from moleflow.data.types import CategorySplit
 
 EVALUATION_PARTS: tuple[str, ...] = ("test", "validation")
 """Which part of each category's test images a run scores (``data.evaluate_on``)."""

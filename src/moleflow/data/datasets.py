@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from moleflow.data.images import load_mask, load_rgb
-from moleflow.data.mvtec import Sample
+from moleflow.data.types import Sample
 
 
 class SampleDataset(Dataset):

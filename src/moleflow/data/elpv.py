@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moleflow.data.folder import check_fraction, check_seed
-from moleflow.data.mvtec import GOOD, CategorySplit, Sample, check_category_names
+from moleflow.data.mvtec import check_category_names
 from moleflow.data.subsets import by_name, split_pools
+from moleflow.data.types import GOOD, CategorySplit, Sample
 
 ELPV_TASKS: tuple[str, ...] = ("mono", "poly")
 ELPV_PACKAGE = "elpv_dataset"

@@ -16,11 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from moleflow.data.mvtec import (
-    GOOD,
-    IMAGE_EXTENSIONS,
-    CategorySplit,
-    DatasetLayoutError,
-    Sample,
     _find_mask,
     _list_images,
     _list_subfolders,
@@ -28,6 +23,7 @@ from moleflow.data.mvtec import (
     scan_categories,
     scan_category,
 )
+from moleflow.data.types import GOOD, IMAGE_EXTENSIONS, CategorySplit, DatasetLayoutError, Sample
 
 FOLDER_LAYOUTS: tuple[str, ...] = ("auto", "mvtec", "normal_abnormal")
 NORMAL_DIR = "normal"

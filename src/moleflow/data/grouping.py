@@ -13,7 +13,8 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from moleflow.data.mvtec import CategorySplit, check_category_names
+from moleflow.data.mvtec import check_category_names
+from moleflow.data.types import CategorySplit
 
 GROUP_SEPARATOR = "+"
 """Joins the categories of a grouped task into its name, e.g. "bottle+cable"."""

@@ -29,8 +29,9 @@ import numpy as np
 from PIL import Image
 
 from moleflow.data.folder import check_fraction, check_seed
-from moleflow.data.mvtec import GOOD, CategorySplit, DatasetLayoutError, Sample, check_category_names
+from moleflow.data.mvtec import check_category_names
 from moleflow.data.subsets import split_groups
+from moleflow.data.types import GOOD, CategorySplit, DatasetLayoutError, Sample
 
 KOLEKTOR_TASK = "kolektor"
 KOLEKTOR_DEFECT = "crack"

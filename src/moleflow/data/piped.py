@@ -33,8 +33,9 @@ from PIL import Image
 
 from moleflow.data.derived import derived_folder, input_fingerprint
 from moleflow.data.folder import check_fraction, check_seed
-from moleflow.data.mvtec import GOOD, CategorySplit, DatasetLayoutError, Sample, check_category_names
+from moleflow.data.mvtec import check_category_names
 from moleflow.data.subsets import split_groups
+from moleflow.data.types import GOOD, CategorySplit, DatasetLayoutError, Sample
 
 PIPED_TASKS: dict[str, str] = {"piped_tl": "TL", "piped_rl": "RL"}
 """Task name -> the lighting-mode suffix of the paper-type folders pooled into it."""

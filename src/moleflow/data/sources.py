@@ -21,8 +21,9 @@ from moleflow.data.elpv import ELPV_TASKS, elpv_splits
 from moleflow.data.folder import folder_splits
 from moleflow.data.kolektor import kolektor_splits
 from moleflow.data.magnetic_tile import magnetic_tile_splits
-from moleflow.data.mvtec import EXPECTED_LAYOUT, CategorySplit, DatasetLayoutError, scan_categories
+from moleflow.data.mvtec import EXPECTED_LAYOUT, scan_categories
 from moleflow.data.piped import piped_splits
+from moleflow.data.types import CategorySplit, DatasetLayoutError
 from moleflow.data.visa import visa_splits
 
 MULTI = "multi"

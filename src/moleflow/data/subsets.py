@@ -26,7 +26,7 @@ from moleflow.data.folder import (
     split_normals,
     task_rng,
 )
-from moleflow.data.mvtec import CategorySplit, Sample
+from moleflow.data.types import CategorySplit, Sample
 
 
 def check_limit(name: str, value: int | None, minimum: int) -> int | None:

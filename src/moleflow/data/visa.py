@@ -12,7 +12,8 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from moleflow.data.mvtec import GOOD, CategorySplit, DatasetLayoutError, Sample, check_category_names
+from moleflow.data.mvtec import check_category_names
+from moleflow.data.types import GOOD, CategorySplit, DatasetLayoutError, Sample
 
 VISA_CATEGORIES: tuple[str, ...] = (
     "candle",

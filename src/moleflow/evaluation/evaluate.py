@@ -21,13 +21,14 @@ from moleflow.models.moleflow import MoLEFlowModel
 
 
 @dataclass
-class ScoreConfig:
-    """Evaluation settings (docs/method.md 7): image score top-k, pixel smoothing sigma, output size."""
+class EvaluationSpec:
+    """How a test set is scored (docs/method.md 7): the run's ``model.score`` (image-score top-k, pixel sigma) and
+    the data's output size and evaluation batch."""
 
-    top_k: int = 3
-    pixel_sigma: float = 4.0
-    image_size: int = 224
-    batch_size: int = 32
+    top_k: int
+    pixel_sigma: float
+    image_size: int
+    batch_size: int
 
 
 @dataclass
@@ -67,7 +68,7 @@ class TaskEvaluation:
 
 
 def _score_batches(
-    model: MoLEFlowModel, features: torch.Tensor, tasks: torch.Tensor, cfg: ScoreConfig, device: torch.device
+    model: MoLEFlowModel, features: torch.Tensor, tasks: torch.Tensor, cfg: EvaluationSpec, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """NLL maps (N, H, W), pixel maps (N, S, S), per-image non-finite patch counts (N,) of F (N, H, W, D)."""
     nlls, maps, nonfinite = [], [], []
@@ -97,7 +98,7 @@ def evaluate_task(
     task: int,
     name: str,
     num_seen: int,
-    cfg: ScoreConfig,
+    cfg: EvaluationSpec,
     device: torch.device,
     has_masks: bool = True,
 ) -> TaskEvaluation:

@@ -6,10 +6,10 @@ for result in detector.predict(["part_001.png", "part_002.png"]):
     print(result.source, result.verdict, result.task, result.score)
 """
 
-from moleflow.evaluation.thresholds import Calibration, TaskCalibration
 from moleflow.inference.detector import CalibratedCopyError, CalibrationDataError, MoLEFlowDetector
 from moleflow.inference.export import EXPORT_FORMATS, ExportableMoLEFlow, ExportError, load_exported
 from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN, Prediction
+from moleflow.thresholds.records import Calibration, TaskCalibration
 
 __all__ = [
     "EXPORT_FORMATS",

@@ -8,7 +8,7 @@ scores it with that task's expert, and turns the score into a verdict with per-t
 * ``unknown category``: the image's routing distance exceeds *every* task's route threshold, so it is
   not forced onto the nearest task (its score against the nearest task is still reported).
 
-Thresholds come from a calibration (see :mod:`moleflow.evaluation.thresholds`) stored in the
+Thresholds come from a calibration (see :mod:`moleflow.thresholds.records`) stored in the
 checkpoint. ``calibrate(save=True)`` writes a *new* checkpoint next to the original,
 ``<name>.calibrated.ckpt``, atomically, instead of rewriting the run's own files: the training
 checkpoints (and the ``last.ckpt`` hard link a resumed run updates) stay untouched, and the calibrated
@@ -27,27 +27,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from moleflow.evaluation.evaluate import ScoreConfig
-from moleflow.evaluation.thresholds import (
-    Calibration,
-    calibrated_path,
-    read_calibration,
-)
-from moleflow.inference.calibrator import (  # noqa: F401 - CalibrationDataError and the defaults re-exported
-    DEFAULT_BATCH,
-    DEFAULT_FPR,
-    DEFAULT_UNKNOWN_RATE,
-    CalibrationDataError,
-    CalibrationMixin,
-    chunks,
-)
+from moleflow.assembly.builders import extractor_from_stored
+from moleflow.assembly.checkpoint_files import CheckpointError, read_checkpoint, read_checkpoint_info
+from moleflow.assembly.integrity import file_sha256
+from moleflow.assembly.model_files import restore_model
+from moleflow.config.score import ScoreConfig
+from moleflow.data.inputs import LoadedImage, to_model_inputs
 from moleflow.inference.export import ExportableMoLEFlow, export_metadata, write_export
-from moleflow.inference.inputs import LoadedImage, to_model_inputs
 from moleflow.inference.pipeline import RoutedPipeline
 from moleflow.inference.prediction import Prediction
 from moleflow.models.feature_extractor import FeatureExtractor
 from moleflow.models.moleflow import MoLEFlowModel
-from moleflow.utils.integrity import file_sha256
+from moleflow.thresholds.calibrator import (
+    DEFAULT_BATCH,
+    CalibrationDataError,
+    CalibrationMixin,
+    chunks,
+)
+from moleflow.thresholds.records import Calibration, calibrated_path, read_calibration
 from moleflow.utils.prefetch import overlap_pays_off, prefetch
 
 log = logging.getLogger(__name__)
@@ -130,7 +127,7 @@ class MoLEFlowDetector(CalibrationMixin):
 
         The file is read without running code and refused, before anything is built, if it is not a moleflow
         checkpoint, has no integrity record, fails it, or its stored config names code moleflow does not
-        build from files (:func:`moleflow.training.checkpoint_files.read_checkpoint`).
+        build from files (:func:`moleflow.assembly.checkpoint_files.read_checkpoint`).
 
         Args:
             path: the checkpoint.
@@ -138,7 +135,7 @@ class MoLEFlowDetector(CalibrationMixin):
             backbone_weights: local weights file for a pretrained backbone when the model hub is unreachable.
             data_root: where the run's data set is now, if it moved since training.
             auto_calibrate: with no stored calibration, calibrate on the training images (in-sample: optimistic
-                thresholds, see :mod:`moleflow.evaluation.thresholds`); a warning, not an error, if they are gone.
+                thresholds, see :mod:`moleflow.thresholds.records`); a warning, not an error, if they are gone.
             save_calibration: write that calibration to ``<name>.calibrated.ckpt`` next to ``path``.
             recalibrate: a calibrated copy next to ``path`` that cannot be read, fails its content hash or was
                 made for another checkpoint is ignored (and replaced if ``save_calibration``). Without it
@@ -150,9 +147,6 @@ class MoLEFlowDetector(CalibrationMixin):
         Raises:
             CalibratedCopyError: the calibrated copy next to ``path`` is unusable and ``recalibrate`` is False.
         """
-        from moleflow.training.builders import extractor_from_stored
-        from moleflow.training.checkpoint_files import read_checkpoint
-        from moleflow.training.module_checkpoints import module_from_checkpoint
 
         path = Path(path).expanduser()
         checkpoint = read_checkpoint(path, expected_sha256=expected_sha256, allow_unverified=allow_unverified)
@@ -161,7 +155,7 @@ class MoLEFlowDetector(CalibrationMixin):
         if run_config is None:
             msg = f"{path} holds no run configuration (made by an older moleflow): the backbone cannot be rebuilt."
             raise ValueError(msg)
-        module = module_from_checkpoint(checkpoint, path, map_location="cpu")
+        restored = restore_model(checkpoint, path)
         backbone = dict(run_config["model"]["backbone"])
         if backbone_weights is not None:
             backbone["weights"] = str(backbone_weights)
@@ -174,8 +168,8 @@ class MoLEFlowDetector(CalibrationMixin):
         score = run_config["model"].get("score", {})
         detector = cls(
             extractor,
-            module.model,
-            list(module.task_names),
+            restored.model,
+            restored.task_names,
             int(run_config["data"]["image_size"]),
             score_top_k=int(score.get("top_k", ScoreConfig.top_k)),
             pixel_sigma=float(score.get("pixel_sigma", ScoreConfig.pixel_sigma)),
@@ -380,7 +374,6 @@ def _calibrated_copy_of(path: Path, recalibrate: bool = False) -> Calibration | 
     A copy that is damaged or belongs to another checkpoint is an error unless ``recalibrate``: silently
     calibrating again (in-sample) and saving over it would lose thresholds calibrated on held-out images.
     """
-    from moleflow.training.checkpoint_files import CheckpointError, read_checkpoint_info
 
     copy = calibrated_path(path)
     if copy == path or not copy.is_file():

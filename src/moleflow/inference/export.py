@@ -43,9 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD
-from moleflow.evaluation.thresholds import json_safe
 from moleflow.inference.pipeline import OUTPUTS, RoutedPipeline
-from moleflow.utils.files import atomic_write_text, unique_temporary
+from moleflow.utils.files import atomic_write_text, json_safe, unique_temporary
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Normalised images (B, 3, S, S) -> backbone patch features -> router (nearest task prototype) -> the
 flow of each image's routed task (the model's own layers, :meth:`MoLEFlowModel.nll_routed`) -> per-image
-scores and pixel maps (:mod:`moleflow.inference.scoring`) -> verdicts against per-task thresholds.
+scores and pixel maps (:mod:`moleflow.evaluation.scoring`) -> verdicts against per-task thresholds.
 
 :class:`~moleflow.inference.detector.MoLEFlowDetector` runs it eagerly; :mod:`moleflow.inference.export`
 traces (TorchScript) or ``torch.export``s the very same module with ``every_task=True``, which visits
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from moleflow.inference.scoring import score_maps
+from moleflow.evaluation.scoring import score_maps
 from moleflow.models.feature_extractor import FeatureExtractor
 from moleflow.models.moleflow import MoLEFlowModel
 

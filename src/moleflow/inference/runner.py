@@ -25,12 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from moleflow.evaluation.thresholds import Calibration, calibrated_path, json_safe
+from moleflow.data.inputs import LoadedImage, scan_inputs, try_load
 from moleflow.inference.detector import MoLEFlowDetector
-from moleflow.inference.inputs import LoadedImage, scan_inputs, try_load
 from moleflow.inference.overlay import save_overlay
 from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN
-from moleflow.utils.files import atomic_write_text
+from moleflow.thresholds.records import Calibration, calibrated_path
+from moleflow.utils.files import atomic_write_text, json_safe
 from moleflow.utils.prefetch import map_threads, overlap_pays_off, prefetch
 from moleflow.utils.progress import track
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moleflow.config.flow import MoLEFlowConfig
 from moleflow.models.experts import ExpertMode
 from moleflow.models.subnet import GridShape, MoLESubnet
 
@@ -28,6 +29,9 @@ def _affine(
     y2 = u2 * e
     y2.add_(t_raw, alpha=subnet_scale)
     return y2, logdet, th, e
+
+
+_FLOW = MoLEFlowConfig  # defaults are the flow settings' own (one place)
 
 
 class _AffineCoupling(torch.autograd.Function):
@@ -103,13 +107,13 @@ class CouplingBlock(nn.Module):
         self,
         dim: int,
         hidden: int,
-        clamp: float = 1.9,
-        subnet_scale: float = 0.1,
-        scale_context_kernel: int = 5,
+        clamp: float = _FLOW.clamp,
+        subnet_scale: float = _FLOW.subnet_scale,
+        scale_context_kernel: int = _FLOW.scale_context_kernel,
         expert_mode: ExpertMode = "lora",
-        rank: int = 64,
-        lora_alpha: float = 1.0,
-        permutation_seed: int = 0,
+        rank: int = _FLOW.lora_rank,
+        lora_alpha: float = _FLOW.lora_alpha,
+        permutation_seed: int = _FLOW.permutation_seed,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -147,7 +151,9 @@ class CouplingBlock(nn.Module):
 class CouplingFlow(nn.Module):
     """A stack of ``num_blocks`` coupling blocks; zero blocks is the identity with zero log-det."""
 
-    def __init__(self, num_blocks: int, dim: int, permutation_seed: int = 0, **block_kwargs) -> None:
+    def __init__(
+        self, num_blocks: int, dim: int, permutation_seed: int = _FLOW.permutation_seed, **block_kwargs
+    ) -> None:
         super().__init__()
         if num_blocks < 0:
             msg = f"ncl (number of coupling blocks) must be >= 0, got {num_blocks}."

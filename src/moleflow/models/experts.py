@@ -14,8 +14,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from moleflow.config.flow import EXPERT_MODES, MoLEFlowConfig
+
 ExpertMode = Literal["lora", "full", "none"]
-EXPERT_MODES: tuple[str, ...] = ("lora", "full", "none")
 
 
 class LoRAExpert(nn.Module):
@@ -70,8 +71,8 @@ class TaskExpertLinear(nn.Module):
         in_features: int,
         out_features: int,
         mode: ExpertMode = "lora",
-        rank: int = 64,
-        alpha: float = 1.0,
+        rank: int = MoLEFlowConfig.lora_rank,
+        alpha: float = MoLEFlowConfig.lora_alpha,
     ) -> None:
         super().__init__()
         if mode not in EXPERT_MODES:
@@ -138,7 +139,6 @@ def expert_parameter_count(in_features: int, out_features: int, mode: ExpertMode
 
 
 __all__ = [
-    "EXPERT_MODES",
     "ExpertMode",
     "FullRankExpert",
     "LoRAExpert",

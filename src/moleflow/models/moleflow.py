@@ -12,90 +12,23 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import nn
 
+from moleflow.config.flow import MoLEFlowConfig
 from moleflow.models.adapters import WhiteningAdapter
 from moleflow.models.coupling import CouplingFlow
 from moleflow.models.dia import DIA
-from moleflow.models.experts import EXPERT_MODES, TaskExpertLinear
+from moleflow.models.experts import TaskExpertLinear
 from moleflow.models.mixer import SpatialContextMixer
 from moleflow.models.positional import positional_encoding_2d
-from moleflow.models.router import ROUTER_KINDS, build_router, vote_problem
-from moleflow.models.standardizer import STANDARDIZE_MODES, TaskStandardizer
-from moleflow.utils.settings import range_problems, setting
+from moleflow.models.router import build_router
+from moleflow.models.standardizer import TaskStandardizer
 
-BASE_SHARING_MODES = ("frozen", "sequential", "separate")
-ADAPTERS = ("whitening", "none")
 SHARED_KEY = "shared"  # ModuleDict key of the flow / mixer used by every task
-
-
-_ODD_KERNEL = "0 (off) or a positive odd number (an even kernel changes the patch grid)"
-
-
-def _odd_or_zero(v: int) -> bool:
-    return v == 0 or (v > 0 and v % 2 == 1)
-
-
-@dataclass
-class MoLEFlowConfig:
-    """Hyperparameters of the flow head: default, type and range of each ``model.flow.*`` key, once.
-
-    The defaults are the MAIN configuration (docs/method.md); the config schema registers this class for
-    ``model.flow`` (``moleflow.training.schema``), and :meth:`validate` checks the declared ranges.
-    """
-
-    embed_dim: int = setting(768, "a positive multiple of 4", lambda v: v >= 4 and v % 4 == 0)
-    ncl: int = setting(6, ">= 0 (0 = no coupling blocks)", lambda v: v >= 0)
-    hidden: int = setting(768, ">= 1", lambda v: v >= 1)
-    clamp: float = setting(1.9, "> 0", lambda v: v > 0)
-    subnet_scale: float = 0.1
-    scale_context_kernel: int = setting(5, _ODD_KERNEL, _odd_or_zero)
-    spatial_context_kernel: int = setting(3, _ODD_KERNEL, _odd_or_zero)
-    mixer_gate_init: float = 0.5
-    expert_mode: str = setting("lora", choices=EXPERT_MODES)
-    lora_rank: int = setting(64, ">= 1", lambda v: v >= 1)
-    lora_alpha: float = 1.0
-    adapter: str = setting("whitening", choices=ADAPTERS)
-    adapter_gate_init_first: float = -0.7
-    adapter_gate_init_later: float = 0.0
-    dia_blocks: int = setting(0, ">= 0 (0 = no DIA)", lambda v: v >= 0)
-    dia_clamp: float = setting(1.9, "> 0", lambda v: v > 0)
-    positional_encoding: bool = True
-    # none (MAIN) | channel | position: task statistics applied to F before the PE
-    standardize: str = setting("none", choices=STANDARDIZE_MODES)
-    base_sharing: str = setting("frozen", choices=BASE_SHARING_MODES)
-    router_ridge: float = setting(1e-5, "> 0", lambda v: v > 0)
-    # prototype (MAIN: global mean, Mahalanobis) | positional (issue 14, docs/routing.md)
-    router: str = setting("prototype", choices=ROUTER_KINDS)
-    router_grid: int = setting(7, ">= 1", lambda v: v >= 1)  # positional: cells per side of the pooled grid
-    # positional: share of an image's cells (the best-fitting) that decide
-    router_keep: float = setting(0.25, "in (0, 1]", lambda v: 0 < v <= 1)
-    # positional: added variance, times the task's mean variance
-    router_variance_floor: float = setting(0.1, "> 0", lambda v: v > 0)
-    # positional: the rank of a global Gaussian votes too (issue 14, docs/routing.md)
-    router_global_vote: bool = False
-    permutation_seed: int = 0
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> MoLEFlowConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            msg = f"Unknown model.flow keys {unknown}; known keys: {sorted(known)}."
-            raise ValueError(msg)
-        return cls(**values)
-
-    def validate(self) -> None:
-        """Reject impossible settings early, naming the config key (the ranges declared above)."""
-        problems = range_problems(self, "model.flow")
-        if (vote := vote_problem(self.router, self.router_global_vote)) is not None:
-            problems.append(vote)
-        if problems:
-            raise ValueError(problems[0])
 
 
 class MoLEFlowModel(nn.Module):

@@ -37,10 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moleflow.config.flow import ROUTER_KINDS, vote_problem
+
 log = logging.getLogger(__name__)
-
-
-ROUTER_KINDS = ("prototype", "positional")
 
 
 class PrototypeRouter(nn.Module):
@@ -284,16 +283,6 @@ class PositionalRouter(nn.Module):
 def _ranks(d: torch.Tensor) -> torch.Tensor:
     """Rank (0 = nearest) of every task per image, (B, T) -> (B, T) int64; ties keep task order."""
     return torch.argsort(torch.argsort(d, dim=1, stable=True), dim=1)
-
-
-def vote_problem(kind: str, global_vote: bool) -> str | None:
-    """Why ``model.flow.router_global_vote`` cannot be used with router ``kind``, or None when it can."""
-    if global_vote and kind != "positional":
-        return (
-            "model.flow.router_global_vote needs model.flow.router=positional (the prototype router is global); "
-            "use model/router=robust, or set model.flow.router_global_vote=false."
-        )
-    return None
 
 
 def build_router(

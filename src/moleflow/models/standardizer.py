@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-STANDARDIZE_MODES: tuple[str, ...] = ("none", "channel", "position")
+from moleflow.config.flow import STANDARDIZE_MODES
+
 _CHUNK = 64  # images per pass when accumulating statistics (bounded float64 memory)
 
 

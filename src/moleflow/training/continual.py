@@ -31,8 +31,13 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
 
+from moleflow.assembly.builders import build_datamodule, build_extractor, resolve_device
+from moleflow.assembly.checkpoint_files import link_checkpoint, read_checkpoint
+from moleflow.assembly.probes import check_backbone_accepts, check_patch_grid_settings
+from moleflow.config.schema import JobConfig
+from moleflow.config.typed import job_settings, settings_dict
 from moleflow.evaluation.evaluate import (
-    ScoreConfig,
+    EvaluationSpec,
     category_breakdown,
     evaluate_task,
     router_inputs,
@@ -40,30 +45,15 @@ from moleflow.evaluation.evaluate import (
 )
 from moleflow.evaluation.plots import write_figures
 from moleflow.evaluation.report import ContinualTracker, log_results_table, print_table, write_json_atomic
-from moleflow.evaluation.thresholds import SECTION as CALIBRATION_SECTION
-from moleflow.evaluation.thresholds import Calibration, read_calibration
 from moleflow.models.feature_extractor import FeatureSet
-from moleflow.training.builders import (
-    build_datamodule,
-    build_extractor,
-    build_loggers,
-    build_module,
-    resolve_device,
-    to_dict,
-    to_dict_or_value,
-)
-from moleflow.training.checkpoint_files import link_checkpoint, read_checkpoint
-from moleflow.training.config_checks import check_backbone_accepts, check_patch_grid_settings, validate_config
+from moleflow.thresholds.held_out import holdout_split, new_calibration, threshold_report, thresholds_from_held_out
+from moleflow.thresholds.records import SECTION as CALIBRATION_SECTION
+from moleflow.thresholds.records import Calibration, read_calibration
 from moleflow.training.feature_cache import FeatureCache
-from moleflow.training.held_out import (
-    holdout_split,
-    new_calibration,
-    threshold_report,
-    thresholds_from_held_out,
-)
 from moleflow.training.module_checkpoints import module_from_checkpoint, save_checkpoint
 from moleflow.training.resume import ResumeMismatchError, check_compatible, check_same_config, resolve_resume
 from moleflow.training.task_fit import fit_task, loss_curve_summary
+from moleflow.training.trainer_parts import build_loggers, build_module
 from moleflow.utils.allocator import keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -81,7 +71,7 @@ def _amp_dtype(name: str | None) -> torch.dtype | None:
 
 
 def _evaluate_seen(
-    model: Any, cache: FeatureCache, dm: Any, names: list[str], t: int, score_cfg: ScoreConfig, device: torch.device
+    model: Any, cache: FeatureCache, dm: Any, names: list[str], t: int, score_cfg: EvaluationSpec, device: torch.device
 ) -> list[Any]:
     """Evaluate the test sets of tasks 0..t, task-agnostically (routing over t + 1 prototypes)."""
     evaluations = []
@@ -131,7 +121,7 @@ def _collapse_warnings(summary: dict[str, Any], skipped: dict[str, int]) -> list
 class ContinualRun:
     """What the steps of a run share: its parts, its results so far, and where it writes."""
 
-    cfg: DictConfig
+    cfg: JobConfig
     output_dir: Path
     overrides: list[str] | None
     device: torch.device
@@ -141,7 +131,7 @@ class ContinualRun:
     names: list[str]
     tracker: ContinualTracker
     cache: FeatureCache
-    score_cfg: ScoreConfig
+    score_cfg: EvaluationSpec
     loggers: list
     amp_dtype: torch.dtype | None
     started: float
@@ -189,10 +179,16 @@ class TaskRound:
     router_in: torch.Tensor | None = None  # the router's inputs of every training image
 
 
-def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run the whole continual study described by ``cfg``; returns the metrics.json payload."""
-    validate_config(cfg)  # every bad setting named at once, before anything heavy is built
-    run = open_run(cfg, Path(output_dir), overrides)
+def run_continual(
+    cfg: DictConfig | JobConfig, output_dir: str | Path, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Run the whole continual study described by ``cfg``; returns the metrics.json payload.
+
+    The composed config is checked (every bad setting named at once, before anything heavy is built) and turned
+    into typed settings here, once; the steps below read those.
+    """
+    settings = job_settings(cfg)
+    run = open_run(settings, Path(output_dir), overrides)
     if isinstance(run, dict):  # resume found the run finished
         return run
     try:
@@ -209,7 +205,7 @@ def run_continual(cfg: DictConfig, output_dir: str | Path, overrides: list[str] 
         _finish_loggers(run.loggers)
 
 
-def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> ContinualRun | dict[str, Any]:
+def open_run(cfg: JobConfig, output_dir: Path, overrides: list[str] | None) -> ContinualRun | dict[str, Any]:
     """Build the run's parts (data, backbone, model or its resumed state, feature cache, loggers).
 
     Returns the finished run's payload instead when ``resume`` points at a run that has finished.
@@ -217,15 +213,14 @@ def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> 
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     timings: dict[str, Any] = {"per_task": {}}
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     device = resolve_device(str(cfg.trainer.get("accelerator", "auto")))
     point = resolve_resume(cfg, output_dir, overrides or [])
     resumed = None
     if point is not None and point.checkpoint is not None:  # checked before anything is built
         resumed = read_checkpoint(
             point.checkpoint,
-            expected_sha256=cfg.get("resume_sha256"),
-            allow_unverified=bool(cfg.get("resume_allow_unverified", False)),
+            expected_sha256=cfg.resume_sha256,
+            allow_unverified=cfg.resume_allow_unverified,
         )
 
     t0 = time.time()
@@ -233,14 +228,14 @@ def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> 
     # Random initialisations are seeded right where they happen, so they do not depend on what ran before:
     # the first run on a machine writes the packaged-weights cache (building a throw-away timm model) and
     # draws random numbers that a later run does not, which gave two different flow initialisations.
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    extractor = build_extractor(cfg.model.backbone, int(cfg.model.flow.embed_dim)).to(device)
-    runtime = cfg.runtime  # defaults: moleflow.training.schema.RuntimeConfig
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    extractor = build_extractor(cfg.model.backbone, cfg.model.flow.embed_dim).to(device)
+    runtime = cfg.runtime  # defaults: moleflow.config.schema.RuntimeConfig
     if runtime.keep_freed_memory:
         keep_freed_memory()  # CPU training steps were ~25 % slower re-faulting each large activation
     amp_dtype = _amp_dtype(runtime.amp)
     extractor.configure_runtime(channels_last=bool(runtime.channels_last), amp_dtype=amp_dtype)
-    grid = check_backbone_accepts(extractor, int(cfg.data.image_size))
+    grid = check_backbone_accepts(extractor, cfg.data["image_size"])
     check_patch_grid_settings(cfg, grid)
     names = dm.task_names
     tracker = ContinualTracker(names)
@@ -252,12 +247,8 @@ def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> 
             _check_finished_run(done, cfg, point.run_dir)
             log.info("resume: %s already finished; nothing to do.", point.run_dir)
             return done
-    share = float(cfg.training.calibration_share)
-    calibration = new_calibration(
-        float(cfg.training.calibration_fpr),
-        float(cfg.training.unknown_rate),
-        int(cfg.model.score.top_k),
-    )
+    share = cfg.training.calibration_share
+    calibration = new_calibration(cfg.training.calibration_fpr, cfg.training.unknown_rate, cfg.model.score.top_k)
     if point is not None and resumed is not None:
         module, start_task = _restore(resumed, point.checkpoint, cfg, names, tracker, timings, run_log)
         stored = read_calibration(resumed["moleflow"])
@@ -265,22 +256,22 @@ def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> 
             calibration = stored
         output_dir = point.run_dir
     else:
-        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # see the note above build_extractor
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)  # see the note above build_extractor
         module = build_module(cfg.model)
     if runtime.compile:
         for flow in module.model.flows.values():
             flow.forward = torch.compile(flow.forward)  # per instance: state_dict keys stay the same
     timings["setup_s"] = time.time() - t0
     cache = _feature_cache(cfg, extractor, device)
-    score_cfg = ScoreConfig(
-        top_k=int(cfg.model.score.top_k),
-        pixel_sigma=float(cfg.model.score.pixel_sigma),
-        image_size=int(cfg.data.image_size),
-        batch_size=int(cfg.data.eval_batch_size),
+    score_cfg = EvaluationSpec(
+        top_k=cfg.model.score.top_k,
+        pixel_sigma=cfg.model.score.pixel_sigma,
+        image_size=cfg.data["image_size"],
+        batch_size=cfg.data["eval_batch_size"],
     )
-    loggers = build_loggers(cfg.get("logger"))
+    loggers = build_loggers(cfg.logger)
     for lg in loggers:
-        lg.log_hyperparams(to_dict(cfg))  # the resolved config, so every dashboard row says what it ran
+        lg.log_hyperparams(settings_dict(cfg))  # the resolved config, so every dashboard row says what it ran
     return ContinualRun(
         cfg=cfg,
         output_dir=output_dir,
@@ -304,24 +295,24 @@ def open_run(cfg: DictConfig, output_dir: Path, overrides: list[str] | None) -> 
     )
 
 
-def _feature_cache(cfg: DictConfig, extractor: Any, device: torch.device) -> FeatureCache:
+def _feature_cache(cfg: JobConfig, extractor: Any, device: torch.device) -> FeatureCache:
     """The run's feature cache, keyed on everything that makes the features."""
-    runtime, train_cfg = cfg.runtime, cfg.training
+    runtime, train_cfg, data = cfg.runtime, cfg.training, cfg.data
     return FeatureCache(
         extractor,
         device,
-        mode=str(train_cfg.feature_cache),
+        mode=train_cfg.feature_cache,
         directory=train_cfg.feature_cache_dir,
         fingerprint={
-            "backbone": to_dict(cfg.model.backbone),
+            "backbone": dict(cfg.model.backbone),
             "d": cfg.model.flow.embed_dim,
-            "size": cfg.data.image_size,
-            "data_root": str(Path(str(cfg.data.root)).resolve()) if cfg.data.get("root") else None,
-            "source": cfg.data.get("source", "mvtec"),
-            "source_options": to_dict(cfg.data.get("source_options")),
-            "sources": to_dict_or_value(cfg.data.get("sources")),
+            "size": data["image_size"],
+            "data_root": str(Path(str(data["root"])).resolve()) if data.get("root") else None,
+            "source": data.get("source", "mvtec"),
+            "source_options": dict(data.get("source_options") or {}),
+            "sources": data.get("sources"),
             "amp": str(runtime.amp),
-            "channels_last": bool(runtime.channels_last),
+            "channels_last": runtime.channels_last,
         },
     )
 
@@ -331,7 +322,7 @@ def begin_task(run: ContinualRun, t: int) -> TaskRound:
     name = run.names[t]
     log.info("=== Task %d/%d: %s ===", t + 1, len(run.names), name)
     task = TaskRound(t, name)
-    pl.seed_everything(int(run.cfg.seed) + t, workers=True, verbose=False)
+    pl.seed_everything(run.cfg.seed + t, workers=True, verbose=False)
     run.dm.set_task(t)
     run.module.start_task(name)
     return task
@@ -346,9 +337,7 @@ def extract_train_features(run: ContinualRun, task: TaskRound) -> None:
     tic = time.time()
     task.train_set = run.cache.get(_train_key(task), run.dm.train_dataloader, with_masks=False)
     # a seeded share of the (defect-free) training images is held out for the thresholds (0: none)
-    task.kept, task.held = holdout_split(
-        len(task.train_set), run.calibration_share, int(run.cfg.seed) + 1000 * (task.t + 1)
-    )
+    task.kept, task.held = holdout_split(len(task.train_set), run.calibration_share, run.cfg.seed + 1000 * (task.t + 1))
     run.module.model.fit_task_statistics(task.t, _kept(task, task.train_set.features))
     task.times["extract_train_s"] = time.time() - tic
 
@@ -452,14 +441,14 @@ def finish_run(run: ContinualRun) -> dict[str, Any]:
             loader = lambda t=ev.task: dm.test_dataloader_for(t)  # noqa: E731 - only used if not cached
             test_set = run.cache.get(f"{ev.task:02d}_{ev.name}/test", loader, with_masks=True)
             payload["per_category"].update(category_breakdown(ev, dm.test_sample_categories(ev.task), test_set.masks))
-    if cfg.get("report", {}).get("figures", True) and evaluations:
+    if cfg.report.figures and evaluations:
         payload["figures"] = write_figures(
             run.output_dir,
             dm,
             evaluations,
             names,
             run.tracker.confusion,
-            int(cfg.report.overlays_per_task),
+            cfg.report.overlays_per_task,
             run.loggers,
             run.tracker.confusion_by_label,
         )
@@ -484,11 +473,11 @@ def _task_thresholds(run: ContinualRun, task: TaskRound) -> Any:
         task.train_set.features[held],
         task.router_in[held],
         task.t,
-        int(cfg.model.score.top_k),
-        int(cfg.data.eval_batch_size),
+        cfg.model.score.top_k,
+        cfg.data["eval_batch_size"],
         run.device,
-        float(cfg.training.calibration_fpr),
-        float(cfg.training.unknown_rate),
+        cfg.training.calibration_fpr,
+        cfg.training.unknown_rate,
     )
 
 
@@ -501,7 +490,7 @@ def _threshold_payload(run: ContinualRun, evaluations: list) -> dict[str, Any]:
     return threshold_report(run.module.model, test_sets, evaluations, run.calibration, run.names, run.calibration_share)
 
 
-def _check_finished_run(done: dict[str, Any], cfg: DictConfig, run_dir: Path) -> None:
+def _check_finished_run(done: dict[str, Any], cfg: JobConfig, run_dir: Path) -> None:
     """A finished run is returned by resume only if it was made with this configuration."""
     try:
         check_same_config(done.get("config"), cfg, run_dir, force=False)
@@ -513,7 +502,7 @@ def _check_finished_run(done: dict[str, Any], cfg: DictConfig, run_dir: Path) ->
 def _restore(
     content: dict[str, Any],
     checkpoint: Path,
-    cfg: DictConfig,
+    cfg: JobConfig,
     names: list[str],
     tracker: ContinualTracker,
     timings: dict[str, Any],
@@ -527,7 +516,7 @@ def _restore(
         raise ValueError(msg)
     module = module_from_checkpoint(content, checkpoint)
     check_compatible(dict(module.hparams), info.get("run_config"), cfg)  # the model itself: never forced
-    force = bool(cfg.get("resume_force", False))
+    force = cfg.resume_force
     mismatches = check_same_config(info.get("run_config"), cfg, checkpoint, force)
     if module.task_names != names[: len(module.task_names)]:
         msg = f"{checkpoint} holds tasks {module.task_names}, but this run's task order is {names}."
@@ -545,7 +534,7 @@ def _restore(
 
 
 def _payload(
-    cfg: DictConfig,
+    cfg: JobConfig,
     overrides: list[str] | None,
     tracker: ContinualTracker,
     module: Any,
@@ -564,8 +553,8 @@ def _payload(
             "output_dir": str(output_dir),
             # the job's identity; how it was (re)started is kept apart so tables group resumed runs correctly
             "overrides": [o for o in overrides or [] if not o.lstrip("+~").startswith("resume=")],
-            "resume": cfg.get("resume"),
-            "seed": int(cfg.seed),
+            "resume": cfg.resume,
+            "seed": cfg.seed,
             "host": socket.gethostname(),
             "platform": platform.platform(),
             "torch": torch.__version__,
@@ -573,7 +562,7 @@ def _payload(
             "device": str(resolve_device(str(cfg.trainer.get("accelerator", "auto")))),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         },
-        "config": to_dict(cfg),
+        "config": settings_dict(cfg),
         **summary,
         "parameters": {
             "total": counts["total"],
@@ -585,7 +574,7 @@ def _payload(
             "attempted_batches": dict(module.attempted_batches),
             "diverged": dict(tracker.diverged),
         },
-        "work": {"backbone_images": extractor_images, "feature_cache": str(cfg.training.feature_cache)},
+        "work": {"backbone_images": extractor_images, "feature_cache": cfg.training.feature_cache},
         "training": {
             name: loss_curve_summary(module.loss_history.get(name, []))
             for name in tracker.task_names[: tracker.last_task + 1]

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from moleflow.assembly.integrity import value_hash
+from moleflow.config.schema import CACHE_MODES
 from moleflow.models.feature_extractor import FeatureExtractor, FeatureSet, router_features
 from moleflow.utils.files import atomic_write
-from moleflow.utils.integrity import value_hash
 from moleflow.utils.progress import track
 
 log = logging.getLogger(__name__)
-CACHE_MODES = ("memory", "disk", "none")
 
 
 @torch.no_grad()

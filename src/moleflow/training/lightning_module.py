@@ -15,8 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from moleflow.models.moleflow import MoLEFlowConfig, MoLEFlowModel
-from moleflow.training.checkpoint_files import (
+from moleflow.assembly.checkpoint_files import (
     CONVERT_COMMAND,
     NOT_A_CHECKPOINT,
     READ_ERRORS,
@@ -24,9 +23,13 @@ from moleflow.training.checkpoint_files import (
     CheckpointError,
     read_checkpoint,
 )
-from moleflow.training.losses import LossConfig, is_unusable_loss, moleflow_loss
+from moleflow.assembly.integrity import verify
+from moleflow.assembly.model_files import restore_model
+from moleflow.config.flow import MoLEFlowConfig
+from moleflow.config.loss import LossConfig
+from moleflow.models.moleflow import MoLEFlowModel
+from moleflow.training.losses import is_unusable_loss, moleflow_loss
 from moleflow.training.optim import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER, build_optimizer, build_scheduler
-from moleflow.utils.integrity import verify
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +87,14 @@ class MoLEFlowLitModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------ tasks
     def add_task(self, name: str) -> int:
         task = self.model.add_task()
-        self.task_names.append(name)
-        self.counters.add(task)
-        self.loss_history.setdefault(name, [])
+        self._track_task(name)
         return task
+
+    def _track_task(self, name: str) -> None:
+        """The module's own per-task state (name, batch counters, loss history) of the model's next task."""
+        self.counters.add(len(self.task_names))
+        self.task_names.append(name)
+        self.loss_history.setdefault(name, [])
 
     def start_task(self, name: str) -> int:
         """Add the task and make only its trainable set require grad (docs/method.md 3.4)."""
@@ -201,13 +208,17 @@ class MoLEFlowLitModule(pl.LightningModule):
         if not checkpoint.get(VERIFIED_MARK):
             msg = "from_checked takes what read_checkpoint returned (checked), not a raw torch.load result."
             raise ValueError(msg)
+        restored = restore_model(checkpoint, path, map_location)  # the model: one implementation, shared
         try:
             module = cls(**dict(checkpoint["hyper_parameters"]))
-            module.on_load_checkpoint(checkpoint)
-            module.load_state_dict(checkpoint["state_dict"])
+            module.model = restored.model
+            for name in restored.task_names:
+                module._track_task(name)
+            prefix = "counters."
+            counts = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+            module.counters.load_state_dict(counts)
+            module.loss_history.update(checkpoint["moleflow"].get("loss_history", {}))
             module = module.to(map_location)
-        except torch.cuda.OutOfMemoryError:
-            raise  # the file is fine: the device is full (map_location="cpu" avoids it)
         except READ_ERRORS as err:
             msg = f"Cannot load checkpoint {path} ({type(err).__name__}: {err}): {NOT_A_CHECKPOINT}"
             raise CheckpointError(msg) from err

@@ -1,4 +1,4 @@
-"""The training module to and from checkpoint files (:mod:`moleflow.training.checkpoint_files`).
+"""The training module to and from checkpoint files (:mod:`moleflow.assembly.checkpoint_files`).
 
 :func:`save_checkpoint` writes the module (all tasks so far) after each task; :func:`load_checkpoint`
 rebuilds it, every task's experts and router included, from a file that :func:`read_checkpoint` checked
@@ -14,7 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from moleflow.training.checkpoint_files import read_checkpoint, write_checkpoint
+from moleflow.assembly.checkpoint_files import read_checkpoint, write_checkpoint
 from moleflow.training.lightning_module import MoLEFlowLitModule
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from moleflow.utils.instantiation import build_entry
+from moleflow.config.instantiation import build_entry
 
 # The method's settings (conf/model/optimizer/adamp.yaml, conf/model/scheduler/warmup_cosine.yaml),
 # for callers without a Hydra config (benchmarks, notebooks).

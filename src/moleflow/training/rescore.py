@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 
+from moleflow.assembly.builders import datamodule_from_stored, extractor_from_stored
+from moleflow.assembly.checkpoint_files import read_checkpoint
+from moleflow.assembly.model_files import restore_model
 from moleflow.data.datamodule import data_settings_for_reading
 from moleflow.evaluation.anomaly_map import image_scores_topk
 from moleflow.evaluation.continual_metrics import routing_accuracy, routing_confusion
-from moleflow.evaluation.evaluate import ScoreConfig, TaskEvaluation, evaluate_task
+from moleflow.evaluation.evaluate import EvaluationSpec, TaskEvaluation, evaluate_task
 from moleflow.evaluation.metrics import METRIC_NAMES, binary_auroc, binary_average_precision
-from moleflow.training.builders import datamodule_from_stored, extractor_from_stored
-from moleflow.training.checkpoint_files import read_checkpoint
 from moleflow.training.feature_cache import FeatureCache
-from moleflow.training.module_checkpoints import module_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def rescore_checkpoint(
     """Evaluate every task of the checkpoint on its test set, once per image-score top-k.
 
     The checkpoint is read without running code and checked before anything is built from it
-    (:func:`moleflow.training.checkpoint_files.read_checkpoint`); data module and backbone come from its stored
+    (:func:`moleflow.assembly.checkpoint_files.read_checkpoint`); data module and backbone come from its stored
     config through trusted ``_target_`` entries only.
     """
     checkpoint = read_checkpoint(ckpt_path, expected_sha256=expected_sha256, allow_unverified=allow_unverified)
@@ -68,8 +68,8 @@ def rescore_checkpoint(
     if data_root is not None:
         data["root"] = data_root
     data = data_settings_for_reading(data)  # never rewrite data during evaluation
-    module = module_from_checkpoint(checkpoint, ckpt_path, map_location=device)
-    names = list(module.task_names)
+    restored = restore_model(checkpoint, ckpt_path, map_location=device)
+    names = restored.task_names
     data["categories"] = names  # the checkpoint's tasks, in training order
     dev = torch.device(device)
     source = f"The run config of checkpoint {ckpt_path}"
@@ -77,13 +77,13 @@ def rescore_checkpoint(
     dm.set_task(len(names) - 1)
     extractor = extractor_from_stored(run_cfg["model"]["backbone"], int(run_cfg["model"]["flow"]["embed_dim"]), source)
     cache = FeatureCache(extractor.to(dev), dev)
-    score = ScoreConfig(
+    score = EvaluationSpec(
         top_k=int(top_ks[0]),
         pixel_sigma=float(pixel_sigma if pixel_sigma is not None else run_cfg["model"]["score"]["pixel_sigma"]),
         image_size=int(data["image_size"]),
         batch_size=int(data["eval_batch_size"]),
     )
-    model = module.model.to(dev).eval()
+    model = restored.model
     evaluations = []
     merge = bool((run_cfg.get("runtime") or {}).get("merge_experts", False))  # score exactly as training did
     with model.merged_experts(merge):

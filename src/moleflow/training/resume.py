@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
-from moleflow.training.builders import to_dict
+from moleflow.config.schema import JobConfig
+from moleflow.config.typed import settings_dict
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +105,7 @@ class ResumeMismatchError(ValueError):
     """Continuing the run would mix results of two configurations; the message names the keys."""
 
 
-def check_same_config(saved: dict[str, Any] | None, cfg: DictConfig, where: Path, force: bool) -> list[str]:
+def check_same_config(saved: dict[str, Any] | None, cfg: JobConfig, where: Path, force: bool) -> list[str]:
     """Refuse to resume ``where`` with a different result-changing config; returns the mismatches when forced.
 
     Raises:
@@ -114,7 +113,7 @@ def check_same_config(saved: dict[str, Any] | None, cfg: DictConfig, where: Path
     """
     if saved is None:
         log.warning("%s holds no run config (older moleflow): result-changing settings cannot be compared.", where)
-    mismatches = config_mismatches(saved, to_dict(cfg))
+    mismatches = config_mismatches(saved, settings_dict(cfg))
     if mismatches and not force:
         msg = (
             f"Cannot resume {where}: it was run with a different configuration, and continuing would mix "
@@ -153,17 +152,17 @@ class ResumePoint:
     checkpoint: Path | None
 
 
-def resolve_resume(cfg: DictConfig, output_dir: Path, overrides: list[str]) -> ResumePoint | None:
+def resolve_resume(cfg: JobConfig, output_dir: Path, overrides: list[str]) -> ResumePoint | None:
     """Interpret ``cfg.resume``: None to start afresh.
 
     ``true`` or a run directory continue that run in its own directory (from checkpoints/last.ckpt);
     a checkpoint file continues from that file into this run's new directory.
     """
-    resume = cfg.get("resume")
+    resume = cfg.resume
     if resume in (None, False, "false", "none", "null"):
         return None
     if resume is True or str(resume).lower() == "true":
-        root = Path(cfg.paths.log_dir) / str(cfg.task_name)
+        root = Path(cfg.paths["log_dir"]) / cfg.task_name
         run_dir = find_previous_run(root, overrides, exclude=output_dir)
         if run_dir is None:
             log.warning("resume=true: no earlier run with overrides %s under %s; starting afresh.", overrides, root)
@@ -180,16 +179,17 @@ def resolve_resume(cfg: DictConfig, output_dir: Path, overrides: list[str]) -> R
     return ResumePoint(run_dir=run_dir, checkpoint=last if last.is_file() else None)
 
 
-def check_compatible(checkpoint_hparams: dict[str, Any], run_config: dict[str, Any] | None, cfg: DictConfig) -> None:
+def check_compatible(checkpoint_hparams: dict[str, Any], run_config: dict[str, Any] | None, cfg: JobConfig) -> None:
     """Refuse to continue a run with a different model: name every mismatching key."""
     mismatches = []
+    model = settings_dict(cfg)["model"]
     for group in ("flow", "loss", "optimizer", "scheduler"):
-        saved, current = checkpoint_hparams.get(group) or {}, to_dict(cfg.model[group])
+        saved, current = checkpoint_hparams.get(group) or {}, model[group] or {}
         for key in sorted(saved.keys() | current.keys()):
             if saved.get(key) != current.get(key):
                 mismatches.append(f"model.{group}.{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}")
     if run_config is not None:
-        saved_bb, current_bb = run_config["model"]["backbone"], to_dict(cfg.model.backbone)
+        saved_bb, current_bb = run_config["model"]["backbone"], model["backbone"] or {}
         for key in sorted(saved_bb.keys() | current_bb.keys()):
             if saved_bb.get(key) != current_bb.get(key):
                 was, now = saved_bb.get(key), current_bb.get(key)

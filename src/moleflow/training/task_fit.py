@@ -10,10 +10,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
-from moleflow.training.builders import build_trainer
+from moleflow.config.schema import JobConfig, TrainingConfig
+from moleflow.training.trainer_parts import build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class _ReextractEachEpoch(pl.Callback):
 
 
 def fit_task(
-    cfg: DictConfig,
+    cfg: JobConfig,
     module: Any,
     features: torch.Tensor,
     t: int,
@@ -41,7 +41,7 @@ def fit_task(
     refresh: Callable[[], torch.Tensor] | None,
 ) -> None:
     """Train task t on its features (N, H, W, D) with a fresh Trainer: shuffled, drop_last, seeded."""
-    batch = int(cfg.data.train_batch_size)
+    batch = cfg.data["train_batch_size"]
     devices = cfg.trainer.get("devices", 1)
     if "ddp" in str(cfg.trainer.get("strategy", "")) and isinstance(devices, int) and devices > 1:
         batch = max(1, batch // devices)  # per-device batch: the global batch stays data.train_batch_size
@@ -53,15 +53,13 @@ def fit_task(
         batch_size=min(batch, len(features)),
         shuffle=True,
         drop_last=True,
-        generator=torch.Generator().manual_seed(int(cfg.seed) + t),
+        generator=torch.Generator().manual_seed(cfg.seed + t),
         pin_memory=torch.cuda.is_available() and bool(cfg.data.get("pin_memory", False)),
     )
     callbacks = [_ReextractEachEpoch(dataset, refresh)] if refresh is not None else []
     epochs, steps = task_length(cfg.training, len(loader))
     module.step_budget = (steps, len(loader)) if steps > 0 else None
-    trainer = build_trainer(
-        cfg.trainer, cfg.get("callbacks"), epochs, loggers, output_dir, t == 0, callbacks, max_steps=steps
-    )
+    trainer = build_trainer(cfg.trainer, cfg.callbacks, epochs, loggers, output_dir, t == 0, callbacks, max_steps=steps)
     module.train()
     trainer.fit(module, train_dataloaders=loader)
     if trainer.interrupted:  # Lightning swallows Ctrl-C; an unfinished task must not be saved as done
@@ -69,16 +67,16 @@ def fit_task(
         raise KeyboardInterrupt(msg)
 
 
-def task_length(training_cfg: DictConfig, steps_per_epoch: int) -> tuple[int, int]:
+def task_length(training_cfg: TrainingConfig, steps_per_epoch: int) -> tuple[int, int]:
     """(epochs, optimizer steps) of one task: ``training.epochs``, or ``training.steps`` when set.
 
     A step budget gives every task the same number of updates whatever its size (a 200-image task has
     12 steps per epoch at batch 16: 8 epochs are 96 steps); it overrides the epochs (-1 steps = no limit).
     """
-    steps = training_cfg.get("steps")
+    steps = training_cfg.steps
     if steps is None:
-        return int(training_cfg.epochs), -1
-    return math.ceil(int(steps) / max(1, steps_per_epoch)), int(steps)
+        return training_cfg.epochs, -1
+    return math.ceil(steps / max(1, steps_per_epoch)), steps
 
 
 def loss_curve_summary(losses: list[float]) -> dict[str, Any]:

@@ -13,12 +13,13 @@ shared feature cache. Two rules keep them safe:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 try:  # POSIX; on other systems the lock falls back to an exclusive-create lock file
     import fcntl
@@ -107,3 +108,14 @@ def file_lock(path: str | Path, timeout_s: float = 3600.0) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def json_safe(value: Any) -> Any:
+    """Replace inf/NaN floats by None, recursively, so the result is standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value

@@ -2,7 +2,7 @@
 
 Kept apart from the detector so each module has one job: the detector turns images into verdicts;
 this mixin finds the per-task thresholds those verdicts use (without defect labels) and stores them.
-The threshold maths lives in :mod:`moleflow.evaluation.thresholds`.
+The threshold maths lives in :mod:`moleflow.thresholds.records`.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from moleflow.evaluation.thresholds import (
+from moleflow.assembly.checkpoint_files import read_checkpoint, write_checkpoint
+from moleflow.assembly.integrity import file_sha256
+from moleflow.assembly.trusted_targets import UntrustedTargetError
+from moleflow.data.inputs import scan_inputs, try_load
+from moleflow.evaluation.scoring import image_scores
+from moleflow.thresholds.fitting import (
     MIN_ROUTE_IMAGES,
-    SECTION,
-    SOURCE_HELD_OUT,
-    SOURCE_TRAINING,
-    Calibration,
-    TaskCalibration,
-    calibrated_path,
     check_rate,
     cross_validated_distances,
     f1_report,
@@ -32,12 +31,15 @@ from moleflow.evaluation.thresholds import (
     routing_report,
     tail_threshold,
 )
-from moleflow.inference.inputs import scan_inputs, try_load
-from moleflow.inference.scoring import image_scores
-from moleflow.training.checkpoint_files import read_checkpoint, write_checkpoint
-from moleflow.utils.integrity import file_sha256
+from moleflow.thresholds.records import (
+    SECTION,
+    SOURCE_HELD_OUT,
+    SOURCE_TRAINING,
+    Calibration,
+    TaskCalibration,
+    calibrated_path,
+)
 from moleflow.utils.progress import track
-from moleflow.utils.trusted_targets import UntrustedTargetError
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,8 @@ class CalibrationMixin:
 
     def _datamodule(self, data_root: str | Path | None) -> Any:
         """The run's data (train and test splits of the checkpoint's tasks), or CalibrationDataError."""
+        from moleflow.assembly.builders import datamodule_from_stored
         from moleflow.data.datamodule import data_settings_for_reading
-        from moleflow.training.builders import datamodule_from_stored
 
         if self.run_config is None:
             msg = "This detector has no run configuration, so it cannot find the training images."

@@ -1,6 +1,7 @@
 """Turn finished training runs into the study's tables (Markdown, CSV, PNG), with seed spread and provenance.
 
-    python experiments/make_tables.py logs/table1_core_ablation/multiruns/<date> [--table NAME] [--reference]
+    python -m experiments.tables logs/table1_core_ablation/multiruns/<date> [--table NAME] [--reference]
+    make tables RUNS=logs/table1_core_ablation/multiruns/<date>
 
 Every figure comes from a metrics.json (or an eval_metrics.json row for the score top-k sweep):
 nothing is filled in. A row without runs says "not run"; an unfinished run is skipped and listed.
@@ -13,14 +14,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (python experiments/make_tables.py): this repo's code first
-    for _p in (Path(__file__).resolve().parents[1] / "src", Path(__file__).resolve().parents[1]):
-        sys.path.insert(0, str(_p))
-
-from experiments.table_specs import TABLES
 from experiments.tables.build import build_table
 from experiments.tables.collect import collect_runs, infer_table
 from experiments.tables.output import write_outputs
+from experiments.tables.specs import TABLES
 
 
 def main(argv: Sequence[str] | None = None) -> int:

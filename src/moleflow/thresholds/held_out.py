@@ -5,9 +5,9 @@ held out: the flow, the feature statistics and the router never see them. At the
 their cached features:
 
 * the **score threshold** is the ``calibration_fpr`` quantile of their image scores under the task's expert
-  (:func:`moleflow.evaluation.thresholds.fpr_threshold`, the rule ``predict`` uses);
+  (:func:`moleflow.thresholds.fitting.fpr_threshold`, the rule ``predict`` uses);
 * the **unknown-category threshold** is fitted to their routing distances to the task
-  (:func:`moleflow.evaluation.thresholds.tail_threshold`).
+  (:func:`moleflow.thresholds.fitting.tail_threshold`).
 
 Both are out-of-sample (the honest false-positive rate that the in-sample calibration of ``predict`` on
 training images is not) and neither changes when later tasks are added (experts and router statistics of an
@@ -26,14 +26,8 @@ import torch
 
 from moleflow.evaluation.anomaly_map import image_scores_topk, sanitize_nonfinite_per_image
 from moleflow.evaluation.evaluate import TaskEvaluation, router_inputs
-from moleflow.evaluation.thresholds import (
-    MIN_ROUTE_IMAGES,
-    SOURCE_HELD_OUT,
-    Calibration,
-    TaskCalibration,
-    fpr_threshold,
-    tail_threshold,
-)
+from moleflow.thresholds.fitting import MIN_ROUTE_IMAGES, fpr_threshold, tail_threshold
+from moleflow.thresholds.records import SOURCE_HELD_OUT, Calibration, TaskCalibration
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 
 The named rows of the ablation tables (1, 2, 3, 4) are not written here: each comes from its file
 ``conf/ablation/<row>.yaml`` (``table_rows``: position, label, reference figures), read by
-:func:`moleflow.training.ablation_rows.read_ablation_rows`. Adding a row is adding that file.
+:func:`moleflow.config.ablation_rows.read_ablation_rows`. Adding a row is adding that file.
 
-Kept apart from make_tables.py so that the shape of every table (and the reference figures it is
+Kept apart from the table code so that the shape of every table (and the reference figures it is
 compared against) can be read and checked without reading any aggregation code. Reference
 figures are typed in, in percent, exactly as the study reports them; they are never used as
 results, only shown beside ours with ``--reference``.
@@ -13,12 +13,16 @@ results, only shown beside ours with ``--reference``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from moleflow.training.ablation_rows import read_ablation_rows
+from moleflow.config.ablation_rows import read_ablation_rows
+from moleflow.config.flow import MoLEFlowConfig
+from moleflow.config.loss import LossConfig
+from moleflow.config.resolvers import DEFAULT_CONF_DIR
+from moleflow.config.score import ScoreConfig
+from moleflow.config.sweeps import sweep_values
 
-ABLATION_DIR = Path(__file__).resolve().parents[1] / "conf" / "ablation"
+ABLATION_DIR = DEFAULT_CONF_DIR / "ablation"
 
 
 @dataclass(frozen=True)
@@ -216,16 +220,23 @@ T4 = TableSpec(
 
 def _sweep(
     name: str,
-    key: str,
-    values: tuple[tuple[float, str], ...],
     main: float,
     title: str,
     x_scale: str = "linear",
     source: str = "train",
     refs: dict[float, dict[str, float]] | None = None,
     reading: str = "only MAIN reported; the other values were never run",
+    values: tuple[tuple[float, str], ...] | None = None,
+    key: str | None = None,
 ) -> TableSpec:
-    """A hyperparameter sweep around MAIN: one row per value; MAIN's figures are the reference at MAIN's value."""
+    """A hyperparameter sweep around MAIN: one row per value; MAIN's figures are the reference at MAIN's value.
+
+    The key and values come from the sweep's own file, ``conf/experiment/<name>.yaml``; ``values`` and ``key``
+    are given only for a sweep without one (the evaluation-only score top-k sweep of ``src/eval.py``).
+    """
+    if values is None:
+        key, read = sweep_values(DEFAULT_CONF_DIR, name)
+        values = tuple(read)
     refs = refs if refs is not None else {main: dict(MAIN_REF)}
     rows = tuple(
         RowSpec(value, label, note="MAIN" if value == main else "", ref=refs.get(value, {})) for value, label in values
@@ -233,8 +244,8 @@ def _sweep(
     return TableSpec(
         name=name,
         title=title,
-        row_by=key,
-        label_headers=(key,),
+        row_by=str(key),
+        label_headers=(str(key),),
         metrics=FIVE,
         deltas=(),
         main=main,
@@ -242,18 +253,17 @@ def _sweep(
         plot="line",
         source=source,
         open_rows=True,
-        x_label=key,
+        x_label=str(key),
         x_scale=x_scale,
         reading=reading,
     )
 
 
+MAIN_FLOW, MAIN_LOSS = MoLEFlowConfig(), LossConfig()  # MAIN's value of each swept knob: the settings' default
 SWEEPS = (
     _sweep(
         "sweep_lora_rank",
-        "lora_rank",
-        ((16, "16"), (32, "32"), (64, "64"), (128, "128")),
-        64,
+        MAIN_FLOW.lora_rank,
         "Sweep: LoRA rank",
         x_scale="log2",
         refs={
@@ -264,50 +274,25 @@ SWEEPS = (
         },
         reading="Img AUC 98.06 / 98.04 / 98.29 / 98.04; Pix AP 55.86 / 55.89 / 54.20 / 55.80; Pix AUC 97.82 for all",
     ),
+    _sweep("sweep_lambda_logdet", MAIN_LOSS.lambda_logdet, "Sweep: lambda_logdet", x_scale="category"),
+    _sweep("sweep_scale_context_kernel", MAIN_FLOW.scale_context_kernel, "Sweep: scale context kernel (0 = disabled)"),
     _sweep(
-        "sweep_lambda_logdet",
-        "lambda_logdet",
-        ((0.0, "0"), (1e-5, "1e-5"), (1e-4, "1e-4"), (1e-3, "1e-3"), (1e-2, "1e-2")),
-        1e-4,
-        "Sweep: lambda_logdet",
-        x_scale="category",
+        "sweep_spatial_context_kernel", MAIN_FLOW.spatial_context_kernel, "Sweep: spatial context kernel (0 = no mixer)"
     ),
-    _sweep(
-        "sweep_scale_context_kernel",
-        "scale_context_kernel",
-        ((0, "0"), (3, "3"), (5, "5"), (7, "7")),
-        5,
-        "Sweep: scale context kernel (0 = disabled)",
-    ),
-    _sweep(
-        "sweep_spatial_context_kernel",
-        "spatial_context_kernel",
-        ((0, "0"), (3, "3"), (5, "5"), (7, "7")),
-        3,
-        "Sweep: spatial context kernel (0 = no mixer)",
-    ),
-    _sweep(
-        "sweep_tail_weight",
-        "tail_weight",
-        ((0.0, "0"), (0.3, "0.3"), (0.5, "0.5"), (0.7, "0.7"), (0.9, "0.9")),
-        0.7,
-        "Sweep: tail weight",
-    ),
+    _sweep("sweep_tail_weight", MAIN_LOSS.tail_weight, "Sweep: tail weight"),
     _sweep(
         "sweep_tail_top_k_ratio",
-        "tail_top_k_ratio",
-        ((0.01, "0.01"), (0.02, "0.02"), (0.05, "0.05"), (0.1, "0.1")),
-        0.02,
+        MAIN_LOSS.tail_top_k_ratio,
         "Sweep: tail-aware loss top-k ratio",
         reading="not in the study's sweep list (docs/method.md section 8 adds it); MAIN's value is the only reference",
     ),
     _sweep(
         "sweep_score_top_k",
-        "score_top_k",
-        ((1, "1"), (3, "3"), (5, "5"), (10, "10")),
-        3,
+        ScoreConfig().top_k,
         "Sweep: image score aggregation top-k (evaluation only, src/eval.py)",
         source="eval",
+        values=((1, "1"), (3, "3"), (5, "5"), (10, "10")),
+        key="score_top_k",
     ),
 )
 

@@ -6,7 +6,7 @@ kernel's output one patch larger than its input), and ``training.epochs=0`` "fin
 trained nothing. :func:`validate_config` collects every problem and reports them together, naming each
 key the way the user sets it (``ncl`` for the top-level knob). Study knobs have one name: setting their
 derived copy (``model.flow.ncl=8`` instead of ``ncl=8``) is itself a problem that names the knob.
-:func:`check_backbone_accepts` runs the backbone once on a blank image of the configured size.
+Checks that need the built backbone (its real patch grid) are in :mod:`moleflow.assembly.probes`.
 """
 
 from __future__ import annotations
@@ -14,18 +14,14 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moleflow.models.router import vote_problem
-from moleflow.training.schema import TrainConfig
-from moleflow.utils.settings import Range, ranges, value_problem
-
-if TYPE_CHECKING:
-    from moleflow.models.feature_extractor import FeatureExtractor
+from moleflow.config.flow import vote_problem
+from moleflow.config.schema import JobConfig
+from moleflow.config.settings import Range, ranges, value_problem
 
 _ABSENT = object()
 
@@ -60,11 +56,12 @@ def _target_rule(name: str, kind: type, ok: Callable[[Any], bool], allowed: str)
     return Range(name=name, kind=kind, ok=ok, allowed=allowed, nullable=False, choices=None)
 
 
-# Ranges declared on the schema's fields (moleflow.training.schema), and the few arguments of _target_
+# Ranges declared on the schema's fields (moleflow.config.schema), and the few arguments of _target_
 # entries (data module, optimizer) worth refusing before anything is built, in the order they are reported.
 _RULES: tuple[tuple[str, Range], ...] = (
-    *_schema_rules(TrainConfig),
+    *_schema_rules(JobConfig),
     ("model.optimizer.lr", _target_rule("lr", float, lambda v: v > 0, "> 0")),
+    ("model.scheduler.adapt_lr_scale", _target_rule("adapt_lr_scale", float, lambda v: v > 0, "> 0 (1 = MAIN)")),
     ("data.train_batch_size", _target_rule("train_batch_size", int, lambda v: v >= 1, ">= 1")),
     ("data.eval_batch_size", _target_rule("eval_batch_size", int, lambda v: v >= 1, ">= 1")),
     ("data.image_size", _target_rule("image_size", int, lambda v: v >= 1, ">= 1 (e.g. 224)")),
@@ -146,80 +143,5 @@ def validate_config(cfg: DictConfig) -> None:
         msg = (
             f"The configuration has {count}; fix them on the command line (e.g. `ncl=6`) or in the config files:\n  "
             + "\n  ".join(problems)
-        )
-        raise ValueError(msg)
-
-
-def _suggested_size(image_size: int, largest: int) -> int:
-    """A multiple of the largest stride, at least twice it, not below the requested size."""
-    return max(2 * largest, -(-image_size // largest) * largest)
-
-
-def check_backbone_accepts(extractor: FeatureExtractor, image_size: int) -> tuple[int, int]:
-    """Run the frozen backbone once on a blank (1, 3, S, S) image; returns the real patch grid (H, W).
-
-    Raises a ValueError naming ``data.image_size``, the backbone and its strides when the backbone fails
-    on that size, the image is smaller than the largest stride (that layer's single cell is mostly
-    padding), or any chosen layer's map or the patch grid comes out empty.
-    """
-    name = getattr(extractor, "name", type(extractor).__name__)
-    strides = [int(r) for r in getattr(extractor, "reductions", [])]
-    largest = max(strides, default=1)
-
-    def failure(problem: str) -> ValueError:
-        suggestion = _suggested_size(max(int(image_size), 1), largest)
-        msg = (
-            f"data.image_size={image_size} does not suit backbone {name!r} (strides {strides}): {problem}. "
-            f"Set data.image_size to a multiple of the largest stride {largest}, at least {2 * largest} "
-            f"(e.g. data.image_size={suggestion})."
-        )
-        return ValueError(msg)
-
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise failure("it must be a positive integer")
-    if image_size < largest:
-        raise failure("the image is smaller than the largest stride, so that layer sees a single padded cell")
-    tensors = [*extractor.parameters(), *extractor.buffers()]
-    device = tensors[0].device if tensors else torch.device("cpu")
-    maps: list[torch.Tensor] = []
-
-    def keep_maps(_module: torch.nn.Module, _inputs: Any, out: Any) -> None:
-        maps.extend(out.values() if isinstance(out, dict) else out if isinstance(out, list | tuple) else [out])
-
-    backbone = getattr(extractor, "backbone", None)
-    hook = backbone.register_forward_hook(keep_maps) if isinstance(backbone, torch.nn.Module) else None
-    seen = getattr(extractor, "images_seen", None)  # a probe, not work: keep the extractor's image count
-    try:
-        with torch.no_grad():
-            features = extractor(torch.zeros(1, 3, image_size, image_size, device=device))
-    except Exception as err:  # noqa: BLE001 - any failure of the backbone on this size is the user's setting
-        raise failure(f"the backbone fails on a {image_size}x{image_size} image ({type(err).__name__}: {err})") from err
-    finally:
-        if hook is not None:
-            hook.remove()
-        if seen is not None:
-            extractor.images_seen = seen
-    for stride, fmap in zip(strides, maps, strict=False):
-        if fmap.ndim != 4 or min(fmap.shape[-2:]) < 1:
-            raise failure(f"the layer with stride {stride} gives an empty {tuple(fmap.shape[-2:])} map")
-    if features.ndim != 4 or min(features.shape[1:3]) < 1:
-        raise failure(f"the patch grid is empty ({tuple(features.shape[1:3])})")
-    return int(features.shape[1]), int(features.shape[2])
-
-
-def check_patch_grid_settings(cfg: DictConfig, grid: tuple[int, int]) -> None:
-    """Settings that depend on the real patch grid (H, W) of :func:`check_backbone_accepts`, checked before
-    any task trains: the score's top-k patches and the positional router's cells."""
-    patches = grid[0] * grid[1]
-    top_k = int(cfg.model.score.top_k)
-    if not 1 <= top_k <= patches:
-        msg = f"score_top_k={top_k} must be between 1 and the patches per image ({grid[0]}x{grid[1]}={patches})."
-        raise ValueError(msg)
-    flow = cfg.model.flow
-    if flow.router == "positional" and int(flow.router_grid) > min(grid):
-        msg = (
-            f"model.flow.router_grid={flow.router_grid} is larger than the patch grid {grid[0]}x{grid[1]} at "
-            f"data.image_size={cfg.data.image_size}: set model.flow.router_grid to at most {min(grid)}, or a larger "
-            "data.image_size."
         )
         raise ValueError(msg)

@@ -9,8 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from moleflow.evaluation.thresholds import json_safe
-from moleflow.utils.files import atomic_write_text
+from moleflow.utils.files import atomic_write_text, json_safe
 
 COLUMNS = (  # (metric key, header)
     ("image_auroc", "Img AUC"),

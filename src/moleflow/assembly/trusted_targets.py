@@ -76,7 +76,7 @@ def check_stored_entry(entry: Any, key: str, source: str) -> None:
             f"{source}: the stored {key}._target_ is {target!r}, which is not one of moleflow's own choices for "
             f"{key} ({sorted(TRUSTED_TARGETS[key])}). A file must not choose which code runs, so nothing was built "
             f"and the file is refused. If you made this checkpoint with a class of your own, allow it in your code "
-            f"first: moleflow.utils.trusted_targets.trust_target({key!r}, {target!r})."
+            f"first: moleflow.assembly.trusted_targets.trust_target({key!r}, {target!r})."
         )
         raise UntrustedTargetError(msg)
     special = sorted(str(k) for k in entry if str(k).startswith("_") and str(k).endswith("_"))

@@ -1,9 +1,9 @@
 """One declaration per setting: default, type (the annotation) and allowed range, on the dataclass field.
 
-The config schema (``moleflow.training.schema``) registers these dataclasses with Hydra, so their
+The config schema (``moleflow.config.schema``) registers these dataclasses with Hydra, so their
 defaults and types are the configuration's; :func:`range_problems` checks the ranges, both for a
 dataclass built in Python (``MoLEFlowConfig.validate``) and for a composed config
-(``training/config_checks.py`` reads the same metadata), so a range is written once.
+(``config/checks.py`` reads the same metadata), so a range is written once.
 """
 
 from __future__ import annotations

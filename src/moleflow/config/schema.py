@@ -3,12 +3,13 @@
 Registered in Hydra's ConfigStore as ``moleflow_schema`` and listed first in ``conf/train.yaml``'s
 defaults, so the YAML files only compose and override. Hydra rejects a value of the wrong type when it
 composes (``ncl=4.5``: "could not be converted to Integer, full_key: ncl"); ranges are declared on the
-fields (:func:`moleflow.utils.settings.setting`) and checked by ``training/config_checks.py`` before
+fields (:func:`moleflow.config.settings.setting`) and checked by ``config/checks.py`` before
 anything is built.
 
-- ``model.flow`` is :class:`~moleflow.models.moleflow.MoLEFlowConfig` and ``model.loss`` is
-  :class:`~moleflow.training.losses.LossConfig`: the model's own dataclasses, so a Python user and a
-  config user get the same defaults.
+- ``model.flow`` is :class:`~moleflow.config.flow.MoLEFlowConfig`, ``model.loss``
+  :class:`~moleflow.config.loss.LossConfig` and ``model.score`` :class:`~moleflow.config.score.ScoreConfig`: the
+  dataclasses the model, the loss and the scoring are built from, so a Python user and a config user get the
+  same defaults.
 - The study knobs (``ncl``, ``lora_rank``, ...) are top-level keys whose defaults are read from those
   dataclasses; ``conf/model/moleflow.yaml`` points the derived copies at them (``ncl: ${ncl}``).
 - Groups that are ``_target_`` entries (``data``, ``model.backbone``, ``model.optimizer``,
@@ -24,23 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-
-from moleflow.evaluation.evaluate import ScoreConfig
-from moleflow.models.moleflow import MoLEFlowConfig
-from moleflow.training.feature_cache import CACHE_MODES
-from moleflow.training.losses import LossConfig
-from moleflow.utils.settings import setting
+from moleflow.config.flow import MoLEFlowConfig
+from moleflow.config.loss import LossConfig
+from moleflow.config.score import ScoreConfig
+from moleflow.config.settings import setting
 
 SCHEMA_NAME = "moleflow_schema"
-
-
-@dataclass
-class ScoreSettings:
-    """``model.score``: how a patch NLL map becomes an image score and a pixel map (evaluation's defaults)."""
-
-    top_k: int = setting(ScoreConfig.top_k, ">= 1 (and at most the patches per image)", lambda v: v >= 1)
-    pixel_sigma: float = setting(ScoreConfig.pixel_sigma, "> 0", lambda v: v > 0)
+CACHE_MODES: tuple[str, ...] = ("memory", "disk", "none")  # training.feature_cache
 
 
 @dataclass
@@ -49,7 +40,7 @@ class ModelConfig:
 
     flow: MoLEFlowConfig = field(default_factory=MoLEFlowConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    score: ScoreSettings = field(default_factory=ScoreSettings)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     backbone: Any = None
     optimizer: Any = None
     scheduler: Any = None
@@ -95,8 +86,8 @@ _FLOW, _LOSS = MoLEFlowConfig, LossConfig  # the knobs' defaults are the model's
 
 
 @dataclass
-class TrainConfig:
-    """The whole ``conf/train.yaml``: run identity, study knobs, and the groups."""
+class JobConfig:
+    """The whole ``conf/train.yaml``, one training job: run identity, study knobs, and the groups."""
 
     task_name: str = "train"  # names the logs/<task_name>/ folder
     run_name: str = "${hydra:job.override_dirname}"
@@ -116,7 +107,7 @@ class TrainConfig:
     spatial_context_kernel: int = _FLOW.spatial_context_kernel
     tail_weight: float = _LOSS.tail_weight
     tail_top_k_ratio: float = _LOSS.tail_top_k_ratio
-    score_top_k: int = ScoreSettings.top_k
+    score_top_k: int = ScoreConfig.top_k
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -131,4 +122,6 @@ class TrainConfig:
 
 def register_schema() -> None:
     """Store the schema in Hydra's ConfigStore (idempotent), before anything composes ``conf/train.yaml``."""
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=JobConfig)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps
 
 from moleflow.data.images import _DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, ImageReadError, _to_rgb, load_rgb
-from moleflow.data.mvtec import IMAGE_EXTENSIONS
+from moleflow.data.types import IMAGE_EXTENSIONS
 from moleflow.utils.prefetch import map_threads
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor

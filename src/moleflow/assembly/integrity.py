@@ -11,7 +11,7 @@ mapped to. Lightning's own keys (its version, which its loader may migrate) are 
 
 The stored hash catches damage, not malice: whoever crafts a file can write a matching hash. Against a file
 from elsewhere, moleflow reads checkpoints with ``torch.load(weights_only=True)`` (no code runs while
-reading), builds nothing a stored config names unless it is trusted (:mod:`moleflow.utils.trusted_targets`),
+reading), builds nothing a stored config names unless it is trusted (:mod:`moleflow.assembly.trusted_targets`),
 and compares the file's own SHA-256 (:func:`file_sha256`) with one published by whoever made it, when given.
 """
 
@@ -134,14 +134,14 @@ def verify(checkpoint: Mapping[str, Any], source: str | Path, allow_unverified: 
                 "2', or not by moleflow), so a changed or damaged file cannot be detected. Refusing it. If you trust "
                 "the file, either load it once with allow_unverified=true (predict/eval/resume setting, or "
                 "MoLEFlowDetector.load(..., allow_unverified=True)), or write a checked copy with: python -m "
-                f"moleflow.training.convert_checkpoint {source} NEW.ckpt --trust"
+                f"moleflow.assembly.convert_checkpoint {source} NEW.ckpt --trust"
             )
             raise MissingIntegrityError(msg)
         if str(source) not in _warned_unhashed:
             _warned_unhashed.add(str(source))
             log.warning(
                 "Checkpoint %s has no integrity record: its integrity cannot be checked. Loaded anyway "
-                "(allow_unverified=true); re-save it with moleflow.training.convert_checkpoint to add one.",
+                "(allow_unverified=true); re-save it with moleflow.assembly.convert_checkpoint to add one.",
                 source,
             )
         return False

@@ -5,7 +5,7 @@ Each ablation file sets what its row changes and, under ``table_rows``, the tabl
     table_rows:
       table1_core_ablation: {order: 2, label: "w/o LoRA (plain linear task layers)", ref: {...}}
 
-so a new row is one file: the tables (``experiments/table_specs.py``), the tables' sweeps (the
+so a new row is one file: the tables (``experiments/tables/specs.py``), the tables' sweeps (the
 ``ablation_rows`` resolver in ``conf/experiment/table*.yaml``) and the tests read it from there. The row's
 name is its file name. Per table: ``order`` (position in the table), ``label``, and optionally ``cells``
 (further label columns), ``note``, ``ref`` / ``ref_delta`` (the study's figures, in percent) and ``ref_note``.

@@ -1,6 +1,6 @@
 """One-off conversion of a checkpoint the user trusts into one that today's moleflow reads.
 
-    python -m moleflow.training.convert_checkpoint OLD.ckpt NEW.ckpt --trust
+    python -m moleflow.assembly.convert_checkpoint OLD.ckpt NEW.ckpt --trust
 
 moleflow reads checkpoints with ``torch.load(weights_only=True)`` and refuses files without an integrity
 record, so that a file from elsewhere cannot run code or pass as undamaged. A checkpoint written by an older
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from moleflow.training.checkpoint_files import check_trusted, read_checkpoint, write_checkpoint
-from moleflow.utils.integrity import KEY, SECTION, IntegrityError, file_sha256, verify
+from moleflow.assembly.checkpoint_files import check_trusted, read_checkpoint, write_checkpoint
+from moleflow.assembly.integrity import KEY, SECTION, IntegrityError, file_sha256, verify
 
 log = logging.getLogger(__name__)
 

@@ -6,16 +6,16 @@ temporary file, flushed to disk and renamed, so a kill while saving never leaves
 (and a failed save removes its temporary file). Reading a truncated, corrupt or foreign file raises
 :class:`CheckpointError` naming the path, never a bare pickle/zip/torch error.
 
-Every checkpoint carries a content hash (:mod:`moleflow.utils.integrity`) that :func:`read_checkpoint`
+Every checkpoint carries a content hash (:mod:`moleflow.assembly.integrity`) that :func:`read_checkpoint`
 verifies: a file changed after it was written (one flipped byte inside a tensor loads without error in
 ``torch.load``) is refused with :class:`CheckpointIntegrityError`, and so is a file without one unless the
-caller passes ``allow_unverified`` (a checkpoint of an older moleflow; :mod:`moleflow.training.convert_checkpoint`
+caller passes ``allow_unverified`` (a checkpoint of an older moleflow; :mod:`moleflow.assembly.convert_checkpoint`
 writes a checked copy of a file the user trusts).
 
 A checkpoint may come from elsewhere, so reading one runs no code: ``torch.load(weights_only=True)`` (tensors
 and plain containers only, which is all moleflow writes), an optional SHA-256 of the file published by its
 maker checked before anything is read, and every ``_target_`` of the stored config checked against moleflow's
-own classes (:mod:`moleflow.utils.trusted_targets`) before the reader returns. Nothing here knows Lightning:
+own classes (:mod:`moleflow.assembly.trusted_targets`) before the reader returns. Nothing here knows Lightning:
 :mod:`moleflow.training.module_checkpoints` turns a checked dict into the training module.
 """
 
@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
+from moleflow.assembly.integrity import IntegrityError, MissingIntegrityError, file_sha256, stamp, verify
+from moleflow.assembly.trusted_targets import UntrustedTargetError, check_stored_config, check_stored_entry
 from moleflow.utils.files import atomic_write, unique_temporary
-from moleflow.utils.integrity import IntegrityError, MissingIntegrityError, file_sha256, stamp, verify
-from moleflow.utils.trusted_targets import UntrustedTargetError, check_stored_config, check_stored_entry
 
 VERIFIED_MARK = "_moleflow_hash_verified"  # set in memory by read_checkpoint once the file was checked
 
@@ -82,7 +82,7 @@ class ChecksumMismatchError(CheckpointError):
     """The file's SHA-256 differs from the one its maker published (``expected_sha256``)."""
 
 
-CONVERT_COMMAND = "python -m moleflow.training.convert_checkpoint"
+CONVERT_COMMAND = "python -m moleflow.assembly.convert_checkpoint"
 
 
 def write_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:

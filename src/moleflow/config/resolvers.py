@@ -1,6 +1,6 @@
-"""OmegaConf resolvers the configs use. Importing ``moleflow.training`` registers them (every process that
-runs a job imports it, a launcher's worker included, and resolves the job's folder name there); the entry
-points register them again with their own ``conf/`` before Hydra composes anything.
+"""OmegaConf resolvers the configs use, registered by :func:`moleflow.config.register` (the entry points call it
+when imported, so a launcher's worker has them before it resolves the job's folder name, and again in the
+task function; the tests' conftest calls it too).
 
 - ``${ablation_rows:TABLE}``: the ``+ablation`` sweep of a table, from the ablation files' ``table_rows``
   (``conf/experiment/table*.yaml``), so that adding a row is one file.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from moleflow.training.ablation_rows import sweep_of
+from moleflow.config.ablation_rows import sweep_of
 
 
 def path_safe(text: object) -> str:
