@@ -398,6 +398,9 @@ CAUGHT_BY_VALIDATE_CONFIG = {
     "scale_context_kernel_even": BadSetting("scale_context_kernel=4", r"scale_context_kernel must be 0 \(off\)"),
     "epochs_zero": BadSetting("training.epochs=0", r"training\.epochs must be >= 1, got 0"),
     "learning_rate_zero": BadSetting("model.optimizer.lr=0", r"model\.optimizer\.lr must be > 0, got 0"),
+    "floor_without_position": BadSetting(
+        "model.flow.standardize_floor=0.3", r"standardize_floor=0.3 floors the per-position spread: it needs"
+    ),
     "adapt_lr_scale_zero": BadSetting(
         "model.scheduler.adapt_lr_scale=0", r"model\.scheduler\.adapt_lr_scale must be > 0 \(1 = MAIN\), got 0"
     ),

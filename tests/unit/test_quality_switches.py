@@ -93,3 +93,52 @@ def test_pool_concat_embedding_keeps_every_channel() -> None:
         layer2, _ = concat.backbone(images)
     pooled = torch.nn.functional.avg_pool2d(layer2, 3, stride=1, padding=1)
     assert torch.allclose(f[..., :128], pooled.permute(0, 2, 3, 1), atol=1e-6)
+
+
+def _dark_border(seed: int, n: int, noise: float = 1e-4) -> torch.Tensor:
+    """Features whose border cells are the same near-constant value in every image (a black background),
+    with structure in the centre: (n, 5, 5, 16)."""
+    g = torch.Generator().manual_seed(seed)
+    x = 3.0 + 2.0 * torch.randn(n, 5, 5, 16, generator=g)
+    border = torch.ones(5, 5, dtype=torch.bool)
+    border[1:4, 1:4] = False
+    x[:, border] = 0.5 + noise * torch.randn(n, int(border.sum()), 16, generator=g)
+    return x
+
+
+def test_spread_floor_keeps_a_constant_region_finite_and_bounded() -> None:
+    train = _dark_border(0, 40)
+    test = _dark_border(1, 4, noise=1e-2)  # the same background with a bit more sensor noise
+    plain, floored = TaskStandardizer(16, "position"), TaskStandardizer(16, "position", floor=0.3)
+    plain.fit(train)
+    floored.fit(train)
+    border = torch.ones(5, 5, dtype=torch.bool)
+    border[1:4, 1:4] = False
+    z_plain, z_floor = plain(test)[:, border].abs(), floored(test)[:, border].abs()
+    assert z_plain.max() > 50  # noise over a near-zero spread: a "defect" everywhere on the background
+    assert torch.isfinite(z_floor).all() and z_floor.max() < 1.0  # bounded by noise / (floor * channel spread)
+    centre = ~border  # positions that vary keep (nearly) their own statistics
+    assert torch.allclose(floored.std[centre], plain.std[centre], rtol=0.1)
+    channel = train.reshape(-1, 16).double().std(dim=0)
+    assert torch.all(floored.std[border] >= 0.3 * channel.float() * 0.999)
+    x = torch.zeros(1, 5, 5, 16)  # an all-black image: finite everywhere
+    assert torch.isfinite(floored(x)).all()
+
+
+def test_spread_floor_changes_the_model_keeps_forgetting_zero_and_needs_position() -> None:
+    assert MoLEFlowConfig().standardize_floor == 0.0
+    torch.manual_seed(0)
+    plain = MoLEFlowModel(MoLEFlowConfig(**SMALL, standardize="position"))
+    torch.manual_seed(0)
+    floored = MoLEFlowModel(MoLEFlowConfig(**SMALL, standardize="position", standardize_floor=0.3))
+    for m in (plain, floored):
+        m.add_task()
+        m.fit_task_statistics(0, _dark_border(2, 12))
+    x = _dark_border(3, 2, noise=1e-2)
+    assert not torch.allclose(plain.nll(x, 0)[0], floored.nll(x, 0)[0])
+    before = floored.nll(x, 0)[0].clone()
+    floored.add_task()
+    floored.fit_task_statistics(1, 5.0 * _dark_border(4, 12))
+    assert torch.equal(floored.nll(x, 0)[0], before)  # an earlier task's statistics never change
+    with pytest.raises(ValueError, match="needs model.flow.standardize=position"):
+        MoLEFlowModel(MoLEFlowConfig(**SMALL, standardize="channel", standardize_floor=0.3))

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moleflow.config.flow import vote_problem
+from moleflow.config.flow import floor_problem, vote_problem
 from moleflow.config.schema import JobConfig
 from moleflow.config.settings import Range, ranges, value_problem
 
@@ -132,6 +132,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
     flow = cfg.get("model", {}).get("flow", {}) or {}
     if vote := vote_problem(str(flow.get("router", "prototype")), bool(flow.get("router_global_vote", False))):
         problems.append(vote)
+    floor = flow.get("standardize_floor", 0.0)
+    if isinstance(floor, int | float) and (problem := floor_problem(str(flow.get("standardize", "none")), floor)):
+        problems.append(problem)
     return problems
 
 

@@ -19,6 +19,16 @@ ADAPTERS: tuple[str, ...] = ("whitening", "none")
 ROUTER_KINDS: tuple[str, ...] = ("prototype", "positional")
 
 
+def floor_problem(standardize: str, floor: float) -> str | None:
+    """Why ``model.flow.standardize_floor`` cannot be used with ``standardize``, or None when it can."""
+    if floor > 0 and standardize != "position":
+        return (
+            f"model.flow.standardize_floor={floor} floors the per-position spread: it needs "
+            f"model.flow.standardize=position (got {standardize!r}); set it, or standardize_floor=0."
+        )
+    return None
+
+
 def vote_problem(kind: str, global_vote: bool) -> str | None:
     """Why ``model.flow.router_global_vote`` cannot be used with router ``kind``, or None when it can."""
     if global_vote and kind != "positional":
@@ -63,6 +73,8 @@ class MoLEFlowConfig:
     positional_encoding: bool = True
     # none (MAIN) | channel | position: task statistics applied to F before the PE
     standardize: str = setting("none", choices=STANDARDIZE_MODES)
+    # spread floor of the per-position statistics, times the channel's spread (0 = none; docs/quality.md)
+    standardize_floor: float = setting(0.0, ">= 0 (0 = no floor)", lambda v: v >= 0)
     base_sharing: str = setting("frozen", choices=BASE_SHARING_MODES)
     router_ridge: float = setting(1e-5, "> 0", lambda v: v > 0)
     # prototype (MAIN: global mean, Mahalanobis) | positional (issue 14, docs/routing.md)
@@ -90,5 +102,7 @@ class MoLEFlowConfig:
         problems = range_problems(self, "model.flow")
         if (vote := vote_problem(self.router, self.router_global_vote)) is not None:
             problems.append(vote)
+        if (floor := floor_problem(self.standardize, self.standardize_floor)) is not None:
+            problems.append(floor)
         if problems:
             raise ValueError(problems[0])

@@ -10,6 +10,14 @@ scale. Standardising with each task's statistics keeps the energy differences be
 every task to the same scale before the shared flow, and ("position") removes the border and position
 patterns that frozen-backbone features carry. The statistics are buffers fitted once before the task
 trains and never changed afterwards, so earlier tasks' outputs stay bit-identical (zero forgetting).
+
+**Spread floor** (``floor`` = f > 0, ``model.flow.standardize_floor``). Where every training image shows the
+same thing at a position (a near-black background around an object, a constant border), that position's
+spread is tiny, and dividing by it turns sensor noise into huge values: the maps light up the background
+and the image score is decided there. With a floor the spread of a position is
+``sqrt(std_hw ** 2 + (f * std_c) ** 2)``, with std_c the channel's spread over all training patches: a
+position can never be trusted more than f times the channel's whole spread allows, while positions that do
+vary keep their own statistics. f = 0 is the plain per-position standardisation.
 """
 
 from __future__ import annotations
@@ -27,14 +35,18 @@ _CHUNK = 64  # images per pass when accumulating statistics (bounded float64 mem
 class TaskStandardizer(nn.Module):
     """x (B, H, W, D) -> (x - mean) / std with buffers mean, std of shape (D,) or (H, W, D)."""
 
-    def __init__(self, dim: int, mode: str = "channel", eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, mode: str = "channel", eps: float = 1e-6, floor: float = 0.0) -> None:
         super().__init__()
         if mode not in STANDARDIZE_MODES[1:]:
             msg = f"TaskStandardizer mode must be 'channel' or 'position', got {mode!r} (model.flow.standardize)."
             raise ValueError(msg)
+        if not floor >= 0 or (floor > 0 and mode != "position"):
+            msg = f"The spread floor must be >= 0, and 0 unless mode='position' (standardize_floor), got {floor}."
+            raise ValueError(msg)
         self.dim = dim
         self.mode = mode
         self.eps = eps
+        self.floor = float(floor)
         self.register_buffer("mean", torch.zeros(0))
         self.register_buffer("std", torch.zeros(0))
 
@@ -61,6 +73,12 @@ class TaskStandardizer(nn.Module):
             total, s1, s2 = (count, a, b) if s1 is None else (total + count, s1 + a, s2 + b)
         mean = s1 / total
         var = (s2 / total - mean.pow(2)).clamp_min(0) * total / (total - 1)  # unbiased
+        if self.floor > 0 and self.mode == "position":  # the channel's spread over every training patch
+            cells = mean.shape[0] * mean.shape[1]
+            n_all = total * cells
+            mean_c = s1.sum(dim=(0, 1)) / n_all
+            var_c = (s2.sum(dim=(0, 1)) / n_all - mean_c.pow(2)).clamp_min(0) * n_all / (n_all - 1)
+            var = var + self.floor**2 * var_c  # (H, W, D) + (D,): the floor of every position
         device = self.mean.device
         self.mean = mean.to(device=device, dtype=torch.float32)
         self.std = var.sqrt().add(self.eps).to(device=device, dtype=torch.float32)
@@ -85,4 +103,4 @@ class TaskStandardizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, mode={self.mode}, fitted={self.fitted}"
+        return f"dim={self.dim}, mode={self.mode}, floor={self.floor}, fitted={self.fitted}"
