@@ -41,7 +41,7 @@ clean:
 bench: install  ## performance benchmark (issue 8): logs/bench/<time>/bench.{json,md}; BENCH_ARGS=--quick for a short try
 	$(PY) -m experiments.bench $(BENCH_ARGS)
 
-quality: install  ## detection quality on real data beside anomalib PatchCore: logs/quality/<time>/quality.{md,csv,json}; QUALITY_ARGS=... (needs data/magnetic_tile, see README)
+quality: install  ## detection quality beside anomalib PatchCore on the dev benchmark's test parts: logs/quality/<time>/; QUALITY_ARGS=--split validation, --budget, ... (clones in data/: docs/data.md)
 	$(PY) -m experiments.quality $(QUALITY_ARGS)
 
 tables: install  ## the study's tables from finished runs: make tables RUNS=logs/<table>/multiruns/<time> [TABLE_ARGS=--reference]

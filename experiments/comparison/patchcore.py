@@ -14,8 +14,11 @@ selects the same indices (tested), about 1.5x faster here.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,10 +28,13 @@ from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
 from moleflow.data.datamodule import ContinualDataModule
 from moleflow.evaluation.metrics import compute_task_metrics
+from moleflow.evaluation.score_records import ScoreRecord, score_record
 from moleflow.models.feature_extractor import create_backbone
+from moleflow.utils.files import atomic_write_text
 from moleflow.utils.progress import track
 
 SAMPLERS = ("buffered", "anomalib")
+CACHE_VERSION = 1  # of what a cache entry holds: a change gives new entries
 
 
 @dataclass
@@ -121,16 +127,60 @@ def run_patchcore_task(
         masks.append(batch["mask"][:, 0] > 0.5)
     test_s = time.perf_counter() - tic
     has_masks = dm.has_masks(task)
-    metrics = compute_task_metrics(
-        torch.cat(scores),
-        torch.cat(labels),
-        torch.cat(maps) if has_masks else None,
-        torch.cat(masks) if has_masks else None,
-    )
+    all_scores, all_labels = torch.cat(scores), torch.cat(labels)
+    all_maps = torch.cat(maps) if has_masks else None
+    all_masks = torch.cat(masks) if has_masks else None
+    metrics = compute_task_metrics(all_scores, all_labels, all_maps, all_masks)
     return {
         "task": name,
         "metrics": metrics.as_dict(),
         "memory_bank": [int(bank.shape[0]), int(model.memory_bank.shape[0]), int(bank.shape[1])],
         "timings": {"embed_s": fit_embed_s, "coreset_s": coreset_s, "test_s": test_s},
         "pixel_metrics_available": has_masks,
+        "record": score_record(all_scores, all_labels, all_maps, all_masks),
     }
+
+
+def task_key(dm: ContinualDataModule, task: int, backbone: dict[str, Any], settings: PatchCoreSettings) -> str:
+    """What makes PatchCore's result on a task: its images (train and scored, with labels), size, backbone,
+    settings and anomalib's version; a change of any gives another cache entry."""
+    import anomalib
+
+    train = [str(s.image_path) for s in dm.train_dataset(task).samples]
+    scored = [(str(s.image_path), int(s.label), str(s.mask_path)) for s in dm.test_dataset(task).samples]
+    spec = {
+        "version": CACHE_VERSION,
+        "task": dm.task_names[task],
+        "train": train,
+        "scored": scored,
+        "size": dm.image_size,
+        "backbone": backbone,
+        "settings": asdict(settings),
+        "anomalib": anomalib.__version__,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_patchcore_task(
+    dm: ContinualDataModule,
+    task: int,
+    backbone: dict[str, Any],
+    settings: PatchCoreSettings,
+    device: torch.device,
+    cache_dir: Path | None,
+) -> dict[str, Any]:
+    """:func:`run_patchcore_task`, stored per task and scored part under ``cache_dir`` and read back when
+    nothing that makes its result changed: PatchCore runs once per category and split."""
+    if cache_dir is None:
+        return run_patchcore_task(dm, task, backbone, settings, device)
+    base = Path(cache_dir) / f"{dm.task_names[task]}_{task_key(dm, task, backbone, settings)}"
+    meta, scores = base.with_suffix(".json"), base.with_suffix(".npz")
+    if meta.is_file() and scores.is_file():
+        result = json.loads(meta.read_text())
+        result["record"] = ScoreRecord.load(scores)
+        result["cached"] = str(meta)
+        return result
+    result = run_patchcore_task(dm, task, backbone, settings, device)
+    result["record"].save(scores)
+    atomic_write_text(meta, json.dumps({k: v for k, v in result.items() if k != "record"}, default=str))
+    return result

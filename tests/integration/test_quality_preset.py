@@ -47,7 +47,8 @@ def test_quality_script_writes_every_row_from_its_runs(tmp_path: Path, synthetic
     out = tmp_path / "quality"
     sets = [f"data.root={synthetic_root}", "data.generate=null", "data.categories=[stripes,dots]", *QUICK]
     argv = ["--data", "generated", "--max-train", "8", "--max-test", "8", "--patchcore-ratio", "0.05"]
-    argv += ["--row", "rank4=lora_rank=4", "--out", str(out)]
+    argv += ["--row", "rank4=lora_rank=4", "--out", str(out), "--separated", "--bootstrap", "50"]
+    argv += ["--patchcore-cache", str(tmp_path / "cache"), "--split", "validation", "--validation-share", "0.5"]
     for item in sets:
         argv += ["--set", item]
     result = quality.main(argv)
@@ -71,4 +72,27 @@ def test_quality_script_writes_every_row_from_its_runs(tmp_path: Path, synthetic
         assert result["methods"][1]["per_task"][task]["pixel_aupro"] == run["per_task"][task]["oracle"]["pixel_aupro"]
     patchcore = result["methods"][-1]
     assert all(0.0 <= patchcore["per_task"][t]["pixel_aupro"] <= 1.0 for t in ("stripes", "dots"))
-    assert "coreset ratio 0.05" in (out / "quality.md").read_text()
+    text = (out / "quality.md").read_text()
+    assert "coreset ratio 0.05" in text and "0 of 2 tasks read from its cache" in text
+    # every scored image comes from the validation part; intervals, the comparison and the side-by-side maps
+    assert run["config"]["data"]["evaluate_on"] == "validation" and result["split"] == "validation"
+    lo, hi = result["methods"][0]["per_task"]["stripes"]["ci"]["image_auroc"]
+    assert lo <= result["methods"][0]["per_task"]["stripes"]["image_auroc"] <= hi
+    assert result["methods"][0]["per_task"]["stripes"]["time_s"] > 0
+    checks = result["against_patchcore"]["MoLE-Flow (routed)"]["checks"]
+    assert set(checks) == {"mean_image_at_or_above", "mean_pixel_at_or_above", "no_category_more_than_5_below"}
+    assert "## Against PatchCore" in text and sorted(p.name for p in (out / "overlays").glob("*.png")) == [
+        "dots.png",
+        "stripes.png",
+    ]
+    # PatchCore runs once per category and part: a second call reads its cache, with the same numbers
+    again_argv = ["--data", "generated", "--max-train", "8", "--max-test", "8", "--patchcore-ratio", "0.05"]
+    again_argv += ["--out", str(tmp_path / "again"), "--bootstrap", "0", "--patchcore-cache", str(tmp_path / "cache")]
+    again_argv += ["--split", "validation", "--validation-share", "0.5"]
+    for item in sets:
+        again_argv += ["--set", item]
+    again = quality.main(again_argv)
+    for task in ("stripes", "dots"):
+        for key in ("image_auroc", "pixel_auroc", "image_ap", "pixel_ap", "pixel_aupro"):
+            assert again["methods"][-1]["per_task"][task][key] == patchcore["per_task"][task][key]
+    assert "2 of 2 tasks read from its cache" in (tmp_path / "again" / "quality.md").read_text()

@@ -65,10 +65,13 @@ class TrainingConfig:
 
 @dataclass
 class ReportConfig:
-    """``report``: figures of each run."""
+    """``report``: figures of each run, and what is kept for later analysis."""
 
     figures: bool = True  # overlays, routing confusion, ROC curves in <run>/figures (and W&B)
     overlays_per_task: int = setting(6, ">= 0", lambda v: v >= 0)
+    # per-image scores, pixel-score histograms and a few maps of the last round, <run>/scores/<task>.npz
+    # (moleflow.evaluation.score_records: bootstrap intervals, side-by-side maps; make quality sets it)
+    score_records: bool = False
 
 
 @dataclass

@@ -45,6 +45,7 @@ from moleflow.evaluation.evaluate import (
 )
 from moleflow.evaluation.plots import write_figures
 from moleflow.evaluation.report import ContinualTracker, log_results_table, print_table, write_json_atomic
+from moleflow.evaluation.score_records import score_record, write_records
 from moleflow.models.feature_extractor import FeatureSet
 from moleflow.thresholds.held_out import holdout_split, new_calibration, threshold_report, thresholds_from_held_out
 from moleflow.thresholds.records import SECTION as CALIBRATION_SECTION
@@ -441,6 +442,8 @@ def finish_run(run: ContinualRun) -> dict[str, Any]:
             loader = lambda t=ev.task: dm.test_dataloader_for(t)  # noqa: E731 - only used if not cached
             test_set = run.cache.get(f"{ev.task:02d}_{ev.name}/test", loader, with_masks=True)
             payload["per_category"].update(category_breakdown(ev, dm.test_sample_categories(ev.task), test_set.masks))
+    if cfg.report.score_records and evaluations:
+        payload["score_records"] = _write_score_records(run)
     if cfg.report.figures and evaluations:
         payload["figures"] = write_figures(
             run.output_dir,
@@ -463,6 +466,17 @@ def finish_run(run: ContinualRun) -> dict[str, Any]:
     write_json_atomic(run.output_dir / "metrics.json", payload)
     run.payload = payload
     return payload
+
+
+def _write_score_records(run: ContinualRun) -> dict[str, str]:
+    """The last round's per-image results of every task (routed), for intervals and side-by-side maps."""
+    records = {}
+    for ev in run.evaluations:
+        test_set = run.cache.get(f"{ev.task:02d}_{ev.name}/test", lambda t=ev.task: run.dm.test_dataloader_for(t), True)
+        maps = ev.routed_pixel_maps if ev.has_masks else None
+        masks = test_set.masks if ev.has_masks else None
+        records[ev.name] = score_record(ev.routed_image_scores, ev.labels, maps, masks)
+    return write_records(records, run.output_dir / "scores")
 
 
 def _task_thresholds(run: ContinualRun, task: TaskRound) -> Any:
