@@ -2,7 +2,7 @@
 
     python -m experiments.quality [--data dev_benchmark] [--split test|validation] [--validation-share 0.3]
                                   [--max-train 200] [--max-test 200] [--preset quality_cpu]
-                                  [--row LABEL=override,override ...] [--separated] [--skip-patchcore]
+                                  [--row LABEL=override,override ...] [--separated] [--no-preset] [--skip-patchcore]
                                   [--patchcore-ratio 0.1] [--patchcore-cache DIR] [--set key=value ...]
                                   [--bootstrap 1000] [--budget] [--out DIR]
 
@@ -161,6 +161,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", default="quality_cpu", help="experiment preset of the MoLE-Flow rows")
     parser.add_argument("--row", action="append", type=parse_row, default=[], help="extra row LABEL=overrides")
     parser.add_argument("--separated", action="store_true", help="add the complete_separated row")
+    parser.add_argument("--no-preset", action="store_true", help="leave out the preset's own row (candidates only)")
     parser.add_argument("--skip-patchcore", action="store_true")
     parser.add_argument("--patchcore-ratio", type=float, default=0.1, help="coreset share (anomalib default 0.1)")
     parser.add_argument("--patchcore-sampler", default="buffered", choices=("buffered", "anomalib"))
@@ -199,7 +200,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.budget:
         return run_budget(args, out, started, command)
     common = _common(args)
-    rows = [("MoLE-Flow", "moleflow", [])]
+    baseline = None
+    if not args.skip_patchcore:  # first: several quality runs at once share its cache (one computes, the others read)
+        settings = PatchCoreSettings(coreset_ratio=args.patchcore_ratio, sampler=args.patchcore_sampler)
+        baseline, baseline_wall = run_patchcore(common, out / "patchcore", settings, args.patchcore_cache)
+    rows = [] if args.no_preset else [("MoLE-Flow", "moleflow", [])]
     if args.separated:
         rows.append(("complete separated", "complete_separated", ["+ablation=complete_separated"]))
     rows += [(label, "extra", extra) for label, extra in args.row]
@@ -247,31 +252,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"[lo, hi]: 95 % bootstrap interval over {args.bootstrap} resamples of each category's scored images "
             "(normal and defective apart; pixel AUROC from per-image histograms, within 0.1 point of the exact value)."
         )
-    if not args.skip_patchcore:
-        settings = PatchCoreSettings(coreset_ratio=args.patchcore_ratio, sampler=args.patchcore_sampler)
-        result, wall = run_patchcore(common, out / "patchcore", settings, args.patchcore_cache)
+    if baseline is not None:
         methods.append(
             _method(
                 "PatchCore per task",
                 "patchcore",
-                result["per_task"],
-                wall,
-                details=result["details"],
+                baseline["per_task"],
+                baseline_wall,
+                details=baseline["details"],
                 settings=vars(settings),
-                records=result["records"],
+                records=baseline["records"],
                 bootstrap=args.bootstrap,
             )
         )
-        cached = sum(1 for d in result["details"].values() if d.get("cached"))
+        cached = sum(1 for d in baseline["details"].values() if d.get("cached"))
         notes.append(
             f"PatchCore: anomalib {_anomalib_version()}, coreset ratio {args.patchcore_ratio}, sampler "
             f"{args.patchcore_sampler!r} (buffered = anomalib's greedy k-center with the same operations on "
             "preallocated buffers; it selects the same indices, tested in tests/unit/test_quality_patchcore.py); "
-            f"{cached} of {len(result['details'])} tasks read from its cache ({args.patchcore_cache}), where their "
+            f"{cached} of {len(baseline['details'])} tasks read from its cache ({args.patchcore_cache}), where their "
             "minutes were measured."
         )
         if first_records:
-            figures = write_side_by_side(result["dm"], first_records, result["records"], out / "overlays")
+            figures = write_side_by_side(baseline["dm"], first_records, baseline["records"], out / "overlays")
             notes.append(f"Side-by-side maps of the same images: {', '.join(str(p) for p in figures)}.")
     if first_payload is not None:
         ft = first_payload["forgetting"]["oracle"]

@@ -30,7 +30,7 @@ from moleflow.data.datamodule import ContinualDataModule
 from moleflow.evaluation.metrics import compute_task_metrics
 from moleflow.evaluation.score_records import ScoreRecord, score_record
 from moleflow.models.feature_extractor import create_backbone
-from moleflow.utils.files import atomic_write_text
+from moleflow.utils.files import atomic_write_text, file_lock
 from moleflow.utils.progress import track
 
 SAMPLERS = ("buffered", "anomalib")
@@ -175,12 +175,13 @@ def cached_patchcore_task(
         return run_patchcore_task(dm, task, backbone, settings, device)
     base = Path(cache_dir) / f"{dm.task_names[task]}_{task_key(dm, task, backbone, settings)}"
     meta, scores = base.with_suffix(".json"), base.with_suffix(".npz")
-    if meta.is_file() and scores.is_file():
-        result = json.loads(meta.read_text())
-        result["record"] = ScoreRecord.load(scores)
-        result["cached"] = str(meta)
-        return result
-    result = run_patchcore_task(dm, task, backbone, settings, device)
-    result["record"].save(scores)
-    atomic_write_text(meta, json.dumps({k: v for k, v in result.items() if k != "record"}, default=str))
+    with file_lock(base.with_suffix(".lock"), timeout_s=6 * 3600):  # two runs at once: one computes, one reads
+        if meta.is_file() and scores.is_file():
+            result = json.loads(meta.read_text())
+            result["record"] = ScoreRecord.load(scores)
+            result["cached"] = str(meta)
+            return result
+        result = run_patchcore_task(dm, task, backbone, settings, device)
+        result["record"].save(scores)
+        atomic_write_text(meta, json.dumps({k: v for k, v in result.items() if k != "record"}, default=str))
     return result
