@@ -35,7 +35,8 @@ LAYERS = {
     "training": 6,
     "inference": 7,
 }
-APPS_RANK = 8  # the entry points next to the package: src/*.py
+CLI_MODULES = {"moleflow.cli", "moleflow.__main__"}  # the installed commands: above every layer
+APPS_RANK = 9  # the entry points next to the package: src/*.py
 
 
 def _module_name(path: Path) -> str:
@@ -88,6 +89,8 @@ def _rank(module: str) -> tuple[str, float]:
         return "apps", APPS_RANK
     if parts == [PACKAGE]:  # the package's face (its public names): above every layer, below the apps
         return PACKAGE, APPS_RANK - 0.5
+    if module in CLI_MODULES:
+        return "cli", APPS_RANK - 1
     if len(parts) < 2 or parts[1] not in LAYERS:
         msg = f"{module} is in no layer: add its package to LAYERS in {Path(__file__).name}."
         raise AssertionError(msg)
@@ -102,6 +105,8 @@ def _graph() -> dict[str, set[str]]:
 def test_every_package_has_a_layer() -> None:
     packages = {p.name for p in (SRC / PACKAGE).iterdir() if p.is_dir() and any(p.glob("*.py"))}
     assert packages == set(LAYERS)
+    modules = {p.stem for p in (SRC / PACKAGE).glob("*.py")} - {"__init__"}
+    assert {f"{PACKAGE}.{m}" for m in modules} == CLI_MODULES  # no loose module besides the commands
 
 
 def test_imports_only_go_down() -> None:

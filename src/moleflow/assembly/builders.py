@@ -23,12 +23,19 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(accelerator: str) -> torch.device:
-    """Device for feature extraction and evaluation, consistent with the trainer's accelerator."""
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+    """The device of a trainer accelerator or a ``device`` setting: ``auto`` takes a GPU when there is one;
+    ``gpu`` is CUDA; anything else (``cpu``, ``cuda:1``, ``mps``) names a torch device."""
+    if accelerator == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
+    if accelerator == "gpu":
         return torch.device("cuda")
-    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
-        return torch.device("mps")
-    return torch.device("cpu")
+    try:
+        return torch.device(accelerator)
+    except RuntimeError as err:
+        msg = f"Unknown device {accelerator!r}: use auto, cpu, cuda, cuda:N or mps."
+        raise ValueError(msg) from err
 
 
 DATAMODULE_TARGET = "moleflow.data.datamodule.ContinualDataModule"

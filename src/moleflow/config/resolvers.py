@@ -22,7 +22,14 @@ def path_safe(text: object) -> str:
     return str(text).replace("/", "-").replace("\\", "-")
 
 
-DEFAULT_CONF_DIR = Path(__file__).resolve().parents[3] / "conf"  # the repository's conf/ (src layout)
+def _conf_dir() -> Path:
+    """The configs this moleflow runs with: ``moleflow/conf`` inside an installed wheel (package data), else the
+    repository's top-level ``conf/`` (a clone, or an editable install)."""
+    packaged = Path(__file__).resolve().parents[1] / "conf"
+    return packaged if (packaged / "train.yaml").is_file() else Path(__file__).resolve().parents[3] / "conf"
+
+
+DEFAULT_CONF_DIR = _conf_dir()
 
 
 def register_resolvers(conf_dir: Path | str = DEFAULT_CONF_DIR) -> None:

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from moleflow.assembly.builders import resolve_device
 from moleflow.data.inputs import LoadedImage, scan_inputs, try_load
 from moleflow.inference.detector import MoLEFlowDetector
 from moleflow.inference.overlay import save_overlay
@@ -274,7 +275,7 @@ def run_from_config(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     cal_cfg = cfg.calibration
     detector = MoLEFlowDetector.load(
         cfg.ckpt,
-        device=str(cfg.device),
+        device=resolve_device(str(cfg.device)),
         backbone_weights=cfg.get("backbone_weights"),
         data_root=cfg.get("data_root"),
         auto_calibrate=mode != "calibrate" and cal_cfg.get("normal_dir") is None,

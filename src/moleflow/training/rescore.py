@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, ListConfig
+from rich.console import Console
+from rich.table import Table
 
-from moleflow.assembly.builders import datamodule_from_stored, extractor_from_stored
+from moleflow.assembly.builders import datamodule_from_stored, extractor_from_stored, resolve_device
 from moleflow.assembly.checkpoint_files import read_checkpoint
 from moleflow.assembly.model_files import restore_model
 from moleflow.data.datamodule import data_settings_for_reading
@@ -23,6 +26,7 @@ from moleflow.evaluation.anomaly_map import image_scores_topk
 from moleflow.evaluation.continual_metrics import routing_accuracy, routing_confusion
 from moleflow.evaluation.evaluate import EvaluationSpec, TaskEvaluation, evaluate_task
 from moleflow.evaluation.metrics import METRIC_NAMES, binary_auroc, binary_average_precision
+from moleflow.evaluation.report import write_json_atomic
 from moleflow.training.feature_cache import FeatureCache
 
 log = logging.getLogger(__name__)
@@ -92,3 +96,28 @@ def rescore_checkpoint(
             evaluations.append(evaluate_task(model, test, i, name, len(names), score, dev, dm.has_masks(i)))
     rows = [_row(evaluations, int(k), names) for k in top_ks]
     return {"checkpoint": str(ckpt_path), "tasks": names, "pixel_sigma": score.pixel_sigma, "rows": rows}
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """``src/eval.py`` / ``moleflow-eval``: re-score ``cfg.ckpt_path``, write ``eval_metrics.json`` to the run
+    folder and print the table."""
+    ks = list(cfg.score_top_k) if isinstance(cfg.score_top_k, ListConfig | list) else [int(cfg.score_top_k)]
+    result = rescore_checkpoint(
+        cfg.ckpt_path,
+        ks,
+        cfg.data_root,
+        cfg.pixel_sigma,
+        str(resolve_device(str(cfg.device))),
+        expected_sha256=cfg.get("ckpt_sha256"),
+        allow_unverified=bool(cfg.get("allow_unverified", False)),
+    )
+    write_json_atomic(f"{cfg.paths.output_dir}/eval_metrics.json", result)
+    table = Table(title=f"Re-scored {cfg.ckpt_path}")
+    for col in ("score_top_k", "Img AUC", "Pix AUC", "Img AP", "Pix AP", "Rt Acc"):
+        table.add_column(col, justify="right")
+    for row in result["rows"]:
+        f = row["final"]["routed"]
+        cells = [f["image_auroc"], f["pixel_auroc"], f["image_ap"], f["pixel_ap"], row["routing_accuracy"]]
+        table.add_row(str(row["score_top_k"]), *[f"{100 * v:.2f}" for v in cells])
+    Console().print(table)
+    return result

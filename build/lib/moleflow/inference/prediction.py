@@ -1,0 +1,75 @@
+"""What the detector says about one image: the verdict, its task, scores, thresholds and anomaly map."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+VERDICT_NORMAL = "normal"
+VERDICT_DEFECTIVE = "defective"
+VERDICT_UNKNOWN = "unknown category"
+
+
+@dataclass
+class Prediction:
+    """The detector's answer for one image.
+
+    Attributes:
+        task: name of the routed (nearest) task. When ``is_unknown`` it is only the nearest known task.
+        task_index: its index in the checkpoint's task order.
+        routing_distance: the router's distance to that task (squared Mahalanobis for the prototype router, the
+            mean NLL of the best-fitting cells for the positional one).
+        score: image score (mean of the top-k patch NLLs under the routed task's expert).
+        threshold: the routed task's score threshold (None when not calibrated).
+        is_defective: ``score > threshold`` for an image of a known category (False when unknown).
+        is_unknown: the routing distance to every task exceeds that task's route threshold.
+        anomaly_map: (S, S) pixel anomaly map at the model's input size (NLL, smoothed).
+        route_threshold: the routed task's unknown-category threshold (None: never unknown).
+        source: the file path, or a description of an in-memory image.
+        original_size: (H, W) of the image before resizing (None for tensors).
+        nonfinite_patches: patch NLLs that were NaN/inf and replaced (non-zero: the model diverged).
+    """
+
+    task: str
+    task_index: int
+    routing_distance: float
+    score: float
+    threshold: float | None
+    is_defective: bool
+    is_unknown: bool
+    anomaly_map: torch.Tensor
+    route_threshold: float | None = None
+    source: str = ""
+    original_size: tuple[int, int] | None = None
+    nonfinite_patches: int = 0
+
+    @property
+    def verdict(self) -> str:
+        """ "normal", "defective" or "unknown category"."""
+        if self.is_unknown:
+            return VERDICT_UNKNOWN
+        return VERDICT_DEFECTIVE if self.is_defective else VERDICT_NORMAL
+
+    def as_dict(self) -> dict[str, Any]:
+        """Everything but the map, JSON-ready (inf thresholds as None)."""
+
+        def finite(v: float | None) -> float | None:
+            return None if v is None or not math.isfinite(v) else float(v)
+
+        return {
+            "source": self.source,
+            "verdict": self.verdict,
+            "task": self.task,
+            "task_index": self.task_index,
+            "routing_distance": self.routing_distance,
+            "route_threshold": finite(self.route_threshold),
+            "score": self.score,
+            "threshold": finite(self.threshold),
+            "is_defective": self.is_defective,
+            "is_unknown": self.is_unknown,
+            "original_size": list(self.original_size) if self.original_size else None,
+            "nonfinite_patches": self.nonfinite_patches,
+        }

@@ -1,0 +1,5 @@
+"""``python -m moleflow train|predict|eval [overrides]``."""
+
+from moleflow.cli import main
+
+main()
