@@ -386,6 +386,10 @@ def test_predict_cli_on_a_folder(
         if row["verdict"] != "unreadable":
             assert (out / row["overlay"]).is_file(), name
             assert float(row["threshold"]) == pytest.approx(detector.thresholds[row["task"]])
+            rule = "route threshold of" if row["verdict"] == VERDICT_UNKNOWN else "score threshold of"
+            assert row["decided_by"].startswith(f"{rule} {row['task']}"), row["decided_by"]
+    assert rows["a_stripes.png"]["overlay"] == "overlays/a_stripes.png"  # not a_stripes.png.png
+    assert rows["shift_2/c_checker.jpg"]["overlay"] == "overlays/shift_2/c_checker.png"
     payload = json.loads((out / "predictions.json").read_text())
     assert payload["counts"]["unreadable"] == 1 and payload["unreadable"][0]["file"] == "e_broken.png"
     assert payload["counts"][VERDICT_UNKNOWN] >= 1 and sum(payload["counts"].values()) == 5
@@ -429,3 +433,48 @@ def test_predict_cli_on_a_folder(
     assert meta["score_thresholds"] == dict.fromkeys(TASKS, 50.0)  # overrides are baked into the export
     with torch.no_grad():
         assert module(torch.stack(_tensors([inp / "d_unseen.png"])))["is_unknown"].item()
+
+
+def test_output_names_drop_the_extension_unless_two_inputs_would_clash() -> None:
+    from moleflow.inference.runner import clashing_stems, output_name
+
+    inputs = [Path("a.png"), Path("sub/b.jpg"), Path("sub/c.jpg"), Path("sub/c.png")]
+    clashing = clashing_stems(inputs)
+    assert [str(output_name(p, clashing)) for p in inputs] == ["a.png", "sub/b.png", "sub/c.jpg.png", "sub/c.png.png"]
+
+
+def test_the_unknown_rule_is_the_routed_task_s_own_threshold() -> None:
+    from moleflow.thresholds.fitting import outside_own_route
+
+    d = torch.tensor([[5.0, 3.0], [1.0, 9.0], [4.0, 6.0]], dtype=torch.float64)
+    route = torch.tensor([2.0, 10.0], dtype=torch.float64)
+    # image 0 goes to task 1 (3 <= 10): known; image 1 to task 0 (1 <= 2): known; image 2 to task 0 (4 > 2):
+    # unknown, although task 1's threshold (10) covers its distance 6 (the old all-tasks rule called it known)
+    assert outside_own_route(d, route).tolist() == [False, False, True]
+
+
+def test_a_later_calibration_wins_over_thresholds_made_in_training(
+    ckpt: Path, detector: MoLEFlowDetector, synthetic_root: Path, tmp_path: Path, caplog
+) -> None:
+    """A checkpoint that carries thresholds made in training, then calibrated on purpose on new normals: the new
+    thresholds judge, and the log says which are in use (they used to lose silently to the training ones)."""
+    import logging
+
+    from moleflow.thresholds.calibrator import write_calibrated_checkpoint
+
+    trained = tmp_path / "run" / "last.ckpt"
+    trained.parent.mkdir()
+    write_calibrated_checkpoint(ckpt, detector.calibration, trained)  # thresholds carried by the checkpoint itself
+    normals = tmp_path / "normals"
+    for task in TASKS:
+        (normals / task).mkdir(parents=True)
+        for path in _test_images(synthetic_root, task):
+            shutil.copyfile(path, normals / task / path.name)
+    later = MoLEFlowDetector.load(trained, auto_calibrate=False)
+    assert later.thresholds == detector.thresholds
+    new = later.calibrate(normal_dir=normals, save=True, test_labels=False)
+    assert new.tasks["dots"].score_threshold != detector.calibration.tasks["dots"].score_threshold
+    with caplog.at_level(logging.INFO, logger="moleflow.inference.detector"):
+        again = MoLEFlowDetector.load(trained, auto_calibrate=False)
+    assert again.thresholds == {n: t.score_threshold for n, t in new.tasks.items()}
+    assert any("not those made in training" in r.getMessage() for r in caplog.records)

@@ -69,3 +69,18 @@ def test_task_metrics_report_aupro_with_the_pixel_metrics() -> None:
     result = compute_task_metrics(torch.arange(6.0), labels, scores, masks)
     assert result.pixel_aupro == pytest.approx(_anomalib_aupro(scores, masks), abs=1e-6)
     assert math.isnan(compute_task_metrics(torch.arange(6.0), labels).pixel_aupro)
+
+
+def test_aupro_needs_no_numpy_2_function(monkeypatch) -> None:
+    """pyproject allows numpy >= 1.24, which has no ``np.trapezoid``: AUPRO must not call it."""
+    import numpy as np
+
+    from moleflow.evaluation.metrics import pixel_metrics
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((4, 16, 16), dtype=bool)
+    masks[0, 3:7, 3:7] = masks[1, 8:12, 2:6] = True
+    scores = rng.normal(size=masks.shape) + 2.0 * masks
+    expected = pixel_metrics(scores, masks)[2]
+    monkeypatch.delattr(np, "trapezoid", raising=False)
+    assert pixel_metrics(scores, masks)[2] == expected

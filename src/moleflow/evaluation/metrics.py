@@ -206,7 +206,12 @@ def _aupro_from_counts(neg: np.ndarray, overlap: np.ndarray, n_neg: int, regions
         f1, f2, p1, p2 = fpr[inside - 1], fpr[inside], pro[inside - 1], pro[inside]
         x = np.append(x, fpr_limit)
         y = np.append(y, p1 + (p2 - p1) * (fpr_limit - f1) / (f2 - f1))
-    return float(np.trapezoid(y, x) / x[-1]) if x[-1] > 0 else math.nan
+    return float(_trapezoid(y, x) / x[-1]) if x[-1] > 0 else math.nan
+
+
+def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
+    """Trapezoidal area under y(x), written out: numpy names it ``trapz`` before 2.0 and ``trapezoid`` after."""
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) * 0.5))
 
 
 def binary_auroc(scores: Any, labels: Any) -> float:

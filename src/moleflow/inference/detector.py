@@ -162,9 +162,7 @@ class MoLEFlowDetector(CalibrationMixin):
         extractor = extractor_from_stored(
             backbone, int(run_config["model"]["flow"]["embed_dim"]), f"The run config of checkpoint {path}"
         )
-        calibration = read_calibration(info)
-        if calibration is None:
-            calibration = _calibrated_copy_of(path, recalibrate)
+        calibration = _thresholds_in_use(path, read_calibration(info), _calibrated_copy_of(path, recalibrate))
         score = run_config["model"].get("score", {})
         detector = cls(
             extractor,
@@ -364,6 +362,33 @@ class MoLEFlowDetector(CalibrationMixin):
         return write_export(module, path, metadata, self.run_batch, format=format, check_images=batch)
 
 
+def _thresholds_in_use(path: Path, own: Calibration | None, copy: Calibration | None) -> Calibration | None:
+    """The thresholds a loaded checkpoint judges with, said in the log.
+
+    A calibrated copy made for this very file (``mode=calibrate``, on purpose and later) wins over the thresholds
+    made in training that the checkpoint carries; either way one line says which are in use and where from.
+    """
+    chosen = copy if copy is not None else own
+    if chosen is None:
+        return None
+    sources = sorted({f"{t.score_source} ({t.score_images} images)" for t in chosen.tasks.values()})
+    if copy is not None and own is not None:
+        log.info(
+            "Using the thresholds of %s (calibrated %s: %s), not those made in training that %s carries.",
+            calibrated_path(path),
+            copy.created,
+            ", ".join(sources),
+            path.name,
+        )
+    elif copy is not None:
+        log.info(
+            "Using the thresholds of %s (calibrated %s: %s).", calibrated_path(path), copy.created, ", ".join(sources)
+        )
+    else:
+        log.info("Using the thresholds stored in %s (%s).", path, ", ".join(sources))
+    return chosen
+
+
 class CalibratedCopyError(RuntimeError):
     """The calibrated copy next to a checkpoint cannot be used; the message names it and what to do."""
 
@@ -388,7 +413,6 @@ def _calibrated_copy_of(path: Path, recalibrate: bool = False) -> Calibration | 
     if problem is None and calibration.source_sha256 != file_sha256(path):
         problem = f"it was calibrated for a different version of {path.name} (content hash differs)"
     if problem is None:
-        log.info("Using the thresholds stored in %s.", copy)
         return calibration
     if recalibrate:
         log.warning("Ignoring %s (recalibrate=true): %s. A new calibration saved replaces it.", copy, problem)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from moleflow.evaluation.scoring import score_maps
 from moleflow.models.feature_extractor import FeatureExtractor
 from moleflow.models.moleflow import MoLEFlowModel
+from moleflow.thresholds.fitting import outside_own_route
 
 OUTPUTS = {
     "task": "(B,) int64: routed (nearest) task index; names in metadata task_names",
@@ -24,7 +25,7 @@ OUTPUTS = {
     "distances": "(B, T) float64: squared Mahalanobis distance to every task",
     "score": "(B,) float32: image score, mean of the top-k patch NLLs of the routed task",
     "threshold": "(B,) float64: the routed task's score threshold (inf when not calibrated)",
-    "is_unknown": "(B,) bool: distance to every task above that task's route threshold",
+    "is_unknown": "(B,) bool: distance to the routed task above that task's own route threshold",
     "is_defective": "(B,) bool: score > threshold and not unknown",
     "nll_map": "(B, H, W) float32: per-patch NLL (non-finite values replaced per image)",
     "anomaly_map": "(B, S, S) float32: NLL map upsampled to the input size and Gaussian-smoothed",
@@ -67,7 +68,7 @@ class RoutedPipeline(nn.Module):
         best, tasks = dists.min(dim=1)
         nll = self.model.nll_routed(features, tasks, every_task=self.every_task)
         clean, scores, pixels, replaced = score_maps(nll, self.score_top_k, self.image_size, self.pixel_sigma)
-        unknown = (dists > route_thresholds[None, :]).all(dim=1)
+        unknown = outside_own_route(dists, route_thresholds)
         threshold = score_thresholds.index_select(0, tasks)
         return {
             "task": tasks,

@@ -7,7 +7,8 @@
 * ``predictions.json``: the same rows plus the thresholds in use, where they come from (and the
   in-sample caveat when they come from the training images), counts per verdict, unreadable files, and
   ``skipped``: every file or folder under the input that was not read, with the reason;
-* ``overlays/<relative path>.png``: image + anomaly-map overlay per image.
+* ``overlays/<relative path without its extension>.png``: image + anomaly-map overlay per image (an input
+  whose name differs from another's only by the extension keeps it: ``a.jpg.png``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ CSV_COLUMNS = (
     "threshold",
     "is_defective",
     "is_unknown",
+    "decided_by",
     "original_height",
     "original_width",
     "nonfinite_patches",
@@ -75,6 +77,20 @@ def calibration_summary(calibration: Calibration | None) -> dict[str, Any] | Non
 
 def _relative(path: Path, root: Path) -> Path:
     return Path(path.name) if root.is_file() else path.relative_to(root)
+
+
+def clashing_stems(paths: list[Path]) -> set[Path]:
+    """(folder / stem) of the inputs that share a name but for the extension (``a.jpg`` and ``a.png``)."""
+    seen = Counter(p.parent / p.stem for p in paths)
+    return {stem for stem, n in seen.items() if n > 1}
+
+
+def output_name(rel: Path, clashing: set[Path]) -> Path:
+    """Where an input's PNG outputs go (overlay, mask): ``sub/part_001.jpg`` -> ``sub/part_001.png``; an input
+    whose name only differs from another's by the extension keeps it (``sub/a.jpg.png``, ``sub/a.png.png``)."""
+    if rel.parent / rel.stem in clashing:
+        return rel.with_name(rel.name + ".png")
+    return rel.with_suffix(".png")
 
 
 def _shown(path: Path, root: Path) -> str:
@@ -120,6 +136,7 @@ def predict_folder(
     unreadable: list[dict[str, str]] = []
     chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
     show = progress and len(files) > batch_size
+    clashing = clashing_stems([_relative(path, root) for path in files])
     with open(out / "predictions.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
@@ -147,7 +164,7 @@ def predict_folder(
                     item, pred = next(predictions)
                     overlay = None
                     if overlays == "all" or (overlays == "flagged" and pred.verdict != VERDICT_NORMAL):
-                        target = out / "overlays" / f"{rel}.png"
+                        target = out / "overlays" / output_name(rel, clashing)
                         save_overlay(pred, item.tensor, item.path, target)
                         overlay = str(target.relative_to(out))
                     d = pred.as_dict()

@@ -28,6 +28,7 @@ from moleflow.thresholds.fitting import (
     cross_validated_distances,
     f1_report,
     fpr_threshold,
+    outside_own_route,
     routing_report,
     tail_threshold,
 )
@@ -212,7 +213,7 @@ class CalibrationMixin:
                 tasks[name].held_out_routing = {
                     "images": int(d.shape[0]),
                     "routed_to_other_task": int((d.argmin(dim=1) != t).sum()),
-                    "flagged_unknown": int((d > route[None, :]).all(dim=1).sum()),
+                    "flagged_unknown": int(outside_own_route(d, route).sum()),
                 }
         if test_labels:
             self._test_reports(tasks, dm, data_root, batch_size, progress, route)

@@ -163,19 +163,31 @@ def f1_report(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -
     return report
 
 
+def outside_own_route(distances: torch.Tensor, route_thresholds: torch.Tensor) -> torch.Tensor:
+    """The unknown-category rule: (B, T) distances, (T,) route thresholds -> (B,) bool.
+
+    An image is an unknown category when its distance to the task it is routed to (the nearest) exceeds that
+    task's own route threshold: the expert that would judge it never saw anything that far away. (Flagging only
+    images beyond *every* task's threshold let an image be judged by an expert whose own threshold it exceeded,
+    as long as another task's covered it.) Tensor ops only, so it traces into an exported model.
+    """
+    best, routed = distances.min(dim=1)
+    return best > route_thresholds.to(best.dtype).index_select(0, routed)
+
+
 def routing_report(
     distances: torch.Tensor, task: int, labels: np.ndarray, route_thresholds: torch.Tensor
 ) -> dict[str, dict[str, Any]]:
     """Routing of one task's labelled test images, defect-free and defective apart.
 
     ``distances`` (N, T) of the images to every task, ``labels`` (N,) 0/1, ``route_thresholds`` (T,): an image
-    is an unknown category when its distance exceeds every task's threshold. Returns, per label
+    is an unknown category by :func:`outside_own_route`. Returns, per label
     (``normal``, ``defective``), the image count and the counts and rates of images routed to another task and
     flagged unknown (rates None when there is no image with that label), and the count routed to another task
     without being flagged unknown.
     """
     d = distances.double()
-    unknown = (d > route_thresholds.double()[None, :]).all(dim=1).numpy()
+    unknown = outside_own_route(d, route_thresholds.double()).numpy()
     elsewhere = (d.argmin(dim=1) != task).numpy()
     y = np.asarray(labels).ravel().astype(int)
     out: dict[str, dict[str, Any]] = {}

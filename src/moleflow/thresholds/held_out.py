@@ -26,7 +26,7 @@ import torch
 
 from moleflow.evaluation.anomaly_map import image_scores_topk, sanitize_nonfinite_per_image
 from moleflow.evaluation.evaluate import TaskEvaluation, router_inputs
-from moleflow.thresholds.fitting import MIN_ROUTE_IMAGES, fpr_threshold, tail_threshold
+from moleflow.thresholds.fitting import MIN_ROUTE_IMAGES, fpr_threshold, outside_own_route, tail_threshold
 from moleflow.thresholds.records import SOURCE_HELD_OUT, Calibration, TaskCalibration
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def verdict_report(
         if ev.name not in calibration.tasks:
             continue
         d = distances[ev.task][:, : len(seen)].double()
-        unknown = (d > route_thr[None, :]).all(dim=1)
+        unknown = outside_own_route(d, route_thr)
         defective = (ev.routed_image_scores.double() > score_thr[ev.routed_tasks]) & ~unknown
         oracle = ev.oracle_image_scores.double() > score_thr[ev.task]
         normal, bad = ev.labels == 0, ev.labels == 1
