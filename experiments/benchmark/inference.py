@@ -222,7 +222,12 @@ def _exported_vs_eager(
     eager = RoutedPipeline(torch.nn.Identity(), model, s.image_size, SCORE_TOP_K, PIXEL_SIGMA)
     pipeline = RoutedPipeline(torch.nn.Identity(), model, s.image_size, SCORE_TOP_K, PIXEL_SIGMA, every_task=True)
     exported = ExportableMoLEFlow(pipeline, [math.inf] * n, [math.inf] * n).eval()
-    thresholds = (exported.score_thresholds, exported.route_thresholds)
+    thresholds = (
+        exported.score_thresholds,
+        exported.route_thresholds,
+        exported.score_medians,
+        exported.pixel_thresholds,
+    )
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(exported, feats[:2], strict=False, check_trace=False)

@@ -138,3 +138,27 @@ def test_the_router_never_changes_what_the_flow_learns(positional_run, tmp_path:
     assert all(torch.equal(a[k], b[k]) for k in shared)
     oracle = [json.loads((d / "metrics.json").read_text())["per_task"] for d in (out, tmp_path)]
     assert [r["oracle"] for r in oracle[0].values()] == [r["oracle"] for r in oracle[1].values()]
+
+
+def test_the_pixel_threshold_made_in_training_comes_from_the_held_out_images_only(positional_run, synthetic_root):
+    """Each task's pixel threshold is the target-FPR quantile of its held-out normals' maps, never of the images it
+    trained on; metrics.json reports the test pixels' false-positive rate and recall at it."""
+    from moleflow.assembly.builders import build_datamodule
+    from moleflow.thresholds.fitting import pixel_threshold
+    from moleflow.thresholds.held_out import holdout_split
+
+    out, overrides = positional_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    detector = MoLEFlowDetector.load(out / "checkpoints" / "last.ckpt", auto_calibrate=False)
+    dm = build_datamodule(compose_config(overrides, out / "again").data)
+    for t, task in enumerate(TASKS):
+        files = [s.image_path for s in dm.train_dataset(t).samples]
+        kept, held = holdout_split(len(files), 0.25, metrics["config"]["seed"] + 1000 * (t + 1))
+        maps = {i: r.anomaly_map for i, r in enumerate(detector.predict(files)) if r.task == task}
+        assert set(held.tolist()) <= set(maps), "held-out normals route home"
+        expected, _ = pixel_threshold(torch.stack([maps[i] for i in held.tolist()]), 0.01)
+        stored = detector.pixel_thresholds[task]
+        assert stored == pytest.approx(expected, rel=1e-5)  # the held-out normals' quantile...
+        assert detector.calibration.tasks[task].pixel_images == len(held) < len(kept)  # ...of them only
+        row = metrics["thresholds"]["per_task"][task]
+        assert row["pixel_threshold"] == stored and 0.0 <= row["pixel_fpr"] <= 1.0 and 0.0 <= row["pixel_recall"] <= 1.0

@@ -478,3 +478,32 @@ def test_a_later_calibration_wins_over_thresholds_made_in_training(
         again = MoLEFlowDetector.load(trained, auto_calibrate=False)
     assert again.thresholds == {n: t.score_threshold for n, t in new.tasks.items()}
     assert any("not those made in training" in r.getMessage() for r in caplog.records)
+
+
+def test_the_mask_written_is_the_map_above_the_pixel_threshold(
+    detector: MoLEFlowDetector, synthetic_root: Path, tmp_path: Path
+) -> None:
+    from torch.nn import functional as F
+
+    from moleflow.inference.runner import predict_folder
+
+    inp = tmp_path / "parts"
+    inp.mkdir()
+    Image.open(_test_images(synthetic_root, "dots", "scratch")[0]).resize((96, 80)).save(inp / "scratched.png")
+    shutil.copyfile(_test_images(synthetic_root, "stripes")[0], inp / "clean.png")
+    payload = predict_folder(detector, inp, tmp_path / "out", overlays="all", progress=False)
+    rows = {Path(r["file"]).name: r for r in payload["predictions"]}
+    for name, row in rows.items():
+        (pred,) = detector.predict([inp / name])
+        assert pred.pixel_threshold == detector.pixel_thresholds[pred.task] and pred.pixel_threshold is not None
+        above = pred.anomaly_map > pred.pixel_threshold
+        assert torch.equal(pred.defect_mask, above if not pred.is_unknown else torch.zeros_like(above))
+        written = np.asarray(Image.open(tmp_path / "out" / row["mask"])) > 127
+        h, w = pred.original_size
+        expected = F.interpolate(above[None, None].float(), size=(h, w), mode="nearest")[0, 0].numpy() > 0.5
+        assert written.shape == (h, w) and np.array_equal(written, expected & (not pred.is_unknown))
+        assert row["defect_area_px"] == int(written.sum())
+        assert 0.0 <= row["normalized_score"] <= 1.0 and (row["normalized_score"] > 0.5) == (
+            pred.score > pred.threshold
+        )
+    assert rows["scratched.png"]["mask"] == "masks/scratched.png"

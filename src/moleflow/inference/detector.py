@@ -248,12 +248,35 @@ class MoLEFlowDetector(CalibrationMixin):
         self._score_override.clear()
         self._route_override.clear()
 
-    def _threshold_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = [math.inf if v is None else v for v in self.thresholds.values()]
-        routes = [math.inf if v is None else v for v in self.route_thresholds.values()]
+    @property
+    def score_medians(self) -> dict[str, float | None]:
+        """Median score of each task's calibration images (0 of the normalised score); None: not stored."""
+        return {n: self._stored(n, "score_median") for n in self.task_names}
+
+    @property
+    def pixel_thresholds(self) -> dict[str, float | None]:
+        """Pixel threshold per task (where a pixel is marked defective); None: not stored (no defect masks)."""
+        return {n: self._stored(n, "pixel_threshold") for n in self.task_names}
+
+    def _stored(self, name: str, key: str) -> float | None:
+        if self.calibration is None:
+            return None
+        value = getattr(self.calibration.tasks[name], key)
+        return None if value is None else float(value)
+
+    def _threshold_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-task (T,) float64: score thresholds and route thresholds (inf: none), median scores (NaN: none),
+        pixel thresholds (inf: none), in task order."""
+
+        def tensor(values: dict[str, float | None], missing: float) -> torch.Tensor:
+            items = [missing if v is None else v for v in values.values()]
+            return torch.tensor(items, dtype=torch.float64, device=self.device)
+
         return (
-            torch.tensor(scores, dtype=torch.float64, device=self.device),
-            torch.tensor(routes, dtype=torch.float64, device=self.device),
+            tensor(self.thresholds, math.inf),
+            tensor(self.route_thresholds, math.inf),
+            tensor(self.score_medians, math.nan),
+            tensor(self.pixel_thresholds, math.inf),
         )
 
     # -------------------------------------------------------------------------------- prediction
@@ -279,7 +302,7 @@ class MoLEFlowDetector(CalibrationMixin):
             return []
         self.require_thresholds()
         out = self.run_batch(torch.stack([item.tensor for item in loaded]))
-        route_thr = self.route_thresholds
+        route_thr, pixels = self.route_thresholds, self.pixel_thresholds
         results = []
         for i, item in enumerate(loaded):
             t = int(out["task"][i])
@@ -298,6 +321,9 @@ class MoLEFlowDetector(CalibrationMixin):
                     source=item.source,
                     original_size=item.original_hw,
                     nonfinite_patches=int(out["nonfinite"][i]),
+                    normalized_score=_known(float(out["normalized_score"][i]), self.thresholds[name]),
+                    pixel_threshold=pixels[name],
+                    defect_mask=None if pixels[name] is None else out["defect_mask"][i].cpu(),
                 )
             )
         return results
@@ -340,9 +366,8 @@ class MoLEFlowDetector(CalibrationMixin):
         pipeline = RoutedPipeline(
             self.extractor, self.model, self.image_size, self.score_top_k, self.pixel_sigma, every_task=True
         )
-        scores = [math.inf if v is None else float(v) for v in self.thresholds.values()]
-        routes = [math.inf if v is None else float(v) for v in self.route_thresholds.values()]
-        module = ExportableMoLEFlow(pipeline, scores, routes).eval()
+        scores, routes, medians, pixels = (t.tolist() for t in self._threshold_tensors())
+        module = ExportableMoLEFlow(pipeline, scores, routes, medians, pixels).eval()
         fmt = format.lower()
         metadata = export_metadata(
             fmt,
@@ -353,6 +378,8 @@ class MoLEFlowDetector(CalibrationMixin):
             pixel_sigma=self.pixel_sigma,
             score_thresholds=self.thresholds,
             route_thresholds=self.route_thresholds,
+            score_medians=self.score_medians,
+            pixel_thresholds=self.pixel_thresholds,
             calibration_notes=(
                 self.calibration.notes()
                 if self.calibration is not None
@@ -360,6 +387,11 @@ class MoLEFlowDetector(CalibrationMixin):
             ),
         )
         return write_export(module, path, metadata, self.run_batch, format=format, check_images=batch)
+
+
+def _known(normalized: float, threshold: float | None) -> float | None:
+    """The normalised score, or None where it means nothing (no threshold, or no stored median: NaN)."""
+    return None if threshold is None or math.isnan(normalized) else normalized
 
 
 def _thresholds_in_use(path: Path, own: Calibration | None, copy: Calibration | None) -> Calibration | None:

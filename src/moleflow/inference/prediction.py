@@ -31,6 +31,11 @@ class Prediction:
         source: the file path, or a description of an in-memory image.
         original_size: (H, W) of the image before resizing (None for tensors).
         nonfinite_patches: patch NLLs that were NaN/inf and replaced (non-zero: the model diverged).
+        normalized_score: the score in [0, 1], 0.5 exactly at the threshold, 0 at or below the median score of the
+            task's defect-free calibration images, linear, clipped (None without a stored median or threshold).
+        pixel_threshold: the routed task's pixel threshold (None: no defect mask).
+        defect_mask: (S, S) bool, pixels of ``anomaly_map`` above ``pixel_threshold`` (None without one; all
+            false for an unknown category).
     """
 
     task: str
@@ -45,6 +50,9 @@ class Prediction:
     source: str = ""
     original_size: tuple[int, int] | None = None
     nonfinite_patches: int = 0
+    normalized_score: float | None = None
+    pixel_threshold: float | None = None
+    defect_mask: torch.Tensor | None = None
 
     @property
     def decided_by(self) -> str:
@@ -77,7 +85,9 @@ class Prediction:
             "routing_distance": self.routing_distance,
             "route_threshold": finite(self.route_threshold),
             "score": self.score,
+            "normalized_score": finite(self.normalized_score),
             "threshold": finite(self.threshold),
+            "pixel_threshold": finite(self.pixel_threshold),
             "is_defective": self.is_defective,
             "is_unknown": self.is_unknown,
             "decided_by": self.decided_by,

@@ -7,6 +7,8 @@
 * ``predictions.json``: the same rows plus the thresholds in use, where they come from (and the
   in-sample caveat when they come from the training images), counts per verdict, unreadable files, and
   ``skipped``: every file or folder under the input that was not read, with the reason;
+* ``masks/<relative path without its extension>.png``: the predicted defect mask at the image's original size
+  (255 = defect), whose area and bounding boxes are in the CSV;
 * ``overlays/<relative path without its extension>.png``: image + anomaly-map overlay per image (an input
   whose name differs from another's only by the extension keeps it: ``a.jpg.png``).
 """
@@ -29,8 +31,9 @@ from rich.table import Table
 from moleflow.assembly.builders import resolve_device
 from moleflow.data.inputs import LoadedImage, scan_inputs, try_load
 from moleflow.inference.detector import MoLEFlowDetector
+from moleflow.inference.masks import mask_at_original, regions, save_mask
 from moleflow.inference.overlay import save_overlay
-from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN
+from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN, Prediction
 from moleflow.thresholds.records import Calibration, calibrated_path
 from moleflow.utils.files import atomic_write_text, json_safe
 from moleflow.utils.prefetch import map_threads, overlap_pays_off, prefetch
@@ -48,10 +51,15 @@ CSV_COLUMNS = (
     "routing_distance",
     "route_threshold",
     "score",
+    "normalized_score",
     "threshold",
     "is_defective",
     "is_unknown",
     "decided_by",
+    "pixel_threshold",
+    "defect_area_px",
+    "defect_boxes",
+    "mask",
     "original_height",
     "original_width",
     "nonfinite_patches",
@@ -174,6 +182,7 @@ def predict_folder(
                         **{k: d[k] for k in CSV_COLUMNS if k in d},
                         "original_height": h,
                         "original_width": w,
+                        **_defect_region(pred, out, output_name(rel, clashing)),
                         "overlay": overlay,
                         "error": None,
                     }
@@ -188,7 +197,14 @@ def predict_folder(
         "output_dir": str(out),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "tasks": detector.task_names,
-        "thresholds": json_safe({"score": detector.thresholds, "route": detector.route_thresholds}),
+        "thresholds": json_safe(
+            {
+                "score": detector.thresholds,
+                "route": detector.route_thresholds,
+                "pixel": detector.pixel_thresholds,
+                "score_median": detector.score_medians,
+            }
+        ),
         "calibration": calibration,
         "notes": (calibration or {}).get("notes", []),
         "counts": {v: counts.get(v, 0) for v in (VERDICT_NORMAL, VERDICT_DEFECTIVE, VERDICT_UNKNOWN, UNREADABLE)},
@@ -217,7 +233,7 @@ def _print_summary(payload: dict[str, Any]) -> None:
         console.print(f"[yellow]not read:[/yellow] {item['file']}: {item['reason']}")
     for note in payload["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")
-    console.print(f"Results: {payload['output_dir']}/predictions.csv, predictions.json, overlays/")
+    console.print(f"Results: {payload['output_dir']}/predictions.csv, predictions.json, overlays/, masks/")
 
 
 def _routing_cells(routing: dict[str, Any] | None) -> list[str]:
@@ -276,6 +292,16 @@ def _threshold_overrides(cfg: DictConfig) -> tuple[Any, Any]:
     if not cfg.get("unknown_detection", True):
         route = math.inf
     return score, route
+
+
+def _defect_region(pred: Prediction, out: Path, name: Path) -> dict[str, Any]:
+    """The predicted defect mask of one image in its original pixels: ``masks/<name>.png``, area, boxes."""
+    if pred.defect_mask is None:
+        return {"defect_area_px": None, "defect_boxes": None, "mask": None}
+    mask = mask_at_original(pred.defect_mask, pred.original_size)
+    area, boxes = regions(mask)
+    target = save_mask(mask, out / "masks" / name)
+    return {"defect_area_px": area, "defect_boxes": json.dumps(boxes), "mask": str(target.relative_to(out))}
 
 
 def run_from_config(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:

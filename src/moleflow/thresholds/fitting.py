@@ -84,6 +84,24 @@ def fpr_threshold(scores: np.ndarray | torch.Tensor, target_fpr: float) -> tuple
     return threshold, float(np.mean(s > threshold))
 
 
+def pixel_threshold(maps: torch.Tensor, target_fpr: float) -> tuple[float, float]:
+    """Pixel threshold from defect-free images' pixel maps (N, S, S): at most ``target_fpr`` of their pixels above
+    it (the score threshold's rule, per pixel). Returns (threshold, the pixel false-positive rate it gives)."""
+    values = maps.detach().float().reshape(-1).cpu().numpy()
+    return fpr_threshold(values, target_fpr)
+
+
+def normalized_score(scores: torch.Tensor, thresholds: torch.Tensor, medians: torch.Tensor) -> torch.Tensor:
+    """Image scores as a number in [0, 1] a person can read: 0.5 exactly at the task's threshold, 0 at or below
+    the median score of its defect-free calibration images, linear in between and above (1 at threshold +
+    (threshold - median)), clipped. Monotone in the score. (B,) scores and the (B,) routed task's threshold and
+    median -> (B,); an uncalibrated task (threshold inf) gives 0. Tensor ops only (traces into an export)."""
+    scores, thresholds, medians = scores.double(), thresholds.double(), medians.double()
+    span = (thresholds - medians).clamp_min(1e-12)
+    scaled = 0.5 * (scores - medians) / span
+    return torch.where(torch.isfinite(thresholds), scaled, torch.zeros_like(scaled)).clamp(0.0, 1.0)
+
+
 def tail_threshold(distances: np.ndarray | torch.Tensor, rate: float, floor: float = 0.0) -> float:
     """Unknown-category threshold from out-of-sample distances of normal images (see the module docstring).
 

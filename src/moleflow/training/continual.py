@@ -492,6 +492,8 @@ def _task_thresholds(run: ContinualRun, task: TaskRound) -> Any:
         run.device,
         cfg.training.calibration_fpr,
         cfg.training.unknown_rate,
+        image_size=cfg.data["image_size"],
+        pixel_sigma=cfg.model.score.pixel_sigma,
     )
 
 
