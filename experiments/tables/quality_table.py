@@ -23,6 +23,8 @@ COLUMNS = (  # (metric key, header)
     ("image_ap", "Img AP"),
     ("pixel_ap", "Pix AP"),
     ("pixel_aupro", "Pix PRO"),
+    ("image_f1_max", "Img F1"),
+    ("pixel_f1_max", "Pix F1"),
 )
 
 

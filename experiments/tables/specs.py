@@ -85,6 +85,8 @@ EXTRA_METRICS: dict[str, MetricSpec] = {
     "bwt_img_auc": MetricSpec("BWT Img AUC", ("forgetting", "routed", "image_auroc", "bwt")),
     "fm_pix_ap": MetricSpec("FM Pix AP", ("forgetting", "routed", "pixel_ap", "fm")),
     "bwt_pix_ap": MetricSpec("BWT Pix AP", ("forgetting", "routed", "pixel_ap", "bwt")),
+    "img_f1": MetricSpec("Img F1-max", ("final", "routed", "image_f1_max"), ("final", "routed", "image_f1_max")),
+    "pix_f1": MetricSpec("Pix F1-max", ("final", "routed", "pixel_f1_max"), ("final", "routed", "pixel_f1_max")),
     "params_total": MetricSpec("Params", ("parameters", "total"), scale=1.0),
     "rt_nrm": MetricSpec("Rt Nrm", ("routing", "by_label", "normal", "accuracy")),
     "rt_def": MetricSpec("Rt Def", ("routing", "by_label", "defective", "accuracy")),

@@ -125,3 +125,33 @@ def test_disk_cache_is_keyed_on_content(tmp_path, synthetic_root) -> None:
         next(other_weights.parameters()).mul_(1.5)  # e.g. a fine-tuned backbone saved under the same name
     reweighted, _ = get(other_weights, root)
     assert reweighted.extractions == 1  # same backbone name and config, other weights
+
+
+def test_a_multirun_is_one_wandb_group_with_task_ablation_and_experiment_tags(tmp_path) -> None:
+    """A plain `-m ncl=4,6,8` gets a group of its own (task name + the multirun's start time); a single run keeps
+    the task name; tables keep their table's group; tags name the task, ablation row and experiment."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    single = compose_config(["logger=wandb"], tmp_path / "single")
+    assert single.group == "train" and single.logger.wandb.group == "train"
+
+    def as_multirun(overrides: list[str], sweep: str) -> dict:
+        """The job's W&B logger settings, resolved while Hydra's runtime is this multirun's."""
+        cfg = compose_config(overrides, tmp_path / "job")
+        with read_write(cfg.hydra), open_dict(cfg):
+            cfg.hydra.mode = RunMode.MULTIRUN
+            cfg.hydra.sweep.dir = str(tmp_path / "multiruns" / sweep)
+        HydraConfig().set_config(cfg)
+        return OmegaConf.to_container(cfg.logger.wandb, resolve=True)
+
+    sweep = as_multirun(["logger=wandb", "ncl=4"], "2026-12-05_10-00-00_000001")
+    assert sweep["group"] == "train-2026-12-05_10-00-00_000001"
+    again = as_multirun(["logger=wandb", "ncl=8"], "2026-12-05_10-00-00_000001")
+    assert again["group"] == sweep["group"]  # every job of one sweep: one group
+    other = as_multirun(["logger=wandb", "ncl=6"], "2026-12-05_11-30-00_000002")
+    assert other["group"] != sweep["group"]  # two sweeps, two dashboards
+    table = as_multirun(["logger=wandb", "experiment=table1_core_ablation", "+ablation=no_lora"], "x")
+    assert table["group"] == "table1_core_ablation"
+    assert table["tags"] == ["task:table1_core_ablation", "ablation:no_lora", "experiment:table1_core_ablation"]

@@ -56,6 +56,10 @@ def test_metrics_json_is_complete(tiny_run) -> None:
         assert (out / "checkpoints" / f"task_{t:02d}_{name}.ckpt").is_file()
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert "mean" in (out / "results_table.txt").read_text()
+    figures = m["figures"]  # ROC and PR curves of every task, PRO curves of the tasks with masks
+    for key in ("roc_curves", "pr_curves", "pro_curves"):
+        assert (out / figures[key]).is_file(), key
+    assert all(0.0 <= m["per_task"][n]["routed"]["pixel_f1_max"] <= 1.0 for n in TASKS)
 
 
 def test_router_sends_generated_categories_to_their_tasks(tiny_run) -> None:

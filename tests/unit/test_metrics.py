@@ -168,3 +168,25 @@ def test_compute_task_metrics_errors() -> None:
         compute_task_metrics(scores, labels, np.zeros((2, 4, 4)), None)
     with pytest.raises(ValueError, match="shape"):
         compute_task_metrics(scores, labels, np.zeros((2, 4, 4)), np.zeros((2, 4, 5)))
+
+
+def test_f1_max_equals_scikit_learn_on_images_and_pixels() -> None:
+    from sklearn.metrics import precision_recall_curve
+
+    from moleflow.evaluation.metrics import image_metrics, pixel_metrics
+
+    def sklearn_f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
+        precision, recall, _ = precision_recall_curve(labels, scores)
+        total = precision + recall
+        return float(np.max(np.where(total > 0, 2 * precision * recall / np.where(total > 0, total, 1), 0)))
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 500)
+    scores = np.round(rng.normal(size=500) + labels, 1)  # rounded: many ties
+    assert image_metrics(scores, labels)[2] == pytest.approx(sklearn_f1_max(scores, labels), abs=1e-12)
+    masks = np.zeros((3, 12, 12), dtype=bool)
+    masks[0, 2:6, 2:6] = masks[2, 7:11, 1:4] = True
+    maps = rng.normal(size=masks.shape) + 1.5 * masks
+    f1 = pixel_metrics(maps, masks)[3]
+    assert f1 == pytest.approx(sklearn_f1_max(maps.reshape(-1), masks.reshape(-1)), abs=1e-12)
+    assert math.isnan(image_metrics(scores, np.zeros(500))[2])
