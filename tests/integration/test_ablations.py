@@ -70,7 +70,9 @@ def test_ablation_changes_only_its_keys(ablation: str, tmp_path: Path) -> None:
     abl = _flat(compose_config([f"+ablation={ablation}"], tmp_path))
     changed = {k for k in main.keys() | abl.keys() if main.get(k) != abl.get(k)}
     assert abl["ablation_name"] == ablation
-    assert changed - {"ablation_name"} == EXPECTED_CHANGES[ablation]
+    if ablation != "main":  # the W&B tags name the row (ablation_name)
+        assert abl["logger.wandb.tags"] != main["logger.wandb.tags"]
+    assert changed - {"ablation_name", "logger.wandb.tags"} == EXPECTED_CHANGES[ablation]
 
 
 def _module(tmp_path: Path, ablation: str, tasks: int = 2):

@@ -94,7 +94,9 @@ class JobConfig:
 
     task_name: str = "train"  # names the logs/<task_name>/ folder
     run_name: str = "${hydra:job.override_dirname}"
-    group: str = "${task_name}"  # W&B group (an experiment file sets it to its table)
+    # W&B group: the task name, and for a multirun its start time (one sweep, one dashboard); a table's
+    # experiment file sets its table's name
+    group: str = "${sweep_group:${task_name}}"
     seed: int = 0
     ablation_name: str = "main"  # +ablation=NAME sets it to NAME, recorded for the tables
     resume: Any = None  # true: the newest unfinished run with the same overrides; or a run dir / .ckpt

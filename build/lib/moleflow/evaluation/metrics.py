@@ -18,6 +18,7 @@ from scipy import ndimage
 
 __all__ = [
     "METRIC_NAMES",
+    "image_metrics",
     "TaskMetrics",
     "binary_auroc",
     "binary_auroc_ap",
@@ -27,7 +28,15 @@ __all__ = [
     "region_overlap_weights",
 ]
 
-METRIC_NAMES: tuple[str, ...] = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")
+METRIC_NAMES: tuple[str, ...] = (
+    "image_auroc",
+    "image_ap",
+    "pixel_auroc",
+    "pixel_ap",
+    "pixel_aupro",
+    "image_f1_max",
+    "pixel_f1_max",
+)
 AUPRO_FPR_LIMIT = 0.3  # the usual integration limit of the PRO curve (MVTec AD, anomalib)
 
 
@@ -166,6 +175,17 @@ def _ap_from_counts(pos: np.ndarray, neg: np.ndarray, n_pos: int) -> float:
     return float(np.dot(pos[hit] / n_pos, precision))
 
 
+def _f1_max_from_counts(pos: np.ndarray, neg: np.ndarray, n_pos: int) -> float:
+    """Best F1 over every threshold (descending scores), as the maximum of 2PR / (P + R) along scikit-learn's
+    precision-recall curve."""
+    tps = np.cumsum(pos).astype(np.float64)
+    predicted = tps + np.cumsum(neg)
+    precision, recall = tps / predicted, tps / n_pos
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
+    return float(f1.max())
+
+
 def region_overlap_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
     """Per-pixel AUPRO increments of binary masks (N, H, W): 1 / size of the pixel's defect region, 0 outside.
 
@@ -188,6 +208,18 @@ def region_overlap_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
     return weights.reshape(-1), regions
 
 
+def _pro_curve_from_counts(
+    neg: np.ndarray, overlap: np.ndarray, n_neg: int, regions: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The PRO curve (global FPR over defect-free pixels, mean per-region overlap) from per-threshold groups
+    (descending scores), starting at (0, 0); both clipped at 1."""
+    fpr = np.concatenate([[0.0], np.cumsum(neg, dtype=np.float64) / n_neg])
+    pro = np.concatenate([[0.0], np.cumsum(overlap) / regions])
+    np.minimum(fpr, 1.0, out=fpr)
+    np.minimum(pro, 1.0, out=pro)
+    return fpr, pro
+
+
 def _aupro_from_counts(neg: np.ndarray, overlap: np.ndarray, n_neg: int, regions: int, fpr_limit: float) -> float:
     """Normalised area under the PRO curve up to ``fpr_limit`` from per-threshold groups (descending scores).
 
@@ -196,17 +228,31 @@ def _aupro_from_counts(neg: np.ndarray, overlap: np.ndarray, n_neg: int, regions
     in MVTec's and anomalib's definition. Sums are kept in float64 (anomalib's float32 running sums are
     exact only up to 2**24 counted pixels, about 330 images of 224 x 224).
     """
-    fpr = np.concatenate([[0.0], np.cumsum(neg, dtype=np.float64) / n_neg])
-    pro = np.concatenate([[0.0], np.cumsum(overlap) / regions])
-    np.minimum(fpr, 1.0, out=fpr)
-    np.minimum(pro, 1.0, out=pro)
+    fpr, pro = _pro_curve_from_counts(neg, overlap, n_neg, regions)
     inside = int(np.searchsorted(fpr, fpr_limit, side="right"))  # points with fpr <= limit
     x, y = fpr[:inside], pro[:inside]
     if inside < len(fpr) and x[-1] < fpr_limit:
         f1, f2, p1, p2 = fpr[inside - 1], fpr[inside], pro[inside - 1], pro[inside]
         x = np.append(x, fpr_limit)
         y = np.append(y, p1 + (p2 - p1) * (fpr_limit - f1) / (f2 - f1))
-    return float(np.trapezoid(y, x) / x[-1]) if x[-1] > 0 else math.nan
+    return float(_trapezoid(y, x) / x[-1]) if x[-1] > 0 else math.nan
+
+
+def pro_curve(pixel_scores: Any, pixel_masks: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """The per-region overlap curve (FPR, PRO) of raw maps (N, H, W) against masks, for figures; None when a
+    class or every region is missing. AUPRO is its normalised area up to 30 % FPR (:func:`pixel_metrics`)."""
+    masks = _to_numpy(pixel_masks, "pixel_masks").astype(bool, copy=False)
+    weights, regions = region_overlap_weights(masks)
+    counts = _grouped_counts(_flatten(pixel_scores, "pixel_scores"), masks.reshape(-1), weights)
+    if counts is None or not regions:
+        return None
+    _, neg, _, n_neg, overlap = counts
+    return _pro_curve_from_counts(neg, overlap, n_neg, regions)
+
+
+def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
+    """Trapezoidal area under y(x), written out: numpy names it ``trapz`` before 2.0 and ``trapezoid`` after."""
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) * 0.5))
 
 
 def binary_auroc(scores: Any, labels: Any) -> float:
@@ -268,11 +314,21 @@ def binary_auroc_ap(scores: Any, labels: Any) -> tuple[float, float]:
 
     Same inputs, NaN convention, errors and memory bound as :func:`binary_auroc`.
     """
+    return image_metrics(scores, labels)[:2]
+
+
+def image_metrics(scores: Any, labels: Any) -> tuple[float, float, float]:
+    """``(AUROC, AP, F1-max)`` of raw scores from a single sort; F1-max is the best F1 over every threshold
+    (scikit-learn's precision-recall curve). Same inputs, NaN convention and errors as :func:`binary_auroc`."""
     counts = _grouped_counts(scores, labels)
     if counts is None:
-        return math.nan, math.nan
+        return math.nan, math.nan, math.nan
     pos, neg, n_pos, n_neg = counts
-    return _auroc_from_counts(pos, neg, n_pos, n_neg), _ap_from_counts(pos, neg, n_pos)
+    return (
+        _auroc_from_counts(pos, neg, n_pos, n_neg),
+        _ap_from_counts(pos, neg, n_pos),
+        _f1_max_from_counts(pos, neg, n_pos),
+    )
 
 
 @dataclass
@@ -284,6 +340,8 @@ class TaskMetrics:
     pixel_auroc: float
     pixel_ap: float
     pixel_aupro: float = math.nan  # normalised area under the per-region overlap curve up to 30 % FPR
+    image_f1_max: float = math.nan  # best F1 over every image-score threshold
+    pixel_f1_max: float = math.nan  # best F1 over every pixel threshold
 
     def as_dict(self) -> dict[str, float]:
         """Return the metrics keyed by :data:`METRIC_NAMES`, for logging and ``metrics.json``."""
@@ -317,10 +375,10 @@ def compute_task_metrics(
         ValueError: If only one of ``pixel_scores`` / ``pixel_masks`` is given, their shapes differ, or
             any score is non-finite.
     """
-    image_auroc, image_ap = binary_auroc_ap(image_scores, image_labels)
+    image_auroc, image_ap, image_f1 = image_metrics(image_scores, image_labels)
 
     if pixel_scores is None and pixel_masks is None:
-        return TaskMetrics(image_auroc, image_ap, math.nan, math.nan, math.nan)
+        return TaskMetrics(image_auroc, image_ap, math.nan, math.nan, math.nan, image_f1)
     if pixel_scores is None or pixel_masks is None:
         missing = "pixel_scores" if pixel_scores is None else "pixel_masks"
         msg = f"{missing} is None but the other pixel input is given; pass both (or neither) of them."
@@ -337,22 +395,22 @@ def compute_task_metrics(
             "resize the masks (nearest) to the anomaly-map size first."
         )
         raise ValueError(msg)
-    pixel_auroc, pixel_ap, pixel_aupro = pixel_metrics(pixel_scores, masks)
-    return TaskMetrics(image_auroc, image_ap, pixel_auroc, pixel_ap, pixel_aupro)
+    pixel_auroc, pixel_ap, pixel_aupro, pixel_f1 = pixel_metrics(pixel_scores, masks)
+    return TaskMetrics(image_auroc, image_ap, pixel_auroc, pixel_ap, pixel_aupro, image_f1, pixel_f1)
 
 
 def pixel_metrics(
     pixel_scores: Any, pixel_masks: Any, fpr_limit: float = AUPRO_FPR_LIMIT
-) -> tuple[float, float, float]:
-    """(AUROC, AP, AUPRO up to ``fpr_limit``) of raw maps (N, H, W) against binary masks (N, H, W), one sort.
-
-    AUPRO is NaN when no mask marks a region, AUROC and AP when a class is missing.
+) -> tuple[float, float, float, float]:
+    """(AUROC, AP, AUPRO up to ``fpr_limit``, F1-max) of raw maps (N, H, W) against binary masks (N, H, W), one
+    sort. AUPRO is NaN when no mask marks a region, the others when a class is missing.
     """
     masks = _to_numpy(pixel_masks, "pixel_masks").astype(bool, copy=False)
     weights, regions = region_overlap_weights(masks)
     counts = _grouped_counts(_flatten(pixel_scores, "pixel_scores"), masks.reshape(-1), weights)
     if counts is None:
-        return math.nan, math.nan, math.nan
+        return math.nan, math.nan, math.nan, math.nan
     pos, neg, n_pos, n_neg, overlap = counts
     aupro = _aupro_from_counts(neg, overlap, n_neg, regions, fpr_limit) if regions else math.nan
-    return _auroc_from_counts(pos, neg, n_pos, n_neg), _ap_from_counts(pos, neg, n_pos), aupro
+    auroc, ap = _auroc_from_counts(pos, neg, n_pos, n_neg), _ap_from_counts(pos, neg, n_pos)
+    return auroc, ap, aupro, _f1_max_from_counts(pos, neg, n_pos)

@@ -1,4 +1,4 @@
-"""Pictures a person wants to look at after a run: anomaly-map overlays, routing confusion, ROC curves.
+"""Pictures a person wants to look at after a run: anomaly-map overlays, routing confusion, ROC, PR and PRO curves.
 
 All figures are written as PNG with matplotlib's Agg backend (no display needed); :func:`write_figures`
 writes the end-of-run set to the run directory and hands them to the loggers (W&B images).
@@ -17,11 +17,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 from moleflow.data.datamodule import ContinualDataModule  # noqa: E402
 from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from moleflow.evaluation.evaluate import TaskEvaluation  # noqa: E402
+from moleflow.evaluation.metrics import AUPRO_FPR_LIMIT, pro_curve  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,54 @@ def save_roc_curves(evaluations: Sequence[TaskEvaluation], path: str | Path) -> 
     return Path(path)
 
 
+def save_pr_curves(evaluations: Sequence[TaskEvaluation], path: str | Path) -> Path:
+    """Image-level precision-recall curve of every task (routed scores), AP and F1-max in the legend."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for ev in evaluations:
+        labels = ev.labels.numpy()
+        if labels.min() == labels.max():
+            continue
+        precision, recall, _ = precision_recall_curve(labels, ev.routed_image_scores.numpy())
+        label = f"{ev.name} (AP {100 * ev.routed.image_ap:.1f}, F1-max {100 * ev.routed.image_f1_max:.1f})"
+        ax.plot(recall, precision, label=label)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Image-level precision-recall per task")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_pro_curves(evaluations: Sequence[TaskEvaluation], masks: dict[int, Any], path: str | Path) -> Path | None:
+    """Per-region overlap (PRO) curve of every task with masks (routed maps), AUPRO at 30 % FPR in the legend;
+    None when no task has masks."""
+    curves = []
+    for ev in evaluations:
+        if ev.has_masks and masks.get(ev.task) is not None:
+            curve = pro_curve(ev.routed_pixel_maps, masks[ev.task])
+            if curve is not None:
+                curves.append((ev, curve))
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for ev, (fpr, pro) in curves:
+        ax.plot(fpr, pro, label=f"{ev.name} (AUPRO@30% {100 * ev.routed.pixel_aupro:.1f})")
+    ax.axvline(AUPRO_FPR_LIMIT, color="k", linestyle=":", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positive rate (defect-free pixels)")
+    ax.set_ylabel("mean per-region overlap")
+    ax.set_title("Pixel-level PRO curve per task")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def write_figures(
     output_dir: Path,
     dm: ContinualDataModule,
@@ -145,8 +194,10 @@ def write_figures(
     overlays_per_task: int,
     loggers: list[Any],
     confusion_by_label: dict[str, np.ndarray] | None = None,
+    test_masks: dict[int, Any] | None = None,
 ) -> dict[str, Any]:
-    """Overlays per task, the routing confusion matrix and ROC curves; returns their paths (relative)."""
+    """Overlays per task, the routing confusion matrix, ROC and PR curves, and with ``test_masks`` (task -> (N, S, S)
+    ground truth) the PRO curves; returns their paths (relative)."""
     fig_dir = output_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Any] = {"overlays": {}}
@@ -167,11 +218,16 @@ def write_figures(
         written["routing_confusion"] = str(path.relative_to(output_dir))
     path = save_roc_curves(evaluations, fig_dir / "roc_curves.png")
     written["roc_curves"] = str(path.relative_to(output_dir))
+    written["pr_curves"] = str(save_pr_curves(evaluations, fig_dir / "pr_curves.png").relative_to(output_dir))
+    pro = save_pro_curves(evaluations, test_masks or {}, fig_dir / "pro_curves.png")
+    if pro is not None:
+        written["pro_curves"] = str(pro.relative_to(output_dir))
     for lg in loggers:
         if hasattr(lg, "log_image"):
             try:
                 files = [str(output_dir / p) for p in written["overlays"].values()]
-                files += [str(output_dir / written[k]) for k in ("routing_confusion", "roc_curves") if k in written]
+                curves = ("routing_confusion", "roc_curves", "pr_curves", "pro_curves")
+                files += [str(output_dir / written[k]) for k in curves if k in written]
                 lg.log_image(key="figures", images=files)
             except Exception as err:  # noqa: BLE001 - figures must never fail a finished run
                 log.warning("Could not log figures to %s: %s", type(lg).__name__, err)

@@ -40,6 +40,8 @@ TABLE_COLUMNS = (  # (metric key, header) in the study's column order
     ("image_ap", "Img AP"),
     ("pixel_ap", "Pix AP"),
     ("pixel_aupro", "Pix PRO"),  # AUPRO up to 30 % FPR (not in the study's tables)
+    ("image_f1_max", "Img F1"),  # best F1 over every threshold (not in the study's tables)
+    ("pixel_f1_max", "Pix F1"),
 )
 
 

@@ -162,9 +162,7 @@ class MoLEFlowDetector(CalibrationMixin):
         extractor = extractor_from_stored(
             backbone, int(run_config["model"]["flow"]["embed_dim"]), f"The run config of checkpoint {path}"
         )
-        calibration = read_calibration(info)
-        if calibration is None:
-            calibration = _calibrated_copy_of(path, recalibrate)
+        calibration = _thresholds_in_use(path, read_calibration(info), _calibrated_copy_of(path, recalibrate))
         score = run_config["model"].get("score", {})
         detector = cls(
             extractor,
@@ -250,12 +248,35 @@ class MoLEFlowDetector(CalibrationMixin):
         self._score_override.clear()
         self._route_override.clear()
 
-    def _threshold_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = [math.inf if v is None else v for v in self.thresholds.values()]
-        routes = [math.inf if v is None else v for v in self.route_thresholds.values()]
+    @property
+    def score_medians(self) -> dict[str, float | None]:
+        """Median score of each task's calibration images (0 of the normalised score); None: not stored."""
+        return {n: self._stored(n, "score_median") for n in self.task_names}
+
+    @property
+    def pixel_thresholds(self) -> dict[str, float | None]:
+        """Pixel threshold per task (where a pixel is marked defective); None: not stored (no defect masks)."""
+        return {n: self._stored(n, "pixel_threshold") for n in self.task_names}
+
+    def _stored(self, name: str, key: str) -> float | None:
+        if self.calibration is None:
+            return None
+        value = getattr(self.calibration.tasks[name], key)
+        return None if value is None else float(value)
+
+    def _threshold_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-task (T,) float64: score thresholds and route thresholds (inf: none), median scores (NaN: none),
+        pixel thresholds (inf: none), in task order."""
+
+        def tensor(values: dict[str, float | None], missing: float) -> torch.Tensor:
+            items = [missing if v is None else v for v in values.values()]
+            return torch.tensor(items, dtype=torch.float64, device=self.device)
+
         return (
-            torch.tensor(scores, dtype=torch.float64, device=self.device),
-            torch.tensor(routes, dtype=torch.float64, device=self.device),
+            tensor(self.thresholds, math.inf),
+            tensor(self.route_thresholds, math.inf),
+            tensor(self.score_medians, math.nan),
+            tensor(self.pixel_thresholds, math.inf),
         )
 
     # -------------------------------------------------------------------------------- prediction
@@ -281,7 +302,7 @@ class MoLEFlowDetector(CalibrationMixin):
             return []
         self.require_thresholds()
         out = self.run_batch(torch.stack([item.tensor for item in loaded]))
-        route_thr = self.route_thresholds
+        route_thr, pixels = self.route_thresholds, self.pixel_thresholds
         results = []
         for i, item in enumerate(loaded):
             t = int(out["task"][i])
@@ -300,6 +321,9 @@ class MoLEFlowDetector(CalibrationMixin):
                     source=item.source,
                     original_size=item.original_hw,
                     nonfinite_patches=int(out["nonfinite"][i]),
+                    normalized_score=_known(float(out["normalized_score"][i]), self.thresholds[name]),
+                    pixel_threshold=pixels[name],
+                    defect_mask=None if pixels[name] is None else out["defect_mask"][i].cpu(),
                 )
             )
         return results
@@ -342,9 +366,8 @@ class MoLEFlowDetector(CalibrationMixin):
         pipeline = RoutedPipeline(
             self.extractor, self.model, self.image_size, self.score_top_k, self.pixel_sigma, every_task=True
         )
-        scores = [math.inf if v is None else float(v) for v in self.thresholds.values()]
-        routes = [math.inf if v is None else float(v) for v in self.route_thresholds.values()]
-        module = ExportableMoLEFlow(pipeline, scores, routes).eval()
+        scores, routes, medians, pixels = (t.tolist() for t in self._threshold_tensors())
+        module = ExportableMoLEFlow(pipeline, scores, routes, medians, pixels).eval()
         fmt = format.lower()
         metadata = export_metadata(
             fmt,
@@ -355,6 +378,8 @@ class MoLEFlowDetector(CalibrationMixin):
             pixel_sigma=self.pixel_sigma,
             score_thresholds=self.thresholds,
             route_thresholds=self.route_thresholds,
+            score_medians=self.score_medians,
+            pixel_thresholds=self.pixel_thresholds,
             calibration_notes=(
                 self.calibration.notes()
                 if self.calibration is not None
@@ -362,6 +387,38 @@ class MoLEFlowDetector(CalibrationMixin):
             ),
         )
         return write_export(module, path, metadata, self.run_batch, format=format, check_images=batch)
+
+
+def _known(normalized: float, threshold: float | None) -> float | None:
+    """The normalised score, or None where it means nothing (no threshold, or no stored median: NaN)."""
+    return None if threshold is None or math.isnan(normalized) else normalized
+
+
+def _thresholds_in_use(path: Path, own: Calibration | None, copy: Calibration | None) -> Calibration | None:
+    """The thresholds a loaded checkpoint judges with, said in the log.
+
+    A calibrated copy made for this very file (``mode=calibrate``, on purpose and later) wins over the thresholds
+    made in training that the checkpoint carries; either way one line says which are in use and where from.
+    """
+    chosen = copy if copy is not None else own
+    if chosen is None:
+        return None
+    sources = sorted({f"{t.score_source} ({t.score_images} images)" for t in chosen.tasks.values()})
+    if copy is not None and own is not None:
+        log.info(
+            "Using the thresholds of %s (calibrated %s: %s), not those made in training that %s carries.",
+            calibrated_path(path),
+            copy.created,
+            ", ".join(sources),
+            path.name,
+        )
+    elif copy is not None:
+        log.info(
+            "Using the thresholds of %s (calibrated %s: %s).", calibrated_path(path), copy.created, ", ".join(sources)
+        )
+    else:
+        log.info("Using the thresholds stored in %s (%s).", path, ", ".join(sources))
+    return chosen
 
 
 class CalibratedCopyError(RuntimeError):
@@ -388,7 +445,6 @@ def _calibrated_copy_of(path: Path, recalibrate: bool = False) -> Calibration | 
     if problem is None and calibration.source_sha256 != file_sha256(path):
         problem = f"it was calibrated for a different version of {path.name} (content hash differs)"
     if problem is None:
-        log.info("Using the thresholds stored in %s.", copy)
         return calibration
     if recalibrate:
         log.warning("Ignoring %s (recalibrate=true): %s. A new calibration saved replaces it.", copy, problem)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import warnings
 import zipfile
@@ -64,10 +65,18 @@ class ExportableMoLEFlow(nn.Module):
     Args:
         pipeline: the routed pipeline (built with ``every_task=True`` so that it traces).
         score_thresholds, route_thresholds: one per task; ``inf`` where there is none.
+        score_medians: one per task, the normalised score's 0 (NaN where none: normalised scores are NaN);
+            default NaN for every task.
+        pixel_thresholds: one per task (``inf`` where none: no defect mask); default ``inf`` for every task.
     """
 
     def __init__(
-        self, pipeline: RoutedPipeline, score_thresholds: Sequence[float], route_thresholds: Sequence[float]
+        self,
+        pipeline: RoutedPipeline,
+        score_thresholds: Sequence[float],
+        route_thresholds: Sequence[float],
+        score_medians: Sequence[float] | None = None,
+        pixel_thresholds: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if not pipeline.every_task:
@@ -75,11 +84,21 @@ class ExportableMoLEFlow(nn.Module):
             raise ExportError(msg)
         self.pipeline = pipeline
         device = next(iter(pipeline.model.router.buffers())).device
-        for name, values in (("score_thresholds", score_thresholds), ("route_thresholds", route_thresholds)):
+        n = len(score_thresholds)
+        medians = score_medians if score_medians is not None else [math.nan] * n
+        pixels = pixel_thresholds if pixel_thresholds is not None else [math.inf] * n
+        for name, values in (
+            ("score_thresholds", score_thresholds),
+            ("route_thresholds", route_thresholds),
+            ("score_medians", medians),
+            ("pixel_thresholds", pixels),
+        ):
             self.register_buffer(name, torch.tensor([float(v) for v in values], dtype=torch.float64, device=device))
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        return self.pipeline(images, self.score_thresholds, self.route_thresholds)
+        return self.pipeline(
+            images, self.score_thresholds, self.route_thresholds, self.score_medians, self.pixel_thresholds
+        )
 
 
 def export_metadata(
@@ -93,6 +112,8 @@ def export_metadata(
     score_thresholds: Mapping[str, float | None],
     route_thresholds: Mapping[str, float | None],
     calibration_notes: list[str],
+    score_medians: Mapping[str, float | None] | None = None,
+    pixel_thresholds: Mapping[str, float | None] | None = None,
 ) -> dict[str, Any]:
     """The metadata stored in (and next to) an exported file."""
     return json_safe(
@@ -114,6 +135,8 @@ def export_metadata(
             "pixel_sigma": pixel_sigma,
             "score_thresholds": dict(score_thresholds),
             "route_thresholds": dict(route_thresholds),
+            "score_medians": dict(score_medians or {}),
+            "pixel_thresholds": dict(pixel_thresholds or {}),
             "calibration_notes": calibration_notes,
             "tolerance": {"score_rtol": SCORE_RTOL, "score_atol": SCORE_ATOL, "routed_tasks": "identical"},
         }

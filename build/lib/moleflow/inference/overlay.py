@@ -1,4 +1,5 @@
-"""Anomaly-map overlay PNGs for predictions: the image, and the heat map over it, with the verdict on top.
+"""Anomaly-map overlay PNGs for predictions: the image, and the heat map over it with the predicted defect mask's
+outline, the verdict on top.
 
 Same look as the training run's figures (``evaluation/plots.py``: image, then "jet" heat map at 50 %
 over it), but drawn with PIL instead of a matplotlib figure, because a folder of thousands of images
@@ -21,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.nn import functional as F
 
 from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD, _to_rgb
+from moleflow.inference.masks import mask_at_original, outline
 from moleflow.inference.prediction import Prediction
 
 DISPLAY_MAX_SIDE = 512  # overlays are for looking at: larger originals are shown downscaled
@@ -28,6 +30,7 @@ DISPLAY_MIN_SIDE = 256  # and small ones upscaled, so the caption and the map st
 CAPTION_HEIGHT = 36
 FONT_SIZE = 12
 HEAT_ALPHA = 0.5  # as in evaluation/plots.py
+OUTLINE_COLOUR = (255, 255, 255)  # the predicted defect mask's outline, over the heat map
 
 
 def _display_image(path: Path | None, tensor: torch.Tensor) -> Image.Image:
@@ -78,7 +81,8 @@ def _caption(pred: Prediction) -> list[str]:
     task = f"nearest task {pred.task}" if pred.is_unknown else f"task {pred.task}"
     first = f"{pred.verdict.upper()}   {task}   routing distance {pred.routing_distance:.4g} (limit {route})"
     thr = "none" if pred.threshold is None else f"{pred.threshold:.4g}"
-    second = f"score {pred.score:.4g}   threshold {thr}"
+    normalised = "" if pred.normalized_score is None else f" ({pred.normalized_score:.2f} normalised, 0.5 = threshold)"
+    second = f"score {pred.score:.4g}{normalised}   threshold {thr}"
     if pred.is_unknown:
         second += "   (against the nearest task)"
     return [first, second]
@@ -89,6 +93,11 @@ def save_overlay(pred: Prediction, tensor: torch.Tensor, path: Path | None, out:
     image = _display_image(path, tensor)
     heat = _heat(pred.anomaly_map, image.size, pred.threshold)
     blended = Image.blend(image, heat, HEAT_ALPHA)
+    if pred.defect_mask is not None and bool(pred.defect_mask.any()):  # where the defect is: its outline
+        edge = outline(mask_at_original(pred.defect_mask, (image.height, image.width)))
+        pixels = np.asarray(blended).copy()
+        pixels[edge] = OUTLINE_COLOUR
+        blended = Image.fromarray(pixels)
     w, h = image.size
     font = ImageFont.load_default(size=FONT_SIZE)
     lines = _caption(pred)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from moleflow.evaluation.scoring import score_maps
 from moleflow.models.feature_extractor import FeatureExtractor
 from moleflow.models.moleflow import MoLEFlowModel
+from moleflow.thresholds.fitting import normalized_score, outside_own_route
 
 OUTPUTS = {
     "task": "(B,) int64: routed (nearest) task index; names in metadata task_names",
@@ -24,8 +25,12 @@ OUTPUTS = {
     "distances": "(B, T) float64: squared Mahalanobis distance to every task",
     "score": "(B,) float32: image score, mean of the top-k patch NLLs of the routed task",
     "threshold": "(B,) float64: the routed task's score threshold (inf when not calibrated)",
-    "is_unknown": "(B,) bool: distance to every task above that task's route threshold",
+    "is_unknown": "(B,) bool: distance to the routed task above that task's own route threshold",
     "is_defective": "(B,) bool: score > threshold and not unknown",
+    "normalized_score": "(B,) float64 in [0, 1]: 0.5 at the routed task's threshold, 0 at or below the median score "
+    "of its defect-free calibration images, linear, clipped (NaN without a stored median)",
+    "pixel_threshold": "(B,) float64: the routed task's pixel threshold (inf when none)",
+    "defect_mask": "(B, S, S) bool: anomaly_map > the routed task's pixel threshold (all false when unknown)",
     "nll_map": "(B, H, W) float32: per-patch NLL (non-finite values replaced per image)",
     "anomaly_map": "(B, S, S) float32: NLL map upsampled to the input size and Gaussian-smoothed",
     "nonfinite": "(B,) int64: patch values that were NaN/inf and replaced",
@@ -61,14 +66,25 @@ class RoutedPipeline(nn.Module):
         self.pixel_sigma = float(pixel_sigma)
         self.every_task = every_task
 
-    def forward(self, images: Tensor, score_thresholds: Tensor, route_thresholds: Tensor) -> dict[str, Tensor]:
+    def forward(
+        self,
+        images: Tensor,
+        score_thresholds: Tensor,
+        route_thresholds: Tensor,
+        score_medians: Tensor,
+        pixel_thresholds: Tensor,
+    ) -> dict[str, Tensor]:
+        """Images (B, 3, S, S) and per-task (T,) float64 score thresholds, route thresholds, median scores and
+        pixel thresholds -> the tensors of ``OUTPUTS``."""
         features = self.extractor(images)
         dists = self.model.router.distances(self.model.router.summarize(features), self.model.num_tasks)
         best, tasks = dists.min(dim=1)
         nll = self.model.nll_routed(features, tasks, every_task=self.every_task)
         clean, scores, pixels, replaced = score_maps(nll, self.score_top_k, self.image_size, self.pixel_sigma)
-        unknown = (dists > route_thresholds[None, :]).all(dim=1)
+        unknown = outside_own_route(dists, route_thresholds)
         threshold = score_thresholds.index_select(0, tasks)
+        pixel_threshold = pixel_thresholds.index_select(0, tasks)
+        mask = (pixels.to(pixel_threshold.dtype) > pixel_threshold[:, None, None]) & ~unknown[:, None, None]
         return {
             "task": tasks,
             "routing_distance": best,
@@ -77,6 +93,9 @@ class RoutedPipeline(nn.Module):
             "threshold": threshold,
             "is_unknown": unknown,
             "is_defective": (scores.to(threshold.dtype) > threshold) & ~unknown,
+            "normalized_score": normalized_score(scores, threshold, score_medians.index_select(0, tasks)),
+            "pixel_threshold": pixel_threshold,
+            "defect_mask": mask,
             "nll_map": clean,
             "anomaly_map": pixels,
             "nonfinite": replaced,

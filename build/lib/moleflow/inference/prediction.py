@@ -25,12 +25,17 @@ class Prediction:
         score: image score (mean of the top-k patch NLLs under the routed task's expert).
         threshold: the routed task's score threshold (None when not calibrated).
         is_defective: ``score > threshold`` for an image of a known category (False when unknown).
-        is_unknown: the routing distance to every task exceeds that task's route threshold.
+        is_unknown: the routing distance to the routed task exceeds that task's own route threshold.
         anomaly_map: (S, S) pixel anomaly map at the model's input size (NLL, smoothed).
         route_threshold: the routed task's unknown-category threshold (None: never unknown).
         source: the file path, or a description of an in-memory image.
         original_size: (H, W) of the image before resizing (None for tensors).
         nonfinite_patches: patch NLLs that were NaN/inf and replaced (non-zero: the model diverged).
+        normalized_score: the score in [0, 1], 0.5 exactly at the threshold, 0 at or below the median score of the
+            task's defect-free calibration images, linear, clipped (None without a stored median or threshold).
+        pixel_threshold: the routed task's pixel threshold (None: no defect mask).
+        defect_mask: (S, S) bool, pixels of ``anomaly_map`` above ``pixel_threshold`` (None without one; all
+            false for an unknown category).
     """
 
     task: str
@@ -45,6 +50,19 @@ class Prediction:
     source: str = ""
     original_size: tuple[int, int] | None = None
     nonfinite_patches: int = 0
+    normalized_score: float | None = None
+    pixel_threshold: float | None = None
+    defect_mask: torch.Tensor | None = None
+
+    @property
+    def decided_by(self) -> str:
+        """Which threshold decided the verdict, in words (the CSV's ``decided_by``)."""
+        if self.is_unknown:
+            return f"route threshold of {self.task}: distance {self.routing_distance:.6g} > {self.route_threshold:.6g}"
+        if self.threshold is None or not math.isfinite(self.threshold):
+            return f"no score threshold for {self.task} (not calibrated)"
+        sign = ">" if self.is_defective else "<="
+        return f"score threshold of {self.task}: score {self.score:.6g} {sign} {self.threshold:.6g}"
 
     @property
     def verdict(self) -> str:
@@ -67,9 +85,12 @@ class Prediction:
             "routing_distance": self.routing_distance,
             "route_threshold": finite(self.route_threshold),
             "score": self.score,
+            "normalized_score": finite(self.normalized_score),
             "threshold": finite(self.threshold),
+            "pixel_threshold": finite(self.pixel_threshold),
             "is_defective": self.is_defective,
             "is_unknown": self.is_unknown,
+            "decided_by": self.decided_by,
             "original_size": list(self.original_size) if self.original_size else None,
             "nonfinite_patches": self.nonfinite_patches,
         }

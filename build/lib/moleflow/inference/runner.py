@@ -7,7 +7,10 @@
 * ``predictions.json``: the same rows plus the thresholds in use, where they come from (and the
   in-sample caveat when they come from the training images), counts per verdict, unreadable files, and
   ``skipped``: every file or folder under the input that was not read, with the reason;
-* ``overlays/<relative path>.png``: image + anomaly-map overlay per image.
+* ``masks/<relative path without its extension>.png``: the predicted defect mask at the image's original size
+  (255 = defect), whose area and bounding boxes are in the CSV;
+* ``overlays/<relative path without its extension>.png``: image + anomaly-map overlay per image (an input
+  whose name differs from another's only by the extension keeps it: ``a.jpg.png``).
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from rich.table import Table
 from moleflow.assembly.builders import resolve_device
 from moleflow.data.inputs import LoadedImage, scan_inputs, try_load
 from moleflow.inference.detector import MoLEFlowDetector
+from moleflow.inference.masks import mask_at_original, regions, save_mask
 from moleflow.inference.overlay import save_overlay
-from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN
+from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN, Prediction
 from moleflow.thresholds.records import Calibration, calibrated_path
 from moleflow.utils.files import atomic_write_text, json_safe
 from moleflow.utils.prefetch import map_threads, overlap_pays_off, prefetch
@@ -47,9 +51,15 @@ CSV_COLUMNS = (
     "routing_distance",
     "route_threshold",
     "score",
+    "normalized_score",
     "threshold",
     "is_defective",
     "is_unknown",
+    "decided_by",
+    "pixel_threshold",
+    "defect_area_px",
+    "defect_boxes",
+    "mask",
     "original_height",
     "original_width",
     "nonfinite_patches",
@@ -75,6 +85,20 @@ def calibration_summary(calibration: Calibration | None) -> dict[str, Any] | Non
 
 def _relative(path: Path, root: Path) -> Path:
     return Path(path.name) if root.is_file() else path.relative_to(root)
+
+
+def clashing_stems(paths: list[Path]) -> set[Path]:
+    """(folder / stem) of the inputs that share a name but for the extension (``a.jpg`` and ``a.png``)."""
+    seen = Counter(p.parent / p.stem for p in paths)
+    return {stem for stem, n in seen.items() if n > 1}
+
+
+def output_name(rel: Path, clashing: set[Path]) -> Path:
+    """Where an input's PNG outputs go (overlay, mask): ``sub/part_001.jpg`` -> ``sub/part_001.png``; an input
+    whose name only differs from another's by the extension keeps it (``sub/a.jpg.png``, ``sub/a.png.png``)."""
+    if rel.parent / rel.stem in clashing:
+        return rel.with_name(rel.name + ".png")
+    return rel.with_suffix(".png")
 
 
 def _shown(path: Path, root: Path) -> str:
@@ -120,6 +144,7 @@ def predict_folder(
     unreadable: list[dict[str, str]] = []
     chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
     show = progress and len(files) > batch_size
+    clashing = clashing_stems([_relative(path, root) for path in files])
     with open(out / "predictions.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
@@ -147,7 +172,7 @@ def predict_folder(
                     item, pred = next(predictions)
                     overlay = None
                     if overlays == "all" or (overlays == "flagged" and pred.verdict != VERDICT_NORMAL):
-                        target = out / "overlays" / f"{rel}.png"
+                        target = out / "overlays" / output_name(rel, clashing)
                         save_overlay(pred, item.tensor, item.path, target)
                         overlay = str(target.relative_to(out))
                     d = pred.as_dict()
@@ -157,6 +182,7 @@ def predict_folder(
                         **{k: d[k] for k in CSV_COLUMNS if k in d},
                         "original_height": h,
                         "original_width": w,
+                        **_defect_region(pred, out, output_name(rel, clashing)),
                         "overlay": overlay,
                         "error": None,
                     }
@@ -171,7 +197,14 @@ def predict_folder(
         "output_dir": str(out),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "tasks": detector.task_names,
-        "thresholds": json_safe({"score": detector.thresholds, "route": detector.route_thresholds}),
+        "thresholds": json_safe(
+            {
+                "score": detector.thresholds,
+                "route": detector.route_thresholds,
+                "pixel": detector.pixel_thresholds,
+                "score_median": detector.score_medians,
+            }
+        ),
         "calibration": calibration,
         "notes": (calibration or {}).get("notes", []),
         "counts": {v: counts.get(v, 0) for v in (VERDICT_NORMAL, VERDICT_DEFECTIVE, VERDICT_UNKNOWN, UNREADABLE)},
@@ -200,7 +233,7 @@ def _print_summary(payload: dict[str, Any]) -> None:
         console.print(f"[yellow]not read:[/yellow] {item['file']}: {item['reason']}")
     for note in payload["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")
-    console.print(f"Results: {payload['output_dir']}/predictions.csv, predictions.json, overlays/")
+    console.print(f"Results: {payload['output_dir']}/predictions.csv, predictions.json, overlays/, masks/")
 
 
 def _routing_cells(routing: dict[str, Any] | None) -> list[str]:
@@ -259,6 +292,16 @@ def _threshold_overrides(cfg: DictConfig) -> tuple[Any, Any]:
     if not cfg.get("unknown_detection", True):
         route = math.inf
     return score, route
+
+
+def _defect_region(pred: Prediction, out: Path, name: Path) -> dict[str, Any]:
+    """The predicted defect mask of one image in its original pixels: ``masks/<name>.png``, area, boxes."""
+    if pred.defect_mask is None:
+        return {"defect_area_px": None, "defect_boxes": None, "mask": None}
+    mask = mask_at_original(pred.defect_mask, pred.original_size)
+    area, boxes = regions(mask)
+    target = save_mask(mask, out / "masks" / name)
+    return {"defect_area_px": area, "defect_boxes": json.dumps(boxes), "mask": str(target.relative_to(out))}
 
 
 def run_from_config(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:

@@ -21,13 +21,15 @@ from moleflow.assembly.checkpoint_files import read_checkpoint, write_checkpoint
 from moleflow.assembly.integrity import file_sha256
 from moleflow.assembly.trusted_targets import UntrustedTargetError
 from moleflow.data.inputs import scan_inputs, try_load
-from moleflow.evaluation.scoring import image_scores
+from moleflow.evaluation.scoring import score_maps
 from moleflow.thresholds.fitting import (
     MIN_ROUTE_IMAGES,
     check_rate,
     cross_validated_distances,
     f1_report,
     fpr_threshold,
+    outside_own_route,
+    pixel_threshold,
     routing_report,
     tail_threshold,
 )
@@ -89,9 +91,16 @@ class CalibrationMixin:
 
     @torch.no_grad()
     def _score_paths(
-        self, paths: list[Path], task: int, batch_size: int, description: str, progress: bool
+        self,
+        paths: list[Path],
+        task: int,
+        batch_size: int,
+        description: str,
+        progress: bool,
+        maps: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-        """Router features (N, D), scores under ``task``'s expert (N,), and the files that could not be read."""
+        """Router features (N, D), scores under ``task``'s expert (N,), and the files that could not be read; with
+        ``maps`` (a list), the pixel maps (B, S, S) of each batch are appended to it, as ``predict`` makes them."""
         feats, scores, bad = [], [], []
         batches = list(chunks(paths, batch_size))
         for chunk in track(batches, description, total=len(batches), enabled=progress):
@@ -107,7 +116,11 @@ class CalibrationMixin:
                 continue
             features = self.extractor(torch.stack([x.tensor for x in loaded]).to(self.device))
             tasks = torch.full((features.shape[0],), task, dtype=torch.int64, device=self.device)
-            _, s, _ = image_scores(self.model.nll_routed(features, tasks), self.score_top_k)
+            _, s, pixels, _ = score_maps(
+                self.model.nll_routed(features, tasks), self.score_top_k, self.image_size, self.pixel_sigma
+            )
+            if maps is not None:
+                maps.append(pixels.cpu())
             feats.append(self.model.router.summarize(features).cpu())
             scores.append(s.double().cpu())
         if not feats:
@@ -183,8 +196,12 @@ class CalibrationMixin:
                 paths, source = [s.image_path for s in dm.train_dataset(t).samples], SOURCE_TRAINING
                 if normal_dir is not None:
                     log.warning("normal_dir has no folder for task %s: calibrating it on its training images.", name)
-            feats, scores, _ = self._score_paths(paths, t, batch_size, f"Calibrating {name} ({source})", progress)
+            maps: list[torch.Tensor] = []
+            feats, scores, _ = self._score_paths(
+                paths, t, batch_size, f"Calibrating {name} ({source})", progress, maps=maps
+            )
             score_thr, fpr = fpr_threshold(scores, target_fpr)
+            pixel_thr, pixel_fpr = pixel_threshold(torch.cat(maps), target_fpr)
             if source == SOURCE_HELD_OUT:
                 dists = self.model.router.distances(feats.to(self.device), n_tasks).cpu()
                 held_dists[name] = dists
@@ -204,6 +221,10 @@ class CalibrationMixin:
                 route_threshold=route_thr,
                 route_source=source,
                 route_images=int(own.numel()),
+                score_median=float(np.median(scores)),
+                pixel_threshold=pixel_thr,
+                pixel_fpr=pixel_fpr,
+                pixel_images=int(scores.size),
             )
         route = torch.tensor([tasks[n].route_threshold for n in self.task_names], dtype=torch.float64)
         for t, name in enumerate(self.task_names):
@@ -212,7 +233,7 @@ class CalibrationMixin:
                 tasks[name].held_out_routing = {
                     "images": int(d.shape[0]),
                     "routed_to_other_task": int((d.argmin(dim=1) != t).sum()),
-                    "flagged_unknown": int((d > route[None, :]).all(dim=1).sum()),
+                    "flagged_unknown": int(outside_own_route(d, route).sum()),
                 }
         if test_labels:
             self._test_reports(tasks, dm, data_root, batch_size, progress, route)

@@ -84,6 +84,24 @@ def fpr_threshold(scores: np.ndarray | torch.Tensor, target_fpr: float) -> tuple
     return threshold, float(np.mean(s > threshold))
 
 
+def pixel_threshold(maps: torch.Tensor, target_fpr: float) -> tuple[float, float]:
+    """Pixel threshold from defect-free images' pixel maps (N, S, S): at most ``target_fpr`` of their pixels above
+    it (the score threshold's rule, per pixel). Returns (threshold, the pixel false-positive rate it gives)."""
+    values = maps.detach().float().reshape(-1).cpu().numpy()
+    return fpr_threshold(values, target_fpr)
+
+
+def normalized_score(scores: torch.Tensor, thresholds: torch.Tensor, medians: torch.Tensor) -> torch.Tensor:
+    """Image scores as a number in [0, 1] a person can read: 0.5 exactly at the task's threshold, 0 at or below
+    the median score of its defect-free calibration images, linear in between and above (1 at threshold +
+    (threshold - median)), clipped. Monotone in the score. (B,) scores and the (B,) routed task's threshold and
+    median -> (B,); an uncalibrated task (threshold inf) gives 0. Tensor ops only (traces into an export)."""
+    scores, thresholds, medians = scores.double(), thresholds.double(), medians.double()
+    span = (thresholds - medians).clamp_min(1e-12)
+    scaled = 0.5 * (scores - medians) / span
+    return torch.where(torch.isfinite(thresholds), scaled, torch.zeros_like(scaled)).clamp(0.0, 1.0)
+
+
 def tail_threshold(distances: np.ndarray | torch.Tensor, rate: float, floor: float = 0.0) -> float:
     """Unknown-category threshold from out-of-sample distances of normal images (see the module docstring).
 
@@ -163,19 +181,31 @@ def f1_report(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -
     return report
 
 
+def outside_own_route(distances: torch.Tensor, route_thresholds: torch.Tensor) -> torch.Tensor:
+    """The unknown-category rule: (B, T) distances, (T,) route thresholds -> (B,) bool.
+
+    An image is an unknown category when its distance to the task it is routed to (the nearest) exceeds that
+    task's own route threshold: the expert that would judge it never saw anything that far away. (Flagging only
+    images beyond *every* task's threshold let an image be judged by an expert whose own threshold it exceeded,
+    as long as another task's covered it.) Tensor ops only, so it traces into an exported model.
+    """
+    best, routed = distances.min(dim=1)
+    return best > route_thresholds.to(best.dtype).index_select(0, routed)
+
+
 def routing_report(
     distances: torch.Tensor, task: int, labels: np.ndarray, route_thresholds: torch.Tensor
 ) -> dict[str, dict[str, Any]]:
     """Routing of one task's labelled test images, defect-free and defective apart.
 
     ``distances`` (N, T) of the images to every task, ``labels`` (N,) 0/1, ``route_thresholds`` (T,): an image
-    is an unknown category when its distance exceeds every task's threshold. Returns, per label
+    is an unknown category by :func:`outside_own_route`. Returns, per label
     (``normal``, ``defective``), the image count and the counts and rates of images routed to another task and
     flagged unknown (rates None when there is no image with that label), and the count routed to another task
     without being flagged unknown.
     """
     d = distances.double()
-    unknown = (d > route_thresholds.double()[None, :]).all(dim=1).numpy()
+    unknown = outside_own_route(d, route_thresholds.double()).numpy()
     elsewhere = (d.argmin(dim=1) != task).numpy()
     y = np.asarray(labels).ravel().astype(int)
     out: dict[str, dict[str, Any]] = {}

@@ -24,9 +24,15 @@ from typing import Any
 
 import torch
 
-from moleflow.evaluation.anomaly_map import image_scores_topk, sanitize_nonfinite_per_image
+from moleflow.evaluation.anomaly_map import image_scores_topk, pixel_anomaly_map, sanitize_nonfinite_per_image
 from moleflow.evaluation.evaluate import TaskEvaluation, router_inputs
-from moleflow.thresholds.fitting import MIN_ROUTE_IMAGES, fpr_threshold, tail_threshold
+from moleflow.thresholds.fitting import (
+    MIN_ROUTE_IMAGES,
+    fpr_threshold,
+    outside_own_route,
+    pixel_threshold,
+    tail_threshold,
+)
 from moleflow.thresholds.records import SOURCE_HELD_OUT, Calibration, TaskCalibration
 
 log = logging.getLogger(__name__)
@@ -49,23 +55,40 @@ def holdout_split(n: int, share: float, seed: int) -> tuple[torch.Tensor, torch.
 
 @torch.no_grad()
 def held_out_scores(
-    model: Any, features: torch.Tensor, task: int, top_k: int, batch_size: int, device: torch.device
-) -> torch.Tensor:
-    """Image scores (N,) float64 of features (N, H, W, D) under ``task``'s expert, as evaluation computes them."""
-    scores = []
+    model: Any,
+    features: torch.Tensor,
+    task: int,
+    top_k: int,
+    batch_size: int,
+    device: torch.device,
+    image_size: int | None = None,
+    pixel_sigma: float = 4.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Image scores (N,) float64 of features (N, H, W, D) under ``task``'s expert, as evaluation computes them,
+    and with ``image_size`` their pixel maps (N, S, S) float32 (else None)."""
+    scores, maps = [], []
     for start in range(0, features.shape[0], batch_size):
         feats = features[start : start + batch_size].to(device)
         tasks = torch.full((feats.shape[0],), task, dtype=torch.int64, device=device)
         nll, _ = sanitize_nonfinite_per_image(model.nll_routed(feats, tasks).float())
         scores.append(image_scores_topk(nll.cpu(), top_k).double())
-    return torch.cat(scores)
+        if image_size is not None:
+            maps.append(pixel_anomaly_map(nll.cpu(), image_size, pixel_sigma))
+    return torch.cat(scores), (torch.cat(maps) if maps else None)
 
 
 def fit_task_thresholds(
-    scores: torch.Tensor, distances: torch.Tensor, floor: float, target_fpr: float, unknown_rate: float
+    scores: torch.Tensor,
+    distances: torch.Tensor,
+    floor: float,
+    target_fpr: float,
+    unknown_rate: float,
+    maps: torch.Tensor | None = None,
 ) -> TaskCalibration:
-    """Thresholds of one task from its held-out images' scores (N,) and routing distances to it (N,)."""
+    """Thresholds of one task from its held-out images' scores (N,), routing distances to it (N,) and pixel maps
+    (N, S, S): score and pixel thresholds at ``target_fpr``, the median score, the unknown-category distance."""
     score_thr, fpr = fpr_threshold(scores.numpy(), target_fpr)
+    pixel_thr, pixel_fpr = pixel_threshold(maps, target_fpr) if maps is not None else (None, None)
     route_thr = tail_threshold(distances.numpy(), unknown_rate, floor)
     if distances.numel() < MIN_ROUTE_IMAGES:
         log.warning(
@@ -81,6 +104,10 @@ def fit_task_thresholds(
         route_threshold=route_thr,
         route_source=SOURCE_HELD_OUT,
         route_images=int(distances.numel()),
+        score_median=float(scores.median()),
+        pixel_threshold=pixel_thr,
+        pixel_fpr=pixel_fpr,
+        pixel_images=0 if maps is None else int(maps.shape[0]),
     )
 
 
@@ -93,11 +120,14 @@ def verdict_report(
     calibration: Calibration,
     names: list[str],
     distances: dict[int, torch.Tensor],
+    masks: dict[int, torch.Tensor | None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """What the stored thresholds decide on each task's labelled test images, as ``predict`` would.
 
-    An image goes to its routed task; it is "unknown" when its routing distance exceeds every task's route
-    threshold, else "defective" when its routed score exceeds the routed task's score threshold. Per task:
+    An image goes to its routed task; it is "unknown" when its routing distance exceeds that task's own route
+    threshold, else "defective" when its routed score exceeds the routed task's score threshold. With masks,
+    ``pixel_fpr`` / ``pixel_recall`` are the shares of defect-free / defective pixels of the task's test images
+    above its pixel threshold (routed maps). Per task:
     the false-positive rate (defect-free images called defective), recall (defective images called
     defective), the unknown-category rate per label, both rates counting "unknown" as a finding too
     (``*_with_unknown``: what needs a look), the rates with the true task's expert and threshold
@@ -115,7 +145,7 @@ def verdict_report(
         if ev.name not in calibration.tasks:
             continue
         d = distances[ev.task][:, : len(seen)].double()
-        unknown = (d > route_thr[None, :]).all(dim=1)
+        unknown = outside_own_route(d, route_thr)
         defective = (ev.routed_image_scores.double() > score_thr[ev.routed_tasks]) & ~unknown
         oracle = ev.oracle_image_scores.double() > score_thr[ev.task]
         normal, bad = ev.labels == 0, ev.labels == 1
@@ -140,8 +170,22 @@ def verdict_report(
             # judged by another task's expert and threshold with no "unknown" warning: the silent routing failure
             "misrouted_not_unknown_normal": int((misrouted & normal).sum()),
             "misrouted_not_unknown_defective": int((misrouted & bad).sum()),
+            **_pixel_rates(ev, calibration.tasks[ev.name].pixel_threshold, (masks or {}).get(ev.task)),
         }
     return out
+
+
+def _pixel_rates(ev: TaskEvaluation, threshold: float | None, masks: torch.Tensor | None) -> dict[str, Any]:
+    """Pixel false-positive rate and recall of the task's routed maps at its pixel threshold (None without)."""
+    if threshold is None or masks is None or not ev.has_masks:
+        return {"pixel_threshold": threshold, "pixel_fpr": None, "pixel_recall": None}
+    above, truth = ev.routed_pixel_maps > threshold, masks > 0.5
+    negatives, positives = int((~truth).sum()), int(truth.sum())
+    return {
+        "pixel_threshold": threshold,
+        "pixel_fpr": float((above & ~truth).sum() / negatives) if negatives else None,
+        "pixel_recall": float((above & truth).sum() / positives) if positives else None,
+    }
 
 
 def thresholds_from_held_out(
@@ -154,16 +198,19 @@ def thresholds_from_held_out(
     device: Any,
     target_fpr: float,
     unknown_rate: float,
+    image_size: int | None = None,
+    pixel_sigma: float = 4.0,
 ) -> TaskCalibration:
-    """Task t's score and unknown-category thresholds from its held-out images' features (N, H, W, D).
+    """Task t's score, pixel and unknown-category thresholds from its held-out images' features (N, H, W, D).
 
-    ``router_in`` holds the same images' router inputs; scores come from task t's expert, distances from
-    t's router statistics (fitted without these images).
+    ``router_in`` holds the same images' router inputs; scores and pixel maps (at ``image_size``, smoothed with
+    ``pixel_sigma``, as evaluation makes them) come from task t's expert, distances from t's router statistics
+    (fitted without these images).
     """
-    scores = held_out_scores(model, features, t, top_k, batch_size, device)
+    scores, maps = held_out_scores(model, features, t, top_k, batch_size, device, image_size, pixel_sigma)
     distances = model.router.distances(router_in.to(device), t + 1)[:, t].cpu()
     floor = float(model.router.floors(t + 1)[t])
-    result = fit_task_thresholds(scores, distances, floor, target_fpr, unknown_rate)
+    result = fit_task_thresholds(scores, distances, floor, target_fpr, unknown_rate, maps)
     log.info(
         "Task %d: thresholds from %d held-out images: score %.4g, unknown-category distance %.4g",
         t,
@@ -192,7 +239,9 @@ def threshold_report(
         "target_fpr": calibration.target_fpr,
         "unknown_rate": calibration.unknown_rate,
         "held_out_images": {n: c.score_images for n, c in calibration.tasks.items()},
-        "per_task": verdict_report(evaluations, calibration, names, distances),
+        "per_task": verdict_report(
+            evaluations, calibration, names, distances, {t: getattr(s, "masks", None) for t, s in test_sets.items()}
+        ),
         "note": "thresholds fitted at the end of each task on its held-out defect-free training images; "
         "fpr/recall: verdicts as predict gives them (routed, unknown category excluded); oracle_*: the true "
         "task's expert and threshold",

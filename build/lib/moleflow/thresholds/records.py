@@ -18,10 +18,10 @@ FORMAT_VERSION = 1
 SOURCE_TRAINING = "training"
 SOURCE_HELD_OUT = "held_out"
 IN_SAMPLE_NOTE = (
-    "Score thresholds of tasks marked source=training were calibrated on the images the model was trained on "
-    "(in-sample): their scores are lower than those of new normal images, so the threshold is optimistic and "
-    "the real false-positive rate is above the target. Calibrate on held-out defect-free images "
-    "(mode=calibrate calibration.normal_dir=FOLDER) for an honest rate."
+    "Score and pixel thresholds of tasks marked source=training were calibrated on the images the model was "
+    "trained on (in-sample): their scores are lower than those of new normal images, so the thresholds are "
+    "optimistic and the real false-positive rates (images and pixels) are above the target. Calibrate on "
+    "held-out defect-free images (mode=calibrate calibration.normal_dir=FOLDER) for an honest rate."
 )
 
 
@@ -38,6 +38,10 @@ class TaskCalibration:
     route_images: int
     test_report: dict[str, Any] | None = None  # F1-optimal threshold etc. when test labels exist
     held_out_routing: dict[str, int] | None = None  # held-out images routed elsewhere / flagged unknown
+    score_median: float | None = None  # median score of the calibration images: 0 of the normalised score
+    pixel_threshold: float | None = None  # anomaly-map value above which a pixel is marked defective
+    pixel_fpr: float | None = None  # share of the calibration images' pixels above it
+    pixel_images: int = 0  # images whose pixels it was fitted on (same source as the score threshold)
 
 
 @dataclass
@@ -62,6 +66,12 @@ class Calibration:
         notes = []
         if self.in_sample_tasks:
             notes.append(f"{IN_SAMPLE_NOTE} In-sample tasks: {self.in_sample_tasks}.")
+        no_pixel = [name for name, t in self.tasks.items() if t.pixel_threshold is None]
+        if no_pixel:
+            notes.append(
+                f"Tasks {no_pixel} have no pixel threshold or median score (calibrated by an older moleflow): no "
+                "defect masks and no normalised scores for them; calibrate again (mode=calibrate) to get both."
+            )
         never = [name for name, t in self.tasks.items() if not math.isfinite(t.route_threshold)]
         if never:
             notes.append(

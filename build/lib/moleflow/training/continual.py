@@ -454,6 +454,7 @@ def finish_run(run: ContinualRun) -> dict[str, Any]:
             cfg.report.overlays_per_task,
             run.loggers,
             run.tracker.confusion_by_label,
+            test_masks={ev.task: _test_masks(run, ev) for ev in evaluations if ev.has_masks},
         )
     run.timings["figures_s"] = time.time() - tic
     payload["warnings"] = _collapse_warnings(payload, run.module.skipped_batches)
@@ -466,6 +467,11 @@ def finish_run(run: ContinualRun) -> dict[str, Any]:
     write_json_atomic(run.output_dir / "metrics.json", payload)
     run.payload = payload
     return payload
+
+
+def _test_masks(run: ContinualRun, ev: Any) -> torch.Tensor | None:
+    """The ground-truth masks (N, S, S) of a task's cached test set."""
+    return run.cache.get(f"{ev.task:02d}_{ev.name}/test", lambda t=ev.task: run.dm.test_dataloader_for(t), True).masks
 
 
 def _write_score_records(run: ContinualRun) -> dict[str, str]:
@@ -492,6 +498,8 @@ def _task_thresholds(run: ContinualRun, task: TaskRound) -> Any:
         run.device,
         cfg.training.calibration_fpr,
         cfg.training.unknown_rate,
+        image_size=cfg.data["image_size"],
+        pixel_sigma=cfg.model.score.pixel_sigma,
     )
 
 

@@ -25,7 +25,7 @@ from moleflow.data.datamodule import data_settings_for_reading
 from moleflow.evaluation.anomaly_map import image_scores_topk
 from moleflow.evaluation.continual_metrics import routing_accuracy, routing_confusion
 from moleflow.evaluation.evaluate import EvaluationSpec, TaskEvaluation, evaluate_task
-from moleflow.evaluation.metrics import METRIC_NAMES, binary_auroc, binary_average_precision
+from moleflow.evaluation.metrics import METRIC_NAMES, image_metrics
 from moleflow.evaluation.report import write_json_atomic
 from moleflow.training.feature_cache import FeatureCache
 
@@ -37,8 +37,8 @@ def _row(evaluations: list[TaskEvaluation], top_k: int, names: list[str]) -> dic
     for ev in evaluations:
         scores = image_scores_topk(ev.routed_nll, top_k)
         per_task[ev.name] = {"routed": ev.routed.as_dict(), "routing_accuracy": ev.routing_accuracy}
-        per_task[ev.name]["routed"]["image_auroc"] = binary_auroc(scores, ev.labels)
-        per_task[ev.name]["routed"]["image_ap"] = binary_average_precision(scores, ev.labels)
+        auroc, ap, f1 = image_metrics(scores, ev.labels)
+        per_task[ev.name]["routed"].update(image_auroc=auroc, image_ap=ap, image_f1_max=f1)
     means = {m: float(sum(per_task[n]["routed"][m] for n in names) / len(names)) for m in METRIC_NAMES}
     true = torch.cat([torch.full_like(ev.routed_tasks, ev.task) for ev in evaluations])
     pred = torch.cat([ev.routed_tasks for ev in evaluations])
