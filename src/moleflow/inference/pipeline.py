@@ -63,8 +63,10 @@ class RoutedPipeline(nn.Module):
 
     def forward(self, images: Tensor, score_thresholds: Tensor, route_thresholds: Tensor) -> dict[str, Tensor]:
         features = self.extractor(images)
-        dists = self.model.router.distances(self.model.router.summarize(features), self.model.num_tasks)
-        best, tasks = dists.min(dim=1)
+        # the router's own choice, not the argmin of its distances: float32 runtimes round away the one-ulp
+        # raise with which the robust router's vote encodes its choice in the float64 distances
+        dists, tasks = self.model.router.decide(self.model.router.summarize(features), self.model.num_tasks)
+        best = dists.gather(1, tasks[:, None]).squeeze(1)
         nll = self.model.nll_routed(features, tasks, every_task=self.every_task)
         clean, scores, pixels, replaced = score_maps(nll, self.score_top_k, self.image_size, self.pixel_sigma)
         unknown = (dists > route_thresholds[None, :]).all(dim=1)
