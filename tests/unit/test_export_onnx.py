@@ -1,5 +1,5 @@
 """ONNX and OpenVINO exports reproduce the Python detector within their stated tolerances, carry their metadata,
-and load back by their format.
+load back by their format, and the ONNX file runs with ONNX Runtime alone (examples/onnx_predict.py).
 
 One tiny 3-task model with the robust router (positional cells + global vote: the router with ranks, the hardest
 to export) and a pool_concat backbone; each format is exported once per module (about 10 s each on one core).
@@ -7,15 +7,19 @@ to export) and a pool_concat backbone; each format is exported once per module (
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from moleflow.assembly.builders import build_extractor
 from moleflow.config.flow import MoLEFlowConfig
@@ -25,6 +29,8 @@ from moleflow.inference.pipeline import OUTPUTS
 from moleflow.models.moleflow import MoLEFlowModel
 from tests.helpers import CONF_DIR
 
+ROOT = CONF_DIR.parent
+EXAMPLE = ROOT / "examples" / "onnx_predict.py"
 TASKS = ["bright", "dark", "tinted"]
 SIZE = 32
 
@@ -146,6 +152,53 @@ def test_openvino_export_matches_python_within_its_looser_tolerance(
     assert TOLERANCES["openvino"].distance_rtol > TOLERANCES["onnx"].distance_rtol  # float32 meets the router
     _check_against_python(detector, openvino_file, "openvino")
     assert not list(openvino_file.parent.glob(".*"))  # no temporary file (ONNX intermediate, .tmp) left behind
+
+
+def test_example_runs_with_onnxruntime_alone_and_agrees_with_the_detector(
+    detector: MoLEFlowDetector, onnx_file: Path, tmp_path: Path
+) -> None:
+    source = EXAMPLE.read_text()
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {node.module.split(".")[0] for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"torch", "moleflow"}, imported
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, colour in enumerate([(230, 120, 110), (110, 230, 120), (120, 110, 230), (90, 90, 90), (250, 250, 250)]):
+        pixels = np.clip(rng.normal(colour, 40, (40, 48, 3)), 0, 255).astype(np.uint8)  # resized to 32 x 32
+        paths.append(tmp_path / f"part_{i}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    # run in a fresh interpreter and report whether torch or moleflow got imported there
+    wrapper = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as done:
+    assert not done.code, done.code
+print("IMPORTED", sorted(m for m in ("torch", "moleflow") if m in sys.modules))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper, str(EXAMPLE), str(onnx_file), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "file\ttask\tscore\tthreshold\tverdict" and lines[-1] == "IMPORTED []"
+    rows = [line.split("\t") for line in lines[1:-1]]
+    python = detector.predict(paths)
+    assert [r[0] for r in rows] == [str(p) for p in paths]
+    assert [r[1] for r in rows] == [p.task for p in python]
+    assert [r[4] for r in rows] == [p.verdict for p in python]
+    for row, pred in zip(rows, python, strict=True):
+        assert math.isclose(float(row[2]), pred.score, rel_tol=1e-4, abs_tol=1e-3)
+        assert math.isclose(float(row[3]), pred.threshold, rel_tol=1e-5)
 
 
 # ------------------------------------------------------------------------------------- cheap: no export
