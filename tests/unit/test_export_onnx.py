@@ -201,6 +201,20 @@ print("IMPORTED", sorted(m for m in ("torch", "moleflow") if m in sys.modules))
         assert math.isclose(float(row[3]), pred.threshold, rel_tol=1e-5)
 
 
+def test_benchmark_measures_every_runtime_side_by_side(
+    detector: MoLEFlowDetector, onnx_file: Path, openvino_file: Path, tmp_path: Path
+) -> None:
+    from experiments.benchmark.exported import markdown, measure
+
+    files = {"torchscript": detector.export(tmp_path / "model", check_images=_probe())}
+    files |= {"onnx": onnx_file, "openvino": openvino_file}
+    rows = measure(detector, _test_images()[:4], files, repeats=1)
+    assert [r["runtime"] for r in rows] == ["Python (eager)", "TorchScript", "ONNX Runtime", "OpenVINO"]
+    assert all(r["images_per_s"] > 0 and r["same_tasks"] for r in rows)
+    table = markdown(rows, 4, {"pt2": "not asked for"})
+    assert "| ONNX Runtime |" in table and "Machine:" in table and "skipped (not asked for)" in table
+
+
 # ------------------------------------------------------------------------------------- cheap: no export
 def test_export_path_adds_the_format_suffix_and_refuses_a_wrong_one(tmp_path: Path) -> None:
     assert export_path(tmp_path / "moleflow_model", "onnx").name == "moleflow_model.onnx"
