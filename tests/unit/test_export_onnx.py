@@ -26,6 +26,7 @@ from moleflow.config.flow import MoLEFlowConfig
 from moleflow.inference import ExportError, MoLEFlowDetector, load_exported
 from moleflow.inference.export import TOLERANCES, Tolerance, export_path, exported_format, parity_report
 from moleflow.inference.pipeline import OUTPUTS
+from moleflow.inference.runtimes import restore_infinities
 from moleflow.models.moleflow import MoLEFlowModel
 from tests.helpers import CONF_DIR
 
@@ -294,14 +295,16 @@ class _Decide(torch.nn.Module):
     def __init__(self, router: torch.nn.Module) -> None:
         super().__init__()
         self.router = router
+        self.register_buffer("limits", torch.tensor([math.inf, 1.0, math.inf], dtype=torch.float64))  # "none"
 
     def forward(self, summaries: torch.Tensor) -> dict[str, torch.Tensor]:
         distances, task = self.router.decide(summaries, 3)
-        return {"distances": distances, "task": task}
+        return {"distances": distances, "task": task, "limit": self.limits.index_select(0, task)}
 
 
-def test_the_global_vote_routes_alike_in_onnx_runtime_and_in_float32_openvino(tmp_path: Path) -> None:
-    """Where the vote overrules the cells, its choice survives a runtime that loses the one-ulp raise."""
+def test_the_vote_and_an_infinite_threshold_survive_onnx_runtime_and_float32_openvino(tmp_path: Path) -> None:
+    """Where the vote overrules the cells, its choice survives a runtime that loses the one-ulp raise; "no
+    threshold" (inf) comes back as inf."""
     pytest.importorskip("onnxruntime", reason="ONNX export needs pip install 'moleflow[export]'")
     pytest.importorskip("onnxscript", reason="ONNX export needs pip install 'moleflow[export]'")
     from moleflow.models.router import PositionalRouter
@@ -319,15 +322,18 @@ def test_the_global_vote_routes_alike_in_onnx_runtime_and_in_float32_openvino(tm
         _Decide(router).eval(),
         (x[:2],),
         input_names=["summaries"],
-        output_names=["distances", "task"],
+        output_names=["distances", "task", "limit"],
         dynamo=True,
         dynamic_shapes={"summaries": {0: torch.export.Dim("batch", min=1)}},
     )
     program.save(str(path))
     import onnxruntime as ort
 
-    dist, task = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"summaries": x.numpy()})
+    dist, task, limit = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"summaries": x.numpy()}
+    )
     assert task.tolist() == [2, 1, 2] and np.array_equal(dist, ref["distances"].numpy())  # float64 kept: exact
+    assert limit.tolist() == [math.inf, 1.0, math.inf]
     if importlib.util.find_spec("openvino") is None:
         return
     import openvino as ov
@@ -335,8 +341,13 @@ def test_the_global_vote_routes_alike_in_onnx_runtime_and_in_float32_openvino(tm
     compiled = ov.Core().compile_model(ov.convert_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     result = compiled({"summaries": x.numpy()})
     by_name = {
-        next(n for n in port.get_names() if n in ("distances", "task")): result[port] for port in compiled.outputs
+        next(n for n in port.get_names() if n in ("distances", "task", "limit")): result[port]
+        for port in compiled.outputs
     }
     # float32 rounds image 0's raised distance to task 0 down onto task 2's: their argmin would say task 0
     assert by_name["task"].tolist() == [2, 1, 2]
     np.testing.assert_allclose(by_name["distances"], ref["distances"].numpy(), rtol=1e-5)
+    # OpenVINO clamps an infinite float64 constant to the float32 range; the loader (restore_infinities) undoes it
+    assert by_name["limit"].tolist() == [float(np.finfo(np.float32).max), 1.0, float(np.finfo(np.float32).max)]
+    assert restore_infinities(by_name["limit"]).tolist() == [math.inf, 1.0, math.inf]
+    assert restore_infinities(np.array([-3.5e38, 2.0])).tolist() == [-math.inf, 2.0]

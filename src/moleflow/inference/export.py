@@ -441,10 +441,12 @@ def parity_report(
         }
         bad = ~tolerance.close(g, r, kind)
         if bad.any():
-            images = int(bad.reshape(bad.shape[0], -1).any(dim=1).sum()) if bad.ndim else 1
+            images = int(bad.reshape(bad.shape[0], -1).any(dim=1).sum())
+            one_sided = int((bad & ~finite).sum())  # inf or NaN in one of them, another value in the other
             problems.append(
                 f"its {key} differs by up to {errors[key]['max_abs']:.3g} (relative {errors[key]['max_rel']:.3g}) "
                 f"on {images} image(s), beyond the {kind} tolerance"
+                + (f" ({one_sided} value(s) not finite in one of them only)" if one_sided else "")
             )
     if not torch.equal(got["nonfinite"][same].to(torch.int64), ref["nonfinite"][same]):
         problems.append("it replaces a different number of non-finite patch values")

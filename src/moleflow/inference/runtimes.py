@@ -137,9 +137,20 @@ def load_openvino(path: Path, device: str | torch.device = "cpu") -> tuple[Runti
 
     def run(images: np.ndarray) -> dict[str, np.ndarray]:
         result = request.infer({INPUT_NAME: images})
-        return {name: np.array(result[port]) for name, port in zip(names, ports, strict=True)}
+        return {name: restore_infinities(np.array(result[port])) for name, port in zip(names, ports, strict=True)}
 
     return RuntimeModel(run, f"openvino {ov.__version__} ({target}, f32)"), metadata
+
+
+def restore_infinities(values: np.ndarray) -> np.ndarray:
+    """OpenVINO turns infinite float64 constants (a threshold of "none") into +-float32 max: make them inf again.
+
+    Lossless: OpenVINO computes in float32, where every finite result is below that magnitude.
+    """
+    if not np.issubdtype(values.dtype, np.floating):
+        return values
+    limit = np.finfo(np.float32).max
+    return np.where(np.abs(values) >= limit, np.copysign(np.inf, values), values).astype(values.dtype)
 
 
 def _check_names(names: list[str], path: Path) -> None:
