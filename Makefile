@@ -11,7 +11,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 $(VENV)/.install-stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e ".[dev,demo,anomalib,cluster]"
+	$(PIP) install -q -e ".[dev,demo,anomalib,cluster,export]"
 	touch $@
 
 install: $(VENV)/.install-stamp  ## create .venv and install the package with its test and demo extras

@@ -290,8 +290,25 @@ def test_torchscript_export_gives_the_python_scores(
         full = module(images)
     assert full["is_defective"].tolist() == [r.is_defective for r in python]
     assert full["is_unknown"].tolist() == [r.is_unknown for r in python]
-    with pytest.raises(ExportError, match="ONNX"):
-        detector.export(tmp_path / "model.onnx", format="onnx")
+    with pytest.raises(ExportError, match="writes '.onnx' files"):  # a suffix it would not be loaded back by
+        detector.export(tmp_path / "model.pt", format="onnx")
+
+
+def test_mode_export_onnx_writes_the_onnx_file_that_onnx_runtime_runs(
+    ckpt: Path, detector: MoLEFlowDetector, synthetic_root: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("onnxruntime", reason="ONNX export needs pip install 'moleflow[export]'")
+    pytest.importorskip("onnxscript", reason="ONNX export needs pip install 'moleflow[export]'")
+    cfg = _predict_config([f"ckpt={ckpt}", "mode=export", "export.format=onnx"], tmp_path / "export")
+    exported = run_from_config(cfg, tmp_path / "export")
+    assert exported["exported"] == str(tmp_path / "export" / "moleflow_model.onnx")  # the format's suffix
+    assert exported["files"] == [exported["exported"]] and Path(exported["metadata"]).is_file()
+    model, meta = load_exported(exported["exported"])
+    assert meta["format"] == "onnx" and meta["score_thresholds"] == detector.thresholds
+    images = torch.stack(_tensors([p for t in TASKS for p in _test_images(synthetic_root, t)]))
+    got, ref = model(images), detector.run_batch(images)
+    assert torch.equal(got["task"], ref["task"]) and got["is_defective"].tolist() == ref["is_defective"].tolist()
+    torch.testing.assert_close(got["score"], ref["score"], rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.slow
@@ -429,7 +446,7 @@ def test_predict_cli_on_a_folder(
     cfg = _predict_config([f"ckpt={ckpt}", "mode=export", "threshold=50.0"], tmp_path / "export")
     exported = run_from_config(cfg, tmp_path / "export")
     module, meta = load_exported(exported["exported"])
-    assert Path(exported["exported"]).parent == tmp_path / "export" and meta["format"] == "torchscript"
+    assert Path(exported["exported"]) == tmp_path / "export" / "moleflow_model.pt" and meta["format"] == "torchscript"
     assert meta["score_thresholds"] == dict.fromkeys(TASKS, 50.0)  # overrides are baked into the export
     with torch.no_grad():
         assert module(torch.stack(_tensors([inp / "d_unseen.png"])))["is_unknown"].item()

@@ -15,7 +15,7 @@ import torch
 
 from moleflow.config.flow import MoLEFlowConfig
 from moleflow.models.moleflow import MoLEFlowModel
-from moleflow.models.router import PositionalRouter, PrototypeRouter, _ranks, build_router
+from moleflow.models.router import PositionalRouter, PrototypeRouter, _ranks, build_router, next_up
 from moleflow.thresholds.fitting import cross_validated_distances, tail_threshold
 
 H = W = 14
@@ -172,6 +172,31 @@ def test_vote_picks_the_smallest_rank_sum_and_keeps_the_chosen_distance() -> Non
     router.global_router.means[0] = torch.tensor([0.0, 4.0], dtype=torch.float64)
     assert _ranks(router.global_router.distances(x.mean(dim=(1, 2)))).tolist() == [[1, 2, 0]]
     assert router.distances(x).argmin(dim=1).item() == 0
+    router.global_router.means[0] = torch.tensor([-9.0, -9.0], dtype=torch.float64)
+    dist, chosen = router.decide(x)  # the choice is returned too (for float32 runtimes, see decide)
+    assert chosen.tolist() == [2] and torch.equal(dist, router.distances(x)) and router.route(x)[1] == dist[0, 2]
+
+
+def test_ranks_and_next_up_are_the_sort_and_nextafter_they_replace() -> None:
+    """Written with ops every exporter knows (no stable sort, no nextafter in ONNX), with the same values."""
+    gen = torch.Generator().manual_seed(0)
+    for t in (1, 2, 5):
+        d = torch.randint(-2, 3, (200, t), generator=gen).double()  # many ties
+        d[torch.rand(d.shape, generator=gen) < 0.1] = math.nan
+        d[torch.rand(d.shape, generator=gen) < 0.05] = math.inf
+        assert torch.equal(_ranks(d), torch.argsort(torch.argsort(d, dim=1, stable=True), dim=1))
+    powers = torch.tensor([2.0**k for k in range(-1074, 1024)], dtype=torch.float64)
+    x = torch.cat(
+        [
+            torch.randn(20000, dtype=torch.float64, generator=gen)
+            * 10.0 ** torch.randint(-320, 300, (20000,), generator=gen, dtype=torch.float64),
+            powers,
+            -powers,
+            torch.nextafter(powers, torch.zeros_like(powers)),
+            torch.tensor([0.0, -0.0, math.inf, 1.7976931348623157e308, -1.7976931348623157e308], dtype=torch.float64),
+        ]
+    )
+    assert torch.equal(next_up(x), torch.nextafter(x, torch.full_like(x, math.inf)))
 
 
 def test_vote_keeps_earlier_statistics_and_one_task_routes_home() -> None:

@@ -23,8 +23,8 @@ def test_normalised_score_is_one_half_at_the_threshold_and_monotone() -> None:
     assert normalized_score(median, thr, median).item() == 0.0
     assert normalized_score(torch.tensor([287.2], dtype=torch.float64), thr, median).item() == pytest.approx(1.0)
     inf = torch.tensor([math.inf], dtype=torch.float64)
-    assert normalized_score(torch.tensor([500.0]), inf, median).item() == 0.0  # not calibrated: no verdict
-    assert math.isnan(normalized_score(thr, thr, torch.tensor([math.nan])).item())  # no stored median
+    assert math.isnan(normalized_score(torch.tensor([500.0]), inf, median).item())  # not calibrated: none
+    assert math.isnan(normalized_score(thr, thr, torch.tensor([math.nan])).item())  # no stored median: none
 
 
 def test_pixel_threshold_comes_from_the_held_out_normals_only() -> None:

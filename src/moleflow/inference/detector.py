@@ -357,8 +357,10 @@ class MoLEFlowDetector(CalibrationMixin):
     def export(self, path: str | Path, format: str = "torchscript", check_images: Any = None) -> Path:  # noqa: A002
         """Export the whole routed model (backbone to verdicts) to one file; see :mod:`moleflow.inference.export`.
 
-        The current thresholds (overrides included) are baked in. ``check_images`` (anything ``predict``
-        accepts) are used for the parity check; default: seeded noise.
+        ``format``: torchscript | pt2 | onnx | openvino (``EXPORT_FORMATS``); a ``path`` without a suffix gets
+        the format's (``.pt``, ``.pt2``, ``.onnx``, ``.xml``). The current thresholds (overrides included) are
+        baked in. ``check_images`` (anything ``predict`` accepts) are used for the parity check; default:
+        seeded noise. Returns the written file.
         """
         batch = None
         if check_images is not None:

@@ -1,13 +1,17 @@
 """Export the whole routed multi-task model (backbone, router, adapters, mixer, flow with experts, DIA,
 scoring, thresholds) as one file that runs without moleflow, timm or Lightning installed.
 
-**Format: TorchScript (default, ``.pt``), or a ``torch.export`` program (``.pt2``).** TorchScript needs
-nothing beyond PyTorch itself (ONNX export needs the ``onnx``/``onnxscript`` packages and checking it
-needs ``onnxruntime``, none of which this project depends on), it loads with ``torch.jit.load`` in Python
-*and* in C++ (libtorch) with no Python at all, and it keeps the router's float64 Mahalanobis arithmetic
-exactly. PyTorch 2.9+ marks TorchScript as deprecated in favour of ``torch.export``; the same module
-exports as a ``.pt2`` program too (``format="pt2"``, loaded with ``torch.export.load(...).module()``),
-which is the path forward. ONNX is refused with that explanation.
+**Formats** (``EXPORT_FORMATS``, each with its suffix in ``EXPORT_SUFFIXES``):
+
+* ``torchscript`` (default, ``.pt``): needs only PyTorch, loads with ``torch.jit.load`` in Python and in C++
+  (libtorch) with no Python at all, and keeps the router's float64 arithmetic. PyTorch 2.9+ marks
+  TorchScript as deprecated in favour of ``torch.export``;
+* ``pt2`` (``.pt2``): a ``torch.export`` program (``torch.export.load(...).module()``), the path forward;
+* ``onnx`` (``.onnx``): the ``torch.export`` graph translated by ``torch.onnx`` (dynamo exporter), for
+  ONNX Runtime and every tool that reads ONNX; float64 is kept. Writing needs ``onnx`` and ``onnxscript``,
+  checking needs ``onnxruntime`` (``pip install 'moleflow[export]'``);
+* ``openvino`` (``.xml`` + ``.bin``): OpenVINO IR converted from that ONNX graph, float32 weights. Needs
+  ``openvino``. OpenVINO's CPU plugin computes the float64 router in float32, so its tolerance is looser.
 
 **One flow.** The exported module is the detector's own :class:`~moleflow.inference.pipeline.RoutedPipeline`
 (backbone, router, the model's flow layers, scoring, verdicts) with the thresholds baked in as buffers,
@@ -19,24 +23,32 @@ pipeline instead visits every task (``every_task=True``) and runs each over its 
 (index select, flow, index copy), which is tensor ops alone and computes the same values. A task with
 no image in the batch costs one pass over an empty batch.
 
-**Trust.** An exported file is a program, not data: loading it runs what it holds. :func:`load_exported` uses
-only each format's own loader (``torch.jit.load``, ``torch.export.load``); load files from trusted sources only.
+**Metadata.** Task names, preprocessing, thresholds, outputs and the parity tolerance travel inside the file
+(TorchScript/pt2 extra file ``moleflow.json``, ONNX ``metadata_props``, OpenVINO ``rt_info``) and next to it
+(``<file>.json``).
 
-**Parity.** After writing, the file is loaded back and compared with the Python detector on probe
-images: routed tasks must be identical and image scores and maps equal within ``rtol=1e-4`` (plus
-``atol=1e-3`` nats for values near zero), otherwise the export fails. Input: (B, 3, S, S) float32 images,
-RGB, resized to S and ImageNet-normalised (see the metadata); the batch size is free.
+**Trust.** An exported file is a program, not data: loading it runs what it holds. :func:`load_exported` uses
+only each format's own loader (``torch.jit.load``, ``torch.export.load``, an ONNX Runtime session, OpenVINO's
+``read_model``), chosen by the file's format; load files from trusted sources only.
+
+**Parity.** After writing, the file is loaded back and compared with the Python detector on probe images,
+within the format's :class:`Tolerance` (``TOLERANCES``), otherwise the export fails and nothing is written.
+Input: (B, 3, S, S) float32 images, RGB, resized to S and ImageNet-normalised (see the metadata); the batch
+size is free.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import logging
 import math
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +57,68 @@ from torch import Tensor, nn
 
 from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD
 from moleflow.inference.pipeline import OUTPUTS, RoutedPipeline
+from moleflow.inference.runtimes import (
+    INPUT_NAME,
+    RT_INFO_SECTION,
+    load_onnx,
+    load_openvino,
+    metadata_entries,
+    require_packages,
+)
 from moleflow.utils.files import atomic_write_text, json_safe, unique_temporary
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("torchscript", "pt2")
+EXPORT_SUFFIXES = {"torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx", "openvino": ".xml"}
+EXPORT_FORMATS = tuple(EXPORT_SUFFIXES)
 SCORE_RTOL = 1e-4  # relative tolerance of exported vs Python image scores and maps (float32 reassociation)
 SCORE_ATOL = 1e-3  # absolute tolerance in nats, for values near zero
 METADATA_NAME = "moleflow.json"
+ROUTING_RULE = (
+    "routed tasks identical, except an image whose two nearest routing distances (Python model) are within the "
+    "distance tolerance of each other; its other outputs are then not compared"
+)
+VERDICT_RULE = (
+    "is_defective and is_unknown identical, except an image whose score is within the score tolerance of its "
+    "threshold or one of whose distances is within the distance tolerance of that task's route threshold; "
+    "defect_mask identical except at pixels whose anomaly_map is within the score tolerance of the pixel threshold"
+)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close an exported model must come to the Python model: ``|got - ref| <= atol + rtol * |ref|``.
+
+    Scores, maps and thresholds use the score pair (nats); routing distances the distance pair. Tied routes and
+    near-threshold verdicts may differ (``ROUTING_RULE``, ``VERDICT_RULE``).
+    """
+
+    score_rtol: float
+    score_atol: float
+    distance_rtol: float
+    distance_atol: float
+
+    def close(self, got: Tensor, ref: Tensor, kind: str) -> Tensor:
+        """Elementwise: ``got`` within this tolerance of ``ref`` (``kind``: "score" or "distance"); inf matches inf,
+        NaN matches NaN (a task without a stored median has no normalised score in either)."""
+        rtol, atol = (self.score_rtol, self.score_atol) if kind == "score" else (self.distance_rtol, self.distance_atol)
+        return torch.isclose(got.to(torch.float64), ref.to(torch.float64), rtol=rtol, atol=atol, equal_nan=True)
+
+    def describe(self) -> dict[str, Any]:
+        """The tolerance with its rules, as stored in the metadata and named in errors."""
+        return {**asdict(self), "routed_tasks": ROUTING_RULE, "verdicts": VERDICT_RULE}
+
+
+# float64 kept (TorchScript, torch.export, ONNX Runtime): float32 reassociation only
+_FLOAT64_KEPT = Tolerance(score_rtol=SCORE_RTOL, score_atol=SCORE_ATOL, distance_rtol=1e-4, distance_atol=1e-3)
+TOLERANCES = {
+    "torchscript": _FLOAT64_KEPT,
+    "pt2": _FLOAT64_KEPT,
+    "onnx": _FLOAT64_KEPT,
+    # OpenVINO computes the float64 router (and thresholds) in float32: measured ~1e-3 relative on distances
+    # of a near-singular precision matrix, ~3e-4 on NLL maps
+    "openvino": Tolerance(score_rtol=2e-3, score_atol=1e-2, distance_rtol=1e-2, distance_atol=1e-2),
+}
 
 
 class ExportError(RuntimeError):
@@ -96,9 +162,10 @@ class ExportableMoLEFlow(nn.Module):
             self.register_buffer(name, torch.tensor([float(v) for v in values], dtype=torch.float64, device=device))
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        return self.pipeline(
+        out = self.pipeline(
             images, self.score_thresholds, self.route_thresholds, self.score_medians, self.pixel_thresholds
         )
+        return {name: out[name] for name in OUTPUTS}  # ONNX/OpenVINO outputs are named after OUTPUTS, in order
 
 
 def export_metadata(
@@ -127,6 +194,11 @@ def export_metadata(
                 "dtype": "float32",
                 "preprocessing": "RGB (grey replicated, alpha dropped), bilinear resize to S x S, /255, "
                 "then (x - mean) / std per channel",
+                "size": image_size,
+                "channel_order": "RGB",
+                "layout": "NCHW",
+                "resize": "bilinear",
+                "value_range": [0.0, 1.0],  # 8-bit pixels divided by 255, before the mean and std
                 "mean": list(IMAGENET_MEAN),
                 "std": list(IMAGENET_STD),
             },
@@ -138,9 +210,34 @@ def export_metadata(
             "score_medians": dict(score_medians or {}),
             "pixel_thresholds": dict(pixel_thresholds or {}),
             "calibration_notes": calibration_notes,
-            "tolerance": {"score_rtol": SCORE_RTOL, "score_atol": SCORE_ATOL, "routed_tasks": "identical"},
+            "tolerance": TOLERANCES[fmt].describe() if fmt in TOLERANCES else None,
         }
     )
+
+
+def export_path(path: str | Path, format: str) -> Path:  # noqa: A002 - the public API's word
+    """``path`` with the format's suffix added when it has none (``moleflow_model`` -> ``moleflow_model.onnx``).
+
+    Raises:
+        ExportError: unknown format, or a suffix the format cannot be loaded back from (another format's, or
+            anything but ``.onnx``/``.xml`` for ONNX/OpenVINO, which are recognised by their suffix).
+    """
+    fmt = format.lower()
+    if fmt not in EXPORT_FORMATS:
+        msg = f"Unknown export format {format!r}; choose one of {EXPORT_FORMATS}."
+        raise ExportError(msg)
+    path = Path(path)
+    wanted = EXPORT_SUFFIXES[fmt]
+    if not path.suffix:
+        return path.with_name(path.name + wanted)
+    others = {s: f for f, s in EXPORT_SUFFIXES.items() if f != fmt}
+    if path.suffix in others or (fmt in ("onnx", "openvino") and path.suffix != wanted):
+        msg = (
+            f"Export path {path} has the suffix {path.suffix!r}, but format {fmt!r} writes {wanted!r} files: "
+            f"name it {path.with_suffix(wanted).name}, or give the path without a suffix."
+        )
+        raise ExportError(msg)
+    return path
 
 
 def write_export(
@@ -151,33 +248,26 @@ def write_export(
     format: str = "torchscript",  # noqa: A002 - the public API's word
     check_images: Tensor | None = None,
 ) -> Path:
-    """Trace or ``torch.export`` ``module`` to ``path`` (plus ``path.json`` metadata), then verify the file.
+    """Write ``module`` to ``path`` in ``format`` (plus ``path.json`` metadata), then verify the file.
 
     :meth:`MoLEFlowDetector.export <moleflow.inference.detector.MoLEFlowDetector.export>` is the usual way in.
+    The file is written under a temporary name, checked, and only then renamed onto ``path`` (OpenVINO: the
+    ``.bin`` first, then the ``.xml`` that names it).
 
     Args:
         module: the pipeline with its thresholds, in eval mode on its device.
-        path: output file (``.pt`` for TorchScript, ``.pt2`` for torch.export by convention).
+        path: output file; without a suffix the format's is added (:func:`export_path`).
         metadata: stored inside the file and next to it (:func:`export_metadata`).
         reference: the Python computation the file must reproduce (the detector's ``run_batch``).
-        format: "torchscript" or "pt2".
+        format: one of ``EXPORT_FORMATS``.
         check_images: (B, 3, S, S) normalised images for the parity check; default: seeded noise images.
 
     Raises:
-        ExportError: unsupported format, or the exported model disagrees with the reference.
+        ExportError: unsupported format, a missing package, or the exported model disagrees with the reference.
     """
     fmt = format.lower()
-    if fmt == "onnx":
-        msg = (
-            "ONNX export is not supported: it needs the onnx/onnxscript packages (and onnxruntime to verify it), "
-            "which moleflow does not depend on. Use format='torchscript' (loads in Python and C++ libtorch) or "
-            "format='pt2' (torch.export)."
-        )
-        raise ExportError(msg)
-    if fmt not in EXPORT_FORMATS:
-        msg = f"Unknown export format {format!r}; choose one of {EXPORT_FORMATS}."
-        raise ExportError(msg)
-    path = Path(path)
+    path = export_path(path, fmt)
+    require_packages(fmt, ExportError)
     path.parent.mkdir(parents=True, exist_ok=True)
     device = module.score_thresholds.device
     s = module.pipeline.image_size
@@ -188,63 +278,147 @@ def write_export(
     # two images: torch.export would specialise the batch size to a single example's 1
     example = check_images[:2] if check_images.shape[0] >= 2 else check_images.repeat(2, 1, 1, 1)
     meta = metadata
-    extra = {METADATA_NAME: json.dumps(meta, indent=2)}
     tmp = unique_temporary(path).with_suffix(path.suffix)  # unique per process; torch.export wants .pt2
+    written = [tmp]
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit deprecation notice
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             if fmt == "torchscript":
                 traced = torch.jit.trace(module, example, strict=False, check_trace=False)
-                torch.jit.save(traced, str(tmp), _extra_files=extra)
-            else:
+                torch.jit.save(traced, str(tmp), _extra_files={METADATA_NAME: json.dumps(meta, indent=2)})
+            elif fmt == "pt2":
                 module(example)  # fills the model's lazy caches (positional code) before export captures it
-                batch = torch.export.Dim("batch", min=1)
-                program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: batch}})
-                torch.export.save(program, str(tmp), extra_files=extra)
-        _check_parity(reference, tmp, fmt, check_images)
-        tmp.replace(path)
+                program = torch.export.export(module, (example,), dynamic_shapes={"images": _batch_dim()})
+                torch.export.save(program, str(tmp), extra_files={METADATA_NAME: json.dumps(meta, indent=2)})
+            elif fmt == "onnx":
+                _write_onnx(module, example, tmp, meta)
+            else:
+                written.append(tmp.with_suffix(".bin"))
+                _write_openvino(module, example, tmp, meta)
+        _check_parity(reference, tmp, fmt, check_images, module.route_thresholds)
+        for part in reversed(written):  # OpenVINO: the weights first, then the .xml that names them
+            part.replace(path.with_suffix(part.suffix))
     except ExportError:
-        tmp.unlink(missing_ok=True)
+        for part in written:
+            part.unlink(missing_ok=True)
         raise
     except Exception as err:  # noqa: BLE001 - tracing fails in many ways; name the model part and the fix
-        tmp.unlink(missing_ok=True)
-        msg = f"Exporting to {fmt} failed ({type(err).__name__}: {err}). Try the other format ({EXPORT_FORMATS})."
+        for part in written:
+            part.unlink(missing_ok=True)
+        others = [f for f in EXPORT_FORMATS if f != fmt]
+        msg = f"Exporting to {fmt} failed ({type(err).__name__}: {err}). Try another format ({others})."
         raise ExportError(msg) from err
     atomic_write_text(path.with_name(path.name + ".json"), json.dumps(meta, indent=2))
     log.info("Exported %d-task model to %s (%s).", len(meta["task_names"]), path, fmt)
     return path
 
 
-def exported_format(path: Path) -> str:
-    """The format of an exported file: "pt2" (torch.export) or "torchscript", by suffix, else by its entries."""
-    if path.suffix == ".pt2":
-        return "pt2"
-    if path.suffix == ".pt":
-        return "torchscript"
+def _batch_dim() -> dict[int, Any]:
+    return {0: torch.export.Dim("batch", min=1)}
+
+
+def _onnx_program(module: ExportableMoLEFlow, example: Tensor, metadata: dict[str, Any]) -> Any:
+    """The module through ``torch.export`` and ``torch.onnx`` (dynamo), outputs named after OUTPUTS, metadata in."""
+    module(example)  # fills the model's lazy caches (positional code) before export captures it
+    with _quiet("onnxscript", "onnx_ir"):  # one INFO line per optimisation step otherwise
+        program = torch.onnx.export(
+            module,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUTS),
+            dynamo=True,  # the TorchScript-based exporter fails on a conv whose weight is built in forward
+            dynamic_shapes={INPUT_NAME: _batch_dim()},
+            verbose=False,
+        )
+    names = [value.name for value in program.model.graph.outputs]
+    if names != list(OUTPUTS):
+        msg = f"The ONNX graph's outputs are {names}, not OUTPUTS' {list(OUTPUTS)}."
+        raise ExportError(msg)
+    program.model.metadata_props.update(metadata_entries(metadata))
+    return program
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Raise the named loggers to WARNING for the block."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
     try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (OSError, zipfile.BadZipFile) as err:
-        msg = f"{path} is not an exported moleflow model (not a zip archive: {err})."
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _write_onnx(module: ExportableMoLEFlow, example: Tensor, target: Path, metadata: dict[str, Any]) -> None:
+    # one self-contained file (weights inside): an external data file would not follow the rename
+    _onnx_program(module, example, metadata).save(str(target), external_data=False)
+
+
+def _write_openvino(module: ExportableMoLEFlow, example: Tensor, target: Path, metadata: dict[str, Any]) -> None:
+    """OpenVINO IR (``target`` .xml + .bin, float32 weights) converted from the module's ONNX graph."""
+    ov = importlib.import_module("openvino")
+    onnx_file = target.with_suffix(".onnx")
+    try:
+        _write_onnx(module, example, onnx_file, metadata)
+        model = ov.convert_model(str(onnx_file))
+    finally:
+        onnx_file.unlink(missing_ok=True)
+    for key, value in metadata_entries(metadata).items():
+        model.set_rt_info(value, [RT_INFO_SECTION, key])
+    ov.save_model(model, str(target), compress_to_fp16=False)  # the default halves the weights
+
+
+def exported_format(path: Path) -> str:
+    """The format of an exported file, by suffix (``EXPORT_SUFFIXES``), else by its first bytes / zip entries."""
+    by_suffix = {suffix: fmt for fmt, suffix in EXPORT_SUFFIXES.items()}
+    if path.suffix in by_suffix:
+        return by_suffix[path.suffix]
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64)
+    except OSError as err:
+        msg = f"Cannot read exported model {path}: {err}."
         raise ValueError(msg) from err
+    if head.lstrip().startswith((b"<?xml", b"<net")):
+        return "openvino"
+    if not head.startswith(b"PK"):
+        msg = (
+            f"{path} is not an exported moleflow model (neither a TorchScript/pt2 zip archive nor OpenVINO XML); "
+            "an ONNX model must end in .onnx."
+        )
+        raise ValueError(msg)
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
     return "pt2" if any("serialized_exported_program" in n for n in names) else "torchscript"
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
-    """Load an exported model with its runtime's own loader; returns (callable module, metadata).
+    """Load an exported model with its runtime's own loader; returns (callable model, metadata).
 
     An exported model is a program: loading it runs what it holds. Load only files from a source you trust
-    (your own export, or one whose SHA-256 its maker published and you checked). TorchScript files go to
-    ``torch.jit.load`` and ``.pt2`` programs to ``torch.export.load``, chosen by the file's format, never
-    by trying one loader after the other; moleflow never unpickles them itself.
+    (your own export, or one whose SHA-256 its maker published and you checked). The loader is chosen by the
+    file's format (:func:`exported_format`), never by trying one loader after the other, and moleflow never
+    unpickles anything itself:
+
+    * TorchScript: ``torch.jit.load``; ``.pt2``: ``torch.export.load(...).module()`` (torch modules);
+    * ``.onnx``: an ONNX Runtime session, ``.xml``: an OpenVINO compiled model (float32), each wrapped in a
+      :class:`~moleflow.inference.runtimes.RuntimeModel` that takes a numpy array or tensor (B, 3, S, S) and
+      returns the OUTPUTS as arrays or tensors. They need ``pip install 'moleflow[export]'``.
     """
     path = Path(path)
     if not path.is_file():
         msg = f"Exported model {path} does not exist."
         raise FileNotFoundError(msg)
-    extra = {METADATA_NAME: ""}
     fmt = exported_format(path)
+    if fmt == "onnx":
+        return load_onnx(path, device)
+    if fmt == "openvino":
+        return load_openvino(path, device)
+    extra = {METADATA_NAME: ""}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         if fmt == "torchscript":
@@ -255,17 +429,97 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
     return module, json.loads(extra[METADATA_NAME] or "{}")
 
 
-def _check_parity(reference: Callable[[Tensor], dict[str, Tensor]], path: Path, fmt: str, images: Tensor) -> None:
+def parity_report(
+    got: Mapping[str, Tensor], ref: Mapping[str, Tensor], tolerance: Tolerance, route_thresholds: Tensor
+) -> dict[str, Any]:
+    """Exported outputs ``got`` against the Python model's ``ref`` on the same images, under ``tolerance``.
+
+    Returns ``problems`` (empty: within tolerance), ``errors`` ({output: {max_abs, max_rel}} over the images
+    compared), ``tied`` (images routed differently at a near-tie, not compared further) and ``near_threshold``
+    (images whose verdicts were not compared).
+    """
+    got = {k: torch.as_tensor(v).detach().cpu() for k, v in got.items()}
+    ref = {k: v.detach().cpu() for k, v in ref.items()}
+    problems: list[str] = []
+    nearest = ref["distances"].topk(min(2, ref["distances"].shape[1]), dim=1, largest=False).values
+    near_tie = tolerance.close(nearest[:, 0], nearest[:, -1], "distance") & (nearest.shape[1] > 1)
+    routed_apart = got["task"].to(torch.int64) != ref["task"]
+    tied = routed_apart & near_tie
+    if (routed_apart & ~near_tie).any():
+        n = int((routed_apart & ~near_tie).sum())
+        problems.append(
+            f"it routes {n} image(s) to other tasks than Python does ({got['task'].tolist()} vs "
+            f"{ref['task'].tolist()}) whose two nearest distances are not within the distance tolerance"
+        )
+    same = ~routed_apart
+    errors: dict[str, dict[str, float]] = {}
+    kinds = {"routing_distance": "distance", "distances": "distance", "score": "score", "threshold": "score"}
+    kinds |= {"nll_map": "score", "anomaly_map": "score", "normalized_score": "score", "pixel_threshold": "score"}
+    for key, kind in kinds.items():
+        rows = slice(None) if key == "distances" else same
+        g, r = got[key][rows].to(torch.float64), ref[key][rows].to(torch.float64)
+        finite = r.isfinite() & g.isfinite()
+        diff = (g - r).abs().where(finite, torch.zeros_like(r))
+        errors[key] = {
+            "max_abs": float(diff.max()) if diff.numel() else 0.0,
+            "max_rel": float((diff / r.abs().clamp(min=1e-12)).max()) if diff.numel() else 0.0,
+        }
+        bad = ~tolerance.close(g, r, kind)
+        if bad.any():
+            images = int(bad.reshape(bad.shape[0], -1).any(dim=1).sum())
+            one_sided = int((bad & ~finite).sum())  # inf or NaN in one of them, another value in the other
+            problems.append(
+                f"its {key} differs by up to {errors[key]['max_abs']:.3g} (relative {errors[key]['max_rel']:.3g}) "
+                f"on {images} image(s), beyond the {kind} tolerance"
+                + (f" ({one_sided} value(s) not finite in one of them only)" if one_sided else "")
+            )
+    if not torch.equal(got["nonfinite"][same].to(torch.int64), ref["nonfinite"][same]):
+        problems.append("it replaces a different number of non-finite patch values")
+    score_near = tolerance.close(ref["score"], ref["threshold"], "score")
+    route_near = tolerance.close(
+        ref["distances"], route_thresholds.cpu()[None, :].expand_as(ref["distances"]), "distance"
+    )
+    near = score_near | route_near.any(dim=1)
+    for key in ("is_defective", "is_unknown"):
+        differs = (got[key].to(torch.bool) != ref[key]) & same & ~near
+        if differs.any():
+            problems.append(f"its {key} verdict differs on {int(differs.sum())} image(s) not near a threshold")
+    # the defect mask may differ only at pixels within the score tolerance of the pixel threshold
+    pixel_near = tolerance.close(
+        ref["anomaly_map"], ref["pixel_threshold"][:, None, None].expand_as(ref["anomaly_map"]), "score"
+    )
+    mask_differs = (got["defect_mask"].to(torch.bool) != ref["defect_mask"]) & ~pixel_near
+    mask_differs &= (same & ~route_near.any(dim=1))[:, None, None]
+    if mask_differs.any():
+        problems.append(f"its defect_mask differs at {int(mask_differs.sum())} pixel(s) not near the pixel threshold")
+    return {
+        "problems": problems,
+        "errors": errors,
+        "images": int(ref["task"].shape[0]),
+        "tied": tied.nonzero().flatten().tolist(),
+        "near_threshold": near.nonzero().flatten().tolist(),
+    }
+
+
+def _check_parity(
+    reference: Callable[[Tensor], dict[str, Tensor]], path: Path, fmt: str, images: Tensor, route_thresholds: Tensor
+) -> None:
     """Compare the written file with the Python computation on ``images``; raise ExportError on disagreement."""
-    module, _ = load_exported(path, images.device)
+    # ONNX Runtime and OpenVINO are checked on the CPU, which every installation of them runs on
+    module, _ = load_exported(path, images.device if fmt in ("torchscript", "pt2") else "cpu")
     with torch.no_grad():
         got = module(images)
         ref = reference(images)
-    if not torch.equal(got["task"].cpu(), ref["task"].cpu()):
-        msg = f"Exported {fmt} model routes differently from Python: {got['task'].tolist()} vs {ref['task'].tolist()}."
+    tolerance = TOLERANCES[fmt]
+    report = parity_report(got, ref, tolerance, route_thresholds)
+    log.info("Parity of the %s export on %d probe images: %s", fmt, report["images"], report["errors"])
+    if report["problems"]:
+        rules = tolerance.describe()
+        msg = (
+            f"The exported {fmt} model disagrees with the Python model on the probe images: "
+            + "; ".join(report["problems"])
+            + f". Stated tolerance: scores and maps rtol {tolerance.score_rtol:g}, atol {tolerance.score_atol:g}; "
+            f"distances rtol {tolerance.distance_rtol:g}, atol {tolerance.distance_atol:g}; {rules['routed_tasks']}; "
+            f"{rules['verdicts']}. Nothing was written; try another format ({[f for f in EXPORT_FORMATS if f != fmt]})."
+        )
         raise ExportError(msg)
-    for key in ("score", "anomaly_map"):
-        if not torch.allclose(got[key].cpu(), ref[key].cpu(), rtol=SCORE_RTOL, atol=SCORE_ATOL):
-            diff = (got[key].cpu() - ref[key].cpu()).abs().max().item()
-            msg = f"Exported {fmt} model's {key} differs from Python by up to {diff:.3g} (beyond rtol {SCORE_RTOL})."
-            raise ExportError(msg)

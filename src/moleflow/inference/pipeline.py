@@ -28,7 +28,7 @@ OUTPUTS = {
     "is_unknown": "(B,) bool: distance to the routed task above that task's own route threshold",
     "is_defective": "(B,) bool: score > threshold and not unknown",
     "normalized_score": "(B,) float64 in [0, 1]: 0.5 at the routed task's threshold, 0 at or below the median score "
-    "of its defect-free calibration images, linear, clipped (NaN without a stored median)",
+    "of its defect-free calibration images, linear, clipped (NaN without a threshold or a stored median)",
     "pixel_threshold": "(B,) float64: the routed task's pixel threshold (inf when none)",
     "defect_mask": "(B, S, S) bool: anomaly_map > the routed task's pixel threshold (all false when unknown)",
     "nll_map": "(B, H, W) float32: per-patch NLL (non-finite values replaced per image)",
@@ -77,11 +77,13 @@ class RoutedPipeline(nn.Module):
         """Images (B, 3, S, S) and per-task (T,) float64 score thresholds, route thresholds, median scores and
         pixel thresholds -> the tensors of ``OUTPUTS``."""
         features = self.extractor(images)
-        dists = self.model.router.distances(self.model.router.summarize(features), self.model.num_tasks)
-        best, tasks = dists.min(dim=1)
+        # the router's own choice, not the argmin of its distances: float32 runtimes round away the one-ulp
+        # raise with which the robust router's vote encodes its choice in the float64 distances
+        dists, tasks = self.model.router.decide(self.model.router.summarize(features), self.model.num_tasks)
+        best = dists.gather(1, tasks[:, None]).squeeze(1)
         nll = self.model.nll_routed(features, tasks, every_task=self.every_task)
         clean, scores, pixels, replaced = score_maps(nll, self.score_top_k, self.image_size, self.pixel_sigma)
-        unknown = outside_own_route(dists, route_thresholds)
+        unknown = outside_own_route(dists, route_thresholds, tasks)
         threshold = score_thresholds.index_select(0, tasks)
         pixel_threshold = pixel_thresholds.index_select(0, tasks)
         mask = (pixels.to(pixel_threshold.dtype) > pixel_threshold[:, None, None]) & ~unknown[:, None, None]

@@ -349,8 +349,9 @@ def run_from_config(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     score, route = _threshold_overrides(cfg)
     detector.set_thresholds(score=score, route=route)
     if mode == "export":
-        path = detector.export(cfg.export.path, format=str(cfg.export.format))
-        return {"exported": str(path), "metadata": str(path) + ".json", **threshold_summary(detector)}
+        path = detector.export(cfg.export.path, format=str(cfg.export.format))  # adds the format's suffix
+        files = [str(path)] + ([str(path.with_suffix(".bin"))] if path.suffix == ".xml" else [])
+        return {"exported": str(path), "files": files, "metadata": str(path) + ".json", **threshold_summary(detector)}
     return predict_folder(
         detector,
         cfg.input,

@@ -201,7 +201,9 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.images_seen += images.shape[0]
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            # eager runs only: a trace would turn the count into a tensor that a later ONNX export refuses
+            self.images_seen += images.shape[0]
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         amp = torch.autocast(images.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()

@@ -121,11 +121,15 @@ class PrototypeRouter(nn.Module):
         return torch.einsum("btd,tde,bte->bt", diff, self.precisions[:t], diff)
 
     @torch.no_grad()
+    def decide(self, features: torch.Tensor, num_tasks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distances (B, T) and the chosen (nearest) task (B,) int64: the first of equal nearest ones."""
+        d = self.distances(features, num_tasks)
+        return d, d.argmin(dim=1)
+
+    @torch.no_grad()
     def route(self, features: torch.Tensor, num_tasks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Routed task ids (B,) int64 and the distance to the chosen prototype (B,)."""
-        d = self.distances(features, num_tasks)
-        best, idx = d.min(dim=1)
-        return idx, best
+        return _routed(*self.decide(features, num_tasks))
 
 
 class PositionalRouter(nn.Module):
@@ -255,17 +259,26 @@ class PositionalRouter(nn.Module):
         With ``global_vote`` the other tasks' distances are raised to just above the voted task's (see the
         module docstring), so ``argmin`` gives the vote; the voted task's own distance is unchanged.
         """
+        return self.decide(summaries, num_tasks)[0]
+
+    @torch.no_grad()
+    def decide(self, summaries: torch.Tensor, num_tasks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distances (B, T) (:meth:`distances`) and the chosen task (B,) int64.
+
+        The choice is returned as well as encoded in the distances: a runtime that computes the float64
+        distances in float32 (OpenVINO) loses the one-ulp raise, but not the choice made from integer ranks.
+        """
         dist = self.local_distances(summaries, num_tasks)
         if self.global_router is None or dist.shape[1] < 2:
-            return dist
+            return dist, dist.argmin(dim=1)
         glob = self.global_router.distances(summaries.mean(dim=(1, 2)), dist.shape[1])
         t = dist.shape[1]
         rank_local, rank_global = _ranks(dist), _ranks(glob)
         chosen = ((rank_local + rank_global) * t + rank_local).argmin(dim=1, keepdim=True)  # (B, 1)
         floor = dist.gather(1, chosen)
-        raised = torch.maximum(dist, torch.nextafter(floor, torch.full_like(floor, math.inf)))
+        raised = torch.maximum(dist, next_up(floor))
         is_chosen = torch.arange(t, device=dist.device)[None, :] == chosen
-        return torch.where(is_chosen, dist, raised)
+        return torch.where(is_chosen, dist, raised), chosen.squeeze(1)
 
     def floors(self, num_tasks: int | None = None) -> torch.Tensor:
         """A value no distance to task t goes below (T,): the smallest cell's ``0.5 * sum_d log var_d``."""
@@ -275,14 +288,46 @@ class PositionalRouter(nn.Module):
     @torch.no_grad()
     def route(self, summaries: torch.Tensor, num_tasks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Routed task ids (B,) int64 and the distance to the chosen task (B,)."""
-        d = self.distances(summaries, num_tasks)
-        best, idx = d.min(dim=1)
-        return idx, best
+        return _routed(*self.decide(summaries, num_tasks))
+
+
+def _routed(dist: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen task (B,), its distance (B,)) from :meth:`decide`'s distances (B, T) and choice (B,)."""
+    return chosen, dist.gather(1, chosen[:, None]).squeeze(1)
 
 
 def _ranks(d: torch.Tensor) -> torch.Tensor:
-    """Rank (0 = nearest) of every task per image, (B, T) -> (B, T) int64; ties keep task order."""
-    return torch.argsort(torch.argsort(d, dim=1, stable=True), dim=1)
+    """Rank (0 = nearest) of every task per image, (B, T) -> (B, T) int64; ties keep task order, NaN last.
+
+    Counted by pairwise comparison (what a stable argsort of the argsort gives, for the few tasks a model has)
+    because a stable sort has no ONNX operator.
+    """
+    mine, other = d[:, :, None], d[:, None, :]  # [b, i, j]: task i's and task j's distances
+    mine_nan, other_nan = mine.isnan(), other.isnan()
+    smaller = (other < mine) | (mine_nan & ~other_nan)
+    equal = (other == mine) | (mine_nan & other_nan)
+    index = torch.arange(d.shape[1], device=d.device)
+    earlier = index[None, None, :] < index[None, :, None]  # j < i
+    return (smaller | (equal & earlier)).sum(dim=2)
+
+
+_HALF_ULP_PLUS = 2.0**-53 + 2.0**-105  # |y| times this is a little over half an ulp of y
+_SMALLEST = 2.0**-1074  # the smallest positive (subnormal) float64
+_TINY, _SCALE = 2.0**-900, 2.0**106  # below _TINY the step is found on x * _SCALE (exact), where it is not lost
+
+
+def next_up(x: torch.Tensor) -> torch.Tensor:
+    """``torch.nextafter(x, inf)`` of float64 ``x`` by plain arithmetic (nextafter has no ONNX operator).
+
+    ``y + |y| * (2^-53 + 2^-105)`` rounds to the float64 next above ``y`` for every normal ``y`` (powers of two and
+    negative numbers included), so the difference is the exact step; tiny ``x`` are scaled by a power of two
+    first, and the step is at least the smallest subnormal (zero, subnormals). ``inf`` stays ``inf``.
+    """
+    tiny = x.abs() < _TINY
+    y = torch.where(tiny, x * _SCALE, x)
+    step = (y + y.abs() * _HALF_ULP_PLUS) - y
+    step = torch.where(tiny, step / _SCALE, step).clamp(min=_SMALLEST)
+    return torch.where(x == math.inf, x, x + step)
 
 
 def build_router(

@@ -95,11 +95,14 @@ def normalized_score(scores: torch.Tensor, thresholds: torch.Tensor, medians: to
     """Image scores as a number in [0, 1] a person can read: 0.5 exactly at the task's threshold, 0 at or below
     the median score of its defect-free calibration images, linear in between and above (1 at threshold +
     (threshold - median)), clipped. Monotone in the score. (B,) scores and the (B,) routed task's threshold and
-    median -> (B,); an uncalibrated task (threshold inf) gives 0. Tensor ops only (traces into an export)."""
+    median -> (B,); NaN where there is none (no threshold: inf, or no stored median: NaN). Tensor ops only, and
+    no NaN goes through an arithmetic op (runtimes clip NaN differently), so it exports as it is."""
     scores, thresholds, medians = scores.double(), thresholds.double(), medians.double()
-    span = (thresholds - medians).clamp_min(1e-12)
-    scaled = 0.5 * (scores - medians) / span
-    return torch.where(torch.isfinite(thresholds), scaled, torch.zeros_like(scaled)).clamp(0.0, 1.0)
+    known = torch.isfinite(thresholds) & torch.isfinite(medians)
+    thr = torch.where(known, thresholds, torch.ones_like(thresholds))
+    med = torch.where(known, medians, torch.zeros_like(medians))
+    scaled = (0.5 * (scores - med) / (thr - med).clamp_min(1e-12)).clamp(0.0, 1.0)
+    return torch.where(known, scaled, torch.full_like(scaled, math.nan))
 
 
 def tail_threshold(distances: np.ndarray | torch.Tensor, rate: float, floor: float = 0.0) -> float:
@@ -181,15 +184,21 @@ def f1_report(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -
     return report
 
 
-def outside_own_route(distances: torch.Tensor, route_thresholds: torch.Tensor) -> torch.Tensor:
+def outside_own_route(
+    distances: torch.Tensor, route_thresholds: torch.Tensor, routed: torch.Tensor | None = None
+) -> torch.Tensor:
     """The unknown-category rule: (B, T) distances, (T,) route thresholds -> (B,) bool.
 
     An image is an unknown category when its distance to the task it is routed to (the nearest) exceeds that
     task's own route threshold: the expert that would judge it never saw anything that far away. (Flagging only
     images beyond *every* task's threshold let an image be judged by an expert whose own threshold it exceeded,
-    as long as another task's covered it.) Tensor ops only, so it traces into an exported model.
+    as long as another task's covered it.) ``routed`` (B,) is the router's choice when the caller has it (the
+    nearest task otherwise). Tensor ops only, so it traces into an exported model.
     """
-    best, routed = distances.min(dim=1)
+    if routed is None:
+        best, routed = distances.min(dim=1)
+    else:
+        best = distances.gather(1, routed[:, None]).squeeze(1)
     return best > route_thresholds.to(best.dtype).index_select(0, routed)
 
 
