@@ -524,3 +524,48 @@ def test_the_mask_written_is_the_map_above_the_pixel_threshold(
             pred.score > pred.threshold
         )
     assert rows["scratched.png"]["mask"] == "masks/scratched.png"
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_predict_on_an_exported_model_gives_the_checkpoints_verdicts_files_and_csv(
+    ckpt: Path, detector: MoLEFlowDetector, synthetic_root: Path, tmp_path: Path, fmt: str
+) -> None:
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="ONNX export needs pip install 'moleflow[export]'")
+        pytest.importorskip("onnxscript", reason="ONNX export needs pip install 'moleflow[export]'")
+    inp = tmp_path / "input"
+    for task in TASKS:
+        (inp / task).mkdir(parents=True)
+        for path in sorted((synthetic_root / task / "test").glob("*/*.png"))[:4]:  # defects, then good
+            shutil.copyfile(path, inp / task / f"{path.parent.name}_{path.name}")
+    common = [f"input={inp}", "overlays=flagged", "progress=false"]
+    first = run_from_config(_predict_config([f"ckpt={ckpt}", *common], tmp_path / "first"), tmp_path / "first")
+    middle = float(np.median([r["score"] for r in first["predictions"]]))  # some images of each verdict
+    chosen = [f"threshold={middle}", "route_threshold=1e9"]
+    cfg = _predict_config([f"ckpt={ckpt}", "mode=export", f"export.format={fmt}", *chosen], tmp_path / "export")
+    exported = run_from_config(cfg, tmp_path / "export")["exported"]
+    ref = run_from_config(_predict_config([f"ckpt={ckpt}", *common, *chosen], tmp_path / "ref"), tmp_path / "ref")
+    got = run_from_config(_predict_config([f"ckpt={exported}", *common], tmp_path / "got"), tmp_path / "got")
+    assert got["checkpoint"] == exported and got["calibration"] is None  # thresholds baked into the file
+    assert ref["counts"]["normal"] > 0 and ref["counts"]["defective"] > 0
+    assert got["thresholds"] == ref["thresholds"] and got["tasks"] == TASKS
+    assert [r["file"] for r in got["predictions"]] == [r["file"] for r in ref["predictions"]]
+    assert len(got["predictions"]) == 12 and got["counts"] == ref["counts"]
+    for g, r in zip(got["predictions"], ref["predictions"], strict=True):
+        assert (g["verdict"], g["task"], g["overlay"], g["mask"]) == (r["verdict"], r["task"], r["overlay"], r["mask"])
+        assert g["score"] == pytest.approx(r["score"], rel=1e-4, abs=1e-3)
+    ref_csv = (tmp_path / "ref" / "predictions.csv").read_text().splitlines()
+    got_csv = (tmp_path / "got" / "predictions.csv").read_text().splitlines()
+    assert got_csv[0] == ref_csv[0] and len(got_csv) == len(ref_csv)
+    masks = {
+        run: sorted(p.relative_to(tmp_path / run) for p in (tmp_path / run).rglob("masks/**/*.png"))
+        for run in ("ref", "got")
+    }
+    assert masks["ref"] and masks["ref"] == masks["got"]
+
+    calibrate = _predict_config([f"ckpt={exported}", "mode=calibrate"], tmp_path / "c")
+    with pytest.raises(ValueError, match="needs the training checkpoint"):
+        run_from_config(calibrate, tmp_path / "c")
+    override = _predict_config([f"ckpt={exported}", *common, "threshold=1.0"], tmp_path / "t")
+    with pytest.raises(ValueError, match="baked into it"):
+        run_from_config(override, tmp_path / "t")

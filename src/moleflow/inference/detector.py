@@ -35,7 +35,7 @@ from moleflow.config.score import ScoreConfig
 from moleflow.data.inputs import LoadedImage, to_model_inputs
 from moleflow.inference.export import ExportableMoLEFlow, export_metadata, write_export
 from moleflow.inference.pipeline import RoutedPipeline
-from moleflow.inference.prediction import Prediction
+from moleflow.inference.prediction import Prediction, predictions_from_outputs
 from moleflow.models.feature_extractor import FeatureExtractor
 from moleflow.models.moleflow import MoLEFlowModel
 from moleflow.thresholds.calibrator import (
@@ -302,31 +302,10 @@ class MoLEFlowDetector(CalibrationMixin):
             return []
         self.require_thresholds()
         out = self.run_batch(torch.stack([item.tensor for item in loaded]))
-        route_thr, pixels = self.route_thresholds, self.pixel_thresholds
-        results = []
-        for i, item in enumerate(loaded):
-            t = int(out["task"][i])
-            name = self.task_names[t]
-            results.append(
-                Prediction(
-                    task=name,
-                    task_index=t,
-                    routing_distance=float(out["routing_distance"][i]),
-                    score=float(out["score"][i]),
-                    threshold=self.thresholds[name],
-                    is_defective=bool(out["is_defective"][i]),
-                    is_unknown=bool(out["is_unknown"][i]),
-                    anomaly_map=out["anomaly_map"][i].cpu(),
-                    route_threshold=route_thr[name],
-                    source=item.source,
-                    original_size=item.original_hw,
-                    nonfinite_patches=int(out["nonfinite"][i]),
-                    normalized_score=_known(float(out["normalized_score"][i]), self.thresholds[name]),
-                    pixel_threshold=pixels[name],
-                    defect_mask=None if pixels[name] is None else out["defect_mask"][i].cpu(),
-                )
-            )
-        return results
+        sources = [(item.source, item.original_hw) for item in loaded]
+        return predictions_from_outputs(
+            out, sources, self.task_names, self.thresholds, self.route_thresholds, self.pixel_thresholds
+        )
 
     def predict(self, images: Any, batch_size: int = DEFAULT_BATCH) -> list[Prediction]:
         """Judge images: file paths, PIL images, numpy arrays (H, W[, C], RGB), or a (B, 3, S, S) tensor.
@@ -389,11 +368,6 @@ class MoLEFlowDetector(CalibrationMixin):
             ),
         )
         return write_export(module, path, metadata, self.run_batch, format=format, check_images=batch)
-
-
-def _known(normalized: float, threshold: float | None) -> float | None:
-    """The normalised score, or None where it means nothing (no threshold, or no stored median: NaN)."""
-    return None if threshold is None or math.isnan(normalized) else normalized
 
 
 def _thresholds_in_use(path: Path, own: Calibration | None, copy: Calibration | None) -> Calibration | None:

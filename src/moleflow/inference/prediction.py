@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,3 +95,43 @@ class Prediction:
             "original_size": list(self.original_size) if self.original_size else None,
             "nonfinite_patches": self.nonfinite_patches,
         }
+
+
+def predictions_from_outputs(
+    out: Mapping[str, Any],
+    sources: Sequence[tuple[str, tuple[int, int] | None]],
+    task_names: Sequence[str],
+    thresholds: Mapping[str, float | None],
+    route_thresholds: Mapping[str, float | None],
+    pixel_thresholds: Mapping[str, float | None],
+) -> list[Prediction]:
+    """One :class:`Prediction` per image from the routed pipeline's outputs (tensors or arrays, keyed as
+    ``pipeline.OUTPUTS``), as the Python detector and an exported model give them; ``sources`` are each image's
+    (source, original (H, W)). The per-task thresholds say what is known (None: none)."""
+    results = []
+    for i, (source, original_hw) in enumerate(sources):
+        t = int(out["task"][i])
+        name = task_names[t]
+        normalized = float(out["normalized_score"][i])
+        results.append(
+            Prediction(
+                task=name,
+                task_index=t,
+                routing_distance=float(out["routing_distance"][i]),
+                score=float(out["score"][i]),
+                threshold=thresholds[name],
+                is_defective=bool(out["is_defective"][i]),
+                is_unknown=bool(out["is_unknown"][i]),
+                anomaly_map=torch.as_tensor(out["anomaly_map"][i]).cpu(),
+                route_threshold=route_thresholds[name],
+                source=source,
+                original_size=original_hw,
+                nonfinite_patches=int(out["nonfinite"][i]),
+                normalized_score=None if thresholds[name] is None or math.isnan(normalized) else normalized,
+                pixel_threshold=pixel_thresholds[name],
+                defect_mask=None
+                if pixel_thresholds[name] is None
+                else torch.as_tensor(out["defect_mask"][i]).to(torch.bool).cpu(),
+            )
+        )
+    return results

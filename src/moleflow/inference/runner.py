@@ -31,6 +31,7 @@ from rich.table import Table
 from moleflow.assembly.builders import resolve_device
 from moleflow.data.inputs import LoadedImage, scan_inputs, try_load
 from moleflow.inference.detector import MoLEFlowDetector
+from moleflow.inference.exported_detector import ExportedDetector, is_exported_model
 from moleflow.inference.masks import mask_at_original, regions, save_mask
 from moleflow.inference.overlay import save_overlay
 from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN, Prediction
@@ -110,7 +111,7 @@ def _shown(path: Path, root: Path) -> str:
 
 
 def predict_folder(
-    detector: MoLEFlowDetector,
+    detector: MoLEFlowDetector | ExportedDetector,
     input_path: str | Path,
     output_dir: str | Path,
     batch_size: int = 16,
@@ -315,6 +316,22 @@ def run_from_config(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         raise ValueError(msg)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if is_exported_model(cfg.ckpt):  # an exported model judges with its own runtime and baked-in thresholds
+        if mode != "predict":
+            msg = f"mode={mode} needs the training checkpoint; {cfg.ckpt} is an exported model (mode=predict only)."
+            raise ValueError(msg)
+        if any(cfg.get(k) is not None for k in ("threshold", "thresholds", "route_threshold", "route_thresholds")):
+            msg = "An exported model's thresholds are baked into it: export again with the thresholds you want."
+            raise ValueError(msg)
+        exported = ExportedDetector(cfg.ckpt, resolve_device(str(cfg.device)))
+        return predict_folder(
+            exported,
+            cfg.input,
+            out,
+            batch_size=int(cfg.batch_size),
+            overlays=str(cfg.overlays),
+            progress=bool(cfg.progress),
+        )
     cal_cfg = cfg.calibration
     detector = MoLEFlowDetector.load(
         cfg.ckpt,
