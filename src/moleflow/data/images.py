@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from moleflow.data.types import DatasetLayoutError
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -225,3 +227,22 @@ def load_mask(
         resized = resized.resize((image_size, image_size), resample=Image.Resampling.NEAREST)
     arr = (np.asarray(resized) > 0).astype(np.float32)
     return torch.from_numpy(arr).unsqueeze(0)
+
+
+def mask_marks_pixels(image: Path, mask: Path) -> bool:
+    """Whether an existing mask marks any pixel; a mask that cannot be read, or is not of its image's size, is a
+    layout error (read at scan time, so that a broken clone fails before training rather than at test time)."""
+    try:
+        with Image.open(image) as img, Image.open(mask) as msk:
+            image_size, mask_size = img.size, msk.size
+            marked = bool(np.asarray(msk).any())
+    except _DECODE_ERRORS as err:
+        msg = f"Cannot read mask {mask} (or its image {image}): {type(err).__name__}: {err}. Re-clone the data set."
+        raise DatasetLayoutError(msg) from err
+    if image_size != mask_size:
+        msg = (
+            f"Mask {mask} is {mask_size[0]}x{mask_size[1]} px but its image {image} is "
+            f"{image_size[0]}x{image_size[1]} px: a mask must have its image's size. Re-clone the data set."
+        )
+        raise DatasetLayoutError(msg)
+    return marked

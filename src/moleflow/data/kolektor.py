@@ -25,10 +25,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from moleflow.data.folder import check_fraction, check_seed
+from moleflow.data.images import mask_marks_pixels
 from moleflow.data.mvtec import check_category_names
 from moleflow.data.subsets import split_groups
 from moleflow.data.types import GOOD, CategorySplit, DatasetLayoutError, Sample
@@ -85,20 +83,7 @@ def _mask_marks_pixels(image: Path, mask: Path) -> bool:
     """Check a mask (present, readable, of its image's size); returns whether it marks any pixel."""
     if not mask.is_file():
         raise _kolektor_error(f"Image {image} has no mask: expected {mask}.")
-    try:
-        with Image.open(image) as img, Image.open(mask) as msk:
-            image_size, mask_size = img.size, msk.size
-            marked = bool(np.asarray(msk).any())
-    except (OSError, ValueError, SyntaxError) as err:
-        msg = f"Cannot read mask {mask} (or its image {image}): {type(err).__name__}: {err}. Re-clone the data set."
-        raise DatasetLayoutError(msg) from err
-    if image_size != mask_size:
-        msg = (
-            f"Mask {mask} is {mask_size[0]}x{mask_size[1]} px but its image {image} is "
-            f"{image_size[0]}x{image_size[1]} px: a mask must have its image's size. Re-clone the data set."
-        )
-        raise DatasetLayoutError(msg)
-    return marked
+    return mask_marks_pixels(image, mask)
 
 
 def read_kolektor(root: Path | str) -> tuple[list[Sample], list[Sample]]:
