@@ -1,0 +1,45 @@
+"""experiments.dark_frame: every image and its mask framed alike, seeded, in a layout data=mvtec reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments.dark_frame import build
+from moleflow.data.mvtec import scan_category
+from moleflow.data.synthetic import generate_synthetic_mvtec
+
+
+def test_masks_stay_on_their_defects_and_the_frame_is_near_black(tmp_path: Path) -> None:
+    root = generate_synthetic_mvtec(
+        tmp_path / "src", categories=["dots"], num_train=3, num_test_good=1, num_test_defect=2
+    )
+    n = build(root, "dots", tmp_path / "out", scale=0.5, level=6.0, noise=1.5, seed=0)
+    sources = [p for p in (root / "dots").rglob("*.png")]
+    assert n == len(sources)
+    for mask_path in (tmp_path / "out" / "dots" / "ground_truth").rglob("*_mask.png"):
+        rel = mask_path.relative_to(tmp_path / "out" / "dots" / "ground_truth")
+        image = np.asarray(Image.open(tmp_path / "out" / "dots" / "test" / rel.parent / rel.name.replace("_mask", "")))
+        mask = np.asarray(Image.open(mask_path)) > 0
+        original = np.asarray(Image.open(root / "dots" / "ground_truth" / rel)) > 0
+        assert 0 < mask.sum() < original.sum()  # shrunk, not lost
+        source_image = np.asarray(Image.open(root / "dots" / "test" / rel.parent / rel.name.replace("_mask", "")))
+        assert abs(image[mask].mean() - source_image[original].mean()) < 40  # the defect's pixels moved with it
+    good = np.asarray(Image.open(next((tmp_path / "out" / "dots" / "train" / "good").glob("*.png"))), dtype=float)
+    corner = good[:4, :4]
+    assert corner.mean() < 12 and corner.std() > 0  # near-black, noisy
+    again = build(root, "dots", tmp_path / "again", scale=0.5, level=6.0, noise=1.5, seed=0)
+    assert again == n
+    same = tmp_path / "again" / "dots" / "train" / "good" / "000.png"
+    assert np.array_equal(
+        np.asarray(Image.open(same)), np.asarray(Image.open(tmp_path / "out" / "dots" / "train" / "good" / "000.png"))
+    )
+    split = scan_category(tmp_path / "out", "dots")  # read as data=mvtec reads it, masks checked
+    assert len(split.train) == 3 and sum(s.mask_path is not None for s in split.test) == len(
+        list((root / "dots" / "ground_truth").rglob("*.png"))
+    )
+    with pytest.raises(FileNotFoundError, match="not an MVTec-layout category"):
+        build(root, "missing", tmp_path / "x", scale=0.5, level=6.0, noise=1.5, seed=0)
