@@ -35,7 +35,7 @@ from moleflow.config.compose import compose_config
 from moleflow.config.instantiation import to_dict
 from moleflow.evaluation.continual_metrics import routing_confusion
 from moleflow.models.router import build_router
-from moleflow.thresholds.fitting import tail_threshold
+from moleflow.thresholds.fitting import outside_own_route, tail_threshold
 from moleflow.thresholds.held_out import holdout_split
 from moleflow.training.feature_cache import FeatureCache
 
@@ -130,15 +130,15 @@ def study(cfg: Any, specs: list[str], cache_dir: Path | None, holdout: float = 0
         tic = time.perf_counter()
         for t, (name, feats) in enumerate(zip(names, test, strict=True)):
             inputs = router.summarize(feats.features) if kind != "prototype" else feats.router
-            dists = router.distances(inputs, len(names))
-            routed = dists.argmin(dim=1)
-            unknown = (dists > thresholds[None, :]).all(dim=1)
+            dists, routed = router.decide(inputs, len(names))
+            unknown = outside_own_route(dists, thresholds, routed)  # the rule predict and training use
             others = [k for k in range(len(names)) if k != t]  # task t never trained: flagged by the others?
             if others:  # a router fitted on the other tasks only (the vote must not see task t either)
                 without = router.empty_copy()
                 for i, k in enumerate(others):
                     without.fit_task(i, kept_inputs[k])
-                never = (without.distances(inputs, len(others)) > thresholds[others][None, :]).all(dim=1)
+                d_without, routed_without = without.decide(inputs, len(others))
+                never = outside_own_route(d_without, thresholds[others], routed_without)
             else:
                 never = unknown
             true.append(torch.full_like(routed, t))

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import pytest
+import torch
+
+from experiments import routing_study
 from experiments.routing_study import feature_cache, markdown, parse_router, study
 from moleflow.models.router import build_router
 from moleflow.thresholds.held_out import holdout_split
@@ -16,10 +21,15 @@ def test_parse_router_reads_every_option() -> None:
     assert parse_router("positional:global_vote=false", {})[1] == {"global_vote": False}
 
 
-def test_study_counts_routing_per_label_as_a_hand_count(tmp_path: Path, synthetic_root: Path) -> None:
+def test_study_counts_routing_per_label_as_a_hand_count(
+    tmp_path: Path, synthetic_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     overrides = [*TINY_OVERRIDES, f"data.root={synthetic_root}", "data.generate=null", "data.num_workers=0"]
     cfg = compose_config(overrides, tmp_path)
     spec = "positional:grid=2,keep=0.5,global_vote=1"
+    # route thresholds that tell the unknown rules apart: task 0 never flags, the others always do
+    fitted = iter([math.inf, -math.inf, -math.inf] * 2)
+    monkeypatch.setattr(routing_study, "tail_threshold", lambda *args: next(fitted))
     results = study(cfg, ["prototype", spec], tmp_path / "cache", holdout=0.25)
     assert set(results["routers"]) == {"prototype", spec}
     assert results["routers"][spec]["options"]["global_vote"] is True
@@ -48,12 +58,18 @@ def test_study_counts_routing_per_label_as_a_hand_count(tmp_path: Path, syntheti
         inputs = router.summarize(train.features)
         kept, _ = holdout_split(len(inputs), 0.25, int(cfg.seed) + 1000 * (t + 1))
         router.fit_task(t, inputs[kept])
+    thresholds = torch.tensor(results["routers"][spec]["route_thresholds"], dtype=torch.float64)
     for t, (name, feats) in enumerate(zip(dm.task_names, tests, strict=True)):
-        routed = router.distances(router.summarize(feats.features)).argmin(dim=1)
+        dists = router.distances(router.summarize(feats.features))
+        routed = dists.argmin(dim=1)
+        own = dists.gather(1, routed[:, None]).squeeze(1) > thresholds[routed]  # beyond its own task's threshold
         row = results["routers"][spec]["per_task"][name]
         for label, key in ((0, "normal"), (1, "defective")):
             keep = feats.labels == label
             assert row[key] == float((routed[keep] == t).double().mean())
+            assert row[f"unknown_{key}"] == float(own[keep].double().mean())
+            assert row[f"silent_{key}"] == int(((routed != t) & ~own)[keep].sum())
+        assert own.tolist() == (routed != 0).tolist()  # flagged exactly when routed to a task that always flags
     assert cache.extractions == 0  # every split came from the study's cache files
     text = markdown(results, "cmd")
     assert f"`{spec}`" in text and "not flagged unknown" in text
