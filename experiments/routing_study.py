@@ -2,6 +2,7 @@
 
     python -m experiments.routing_study [--preset demo] [--data elpv] [--max-train 200] [--max-test 200]
                                         [--router prototype] [--router positional:grid=14,keep=0.1,global_vote=1]
+                                        [--router nearest:neighbors=1]
                                         [--holdout 0.1] [--cache DIR] [--out DIR] [-o OVERRIDE ...]
     python -m experiments.routing_study --runs RUN_DIR [RUN_DIR ...]    (the routing of finished runs, side by side)
 
@@ -34,6 +35,7 @@ from moleflow.assembly.builders import build_datamodule, build_extractor
 from moleflow.config.compose import compose_config
 from moleflow.config.instantiation import to_dict
 from moleflow.evaluation.continual_metrics import routing_confusion
+from moleflow.evaluation.evaluate import router_inputs
 from moleflow.models.router import build_router
 from moleflow.thresholds.fitting import outside_own_route, tail_threshold
 from moleflow.thresholds.held_out import holdout_split
@@ -50,7 +52,7 @@ def parse_router(spec: str, defaults: dict[str, Any]) -> tuple[str, dict[str, An
     options = dict(defaults)
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        if key == "grid":
+        if key in ("grid", "neighbors"):
             options[key] = int(value)
         elif key == "global_vote":
             options[key] = value.lower() in ("1", "true", "yes")
@@ -96,6 +98,7 @@ def study(cfg: Any, specs: list[str], cache_dir: Path | None, holdout: float = 0
         "keep": float(flow.router_keep),
         "variance_floor": float(flow.router_variance_floor),
         "global_vote": bool(flow.router_global_vote),
+        "neighbors": int(flow.get("router_neighbors", 1)),
     }
     results: dict[str, Any] = {
         "tasks": names,
@@ -108,12 +111,12 @@ def study(cfg: Any, specs: list[str], cache_dir: Path | None, holdout: float = 0
     }
     for spec in specs:
         kind, options = parse_router(spec, defaults)
-        if kind == "prototype":
-            options = {"ridge": options["ridge"]}
+        own = {"prototype": ("ridge",), "nearest": ("neighbors",)}.get(kind)  # positional: all but neighbors
+        options = {k: v for k, v in options.items() if (k in own if own else k != "neighbors")}
         router = build_router(kind, int(flow.embed_dim), **options)
         held_inputs, kept_inputs = [], []
         for t, feats in enumerate(train):
-            inputs = router.summarize(feats.features) if kind != "prototype" else feats.router
+            inputs = router_inputs(router, feats)
             kept, held = holdout_split(len(inputs), holdout, int(cfg.seed) + 1000 * (t + 1))  # as training does
             router.fit_task(t, inputs[kept])
             held_inputs.append(inputs[held])
@@ -129,7 +132,7 @@ def study(cfg: Any, specs: list[str], cache_dir: Path | None, holdout: float = 0
         true, pred, labels = [], [], []
         tic = time.perf_counter()
         for t, (name, feats) in enumerate(zip(names, test, strict=True)):
-            inputs = router.summarize(feats.features) if kind != "prototype" else feats.router
+            inputs = router_inputs(router, feats)
             dists, routed = router.decide(inputs, len(names))
             unknown = outside_own_route(dists, thresholds, routed)  # the rule predict and training use
             others = [k for k in range(len(names)) if k != t]  # task t never trained: flagged by the others?

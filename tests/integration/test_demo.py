@@ -24,8 +24,10 @@ def test_demo_config_composes(tmp_path) -> None:
 
 def test_quality_and_similar_routing_presets_compose(tmp_path) -> None:
     cfg = compose_config(["experiment=quality_cpu"], tmp_path)
-    assert cfg.model.flow.router == "positional" and cfg.training.calibration_share == 0.1
-    assert cfg.model.flow.router_global_vote and cfg.model.flow.router_grid == 14
+    assert cfg.model.flow.router == "nearest" and cfg.training.calibration_share == 0.1
+    assert cfg.model.flow.router_neighbors == 1 and not cfg.model.flow.router_global_vote
+    demo = compose_config(["experiment=demo"], tmp_path).model.flow
+    assert demo.router == "positional" and demo.router_global_vote and demo.router_grid == 14
     assert compose_config(["+ablation=main"], tmp_path).model.flow.router == "prototype"  # MAIN unchanged
     assert compose_config(["+ablation=main"], tmp_path).training.calibration_share == 0.0
     similar = compose_config(["experiment=similar_routing"], tmp_path)

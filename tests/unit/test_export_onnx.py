@@ -48,13 +48,16 @@ def detector() -> MoLEFlowDetector:
     return tiny_detector()
 
 
-def tiny_detector() -> MoLEFlowDetector:
-    """3 tasks, robust router, experts perturbed; score threshold in the widest gap of the test scores' middle."""
+ROBUST = {"router": "positional", "router_grid": 2, "router_keep": 0.5, "router_global_vote": True}
+
+
+def tiny_detector(router: dict | None = None) -> MoLEFlowDetector:
+    """3 tasks, robust router (or ``router``'s settings), experts perturbed; score threshold in the widest gap of
+    the test scores' middle."""
     backbone = OmegaConf.load(CONF_DIR / "model" / "backbone" / "tiny_random.yaml")
     torch.manual_seed(0)
     extractor = build_extractor(backbone, 32).eval()
-    robust = {"router": "positional", "router_grid": 2, "router_keep": 0.5, "router_global_vote": True}
-    model = MoLEFlowModel(MoLEFlowConfig(embed_dim=32, ncl=1, hidden=32, lora_rank=2, **robust))
+    model = MoLEFlowModel(MoLEFlowConfig(embed_dim=32, ncl=1, hidden=32, lora_rank=2, **(router or ROBUST)))
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for t in range(len(TASKS)):
@@ -214,6 +217,22 @@ def test_benchmark_measures_every_runtime_side_by_side(
     assert all(r["images_per_s"] > 0 and r["same_tasks"] for r in rows)
     table = markdown(rows, 4, {"pt2": "not asked for"})
     assert "| ONNX Runtime |" in table and "Machine:" in table and "skipped (not asked for)" in table
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_the_nearest_image_router_exports_with_parity(fmt: str, tmp_path: Path) -> None:
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="ONNX export needs pip install 'moleflow[export]'")
+        pytest.importorskip("onnxscript", reason="ONNX export needs pip install 'moleflow[export]'")
+    detector = tiny_detector({"router": "nearest", "router_neighbors": 3})
+    path = detector.export(tmp_path / "model", format=fmt, check_images=_probe())
+    model, meta = load_exported(path)
+    images = _test_images()
+    got, ref = model(images), detector.run_batch(images)
+    report = parity_report(got, ref, TOLERANCES[fmt], torch.full((len(TASKS),), 2000.0, dtype=torch.float64))
+    assert report["problems"] == [] and report["tied"] == []
+    assert torch.equal(got["task"].long(), ref["task"]) and set(ref["task"][:12].tolist()) == {0, 1, 2}
+    assert meta["task_names"] == TASKS
 
 
 # ------------------------------------------------------------------------------------- cheap: no export

@@ -16,7 +16,7 @@ EXPERT_MODES: tuple[str, ...] = ("lora", "full", "none")  # per-task experts: lo
 STANDARDIZE_MODES: tuple[str, ...] = ("none", "channel", "position")  # task statistics applied to F
 BASE_SHARING_MODES: tuple[str, ...] = ("frozen", "sequential", "separate")
 ADAPTERS: tuple[str, ...] = ("whitening", "none")
-ROUTER_KINDS: tuple[str, ...] = ("prototype", "positional")
+ROUTER_KINDS: tuple[str, ...] = ("prototype", "positional", "nearest")
 
 
 def floor_problem(standardize: str, floor: float) -> str | None:
@@ -86,6 +86,8 @@ class MoLEFlowConfig:
     router_variance_floor: float = setting(0.1, "> 0", lambda v: v > 0)
     # positional: the rank of a global Gaussian votes too (issue 14, docs/routing.md)
     router_global_vote: bool = False
+    # nearest: how many of a task's stored training images decide its distance (docs/routing.md)
+    router_neighbors: int = setting(1, ">= 1", lambda v: v >= 1)
     permutation_seed: int = 0
 
     @classmethod

@@ -84,9 +84,9 @@ def _score_batches(
 
 
 def router_inputs(router: torch.nn.Module, features: FeatureSet) -> torch.Tensor:
-    """What ``router`` routes by for a cached feature set: the cached global means for the prototype router
-    (exactly what MAIN used), else the router's own summary of the patch features."""
-    if getattr(router, "kind", "prototype") == "prototype":
+    """What ``router`` routes by for a cached feature set: the cached global means for the prototype and nearest
+    routers (exactly what MAIN used), else the router's own summary of the patch features."""
+    if getattr(router, "kind", "prototype") in ("prototype", "nearest"):
         return features.router
     return router.summarize(features.features)
 

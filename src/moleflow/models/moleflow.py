@@ -52,6 +52,7 @@ class MoLEFlowModel(nn.Module):
             keep=config.router_keep,
             variance_floor=config.router_variance_floor,
             global_vote=config.router_global_vote,
+            neighbors=config.router_neighbors,
         )
         self.num_tasks = 0
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
@@ -99,7 +100,7 @@ class MoLEFlowModel(nn.Module):
         if c.dia_blocks > 0:
             self.dia[key] = DIA(c.embed_dim, c.dia_blocks, clamp=c.dia_clamp)
         self.num_tasks += 1
-        self.to(self.router.means.device)
+        self.to(self.router.train_counts.device)
         return task
 
     @staticmethod

@@ -233,7 +233,7 @@ def threshold_report(
     distances = {}
     for ev in evaluations:
         inputs = router_inputs(model.router, test_sets[ev.task])
-        distances[ev.task] = model.router.distances(inputs.to(model.router.means.device), len(evaluations)).cpu()
+        distances[ev.task] = model.router.distances(inputs.to(model.router.train_counts.device), len(evaluations)).cpu()
     return {
         "calibration_share": share,
         "target_fpr": calibration.target_fpr,
