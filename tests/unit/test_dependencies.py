@@ -31,6 +31,11 @@ USES: dict[str, tuple[str, tuple[str, ...]]] = {
     "pytest": ("pytest", ("tests",)),
     "ruff": ("", ()),  # a command (make lint), not a module
     "scikit-image": ("skimage", ("tests",)),
+    # the export extra: found by name when a format needs it (inference/runtimes.py), so missing ones get a hint
+    "onnx": ("onnx", ("src",)),
+    "onnxscript": ("onnxscript", ("src",)),
+    "onnxruntime": ("onnxruntime", ("src",)),
+    "openvino": ("openvino", ("src",)),
     # Hydra launcher plugins: chosen from the command line (hydra/launcher=joblib, slurm), never imported
     "hydra-submitit-launcher": ("hydra_plugins.hydra_submitit_launcher", ("tests",)),
     "hydra-joblib-launcher": ("hydra_plugins.hydra_joblib_launcher", ("tests",)),

@@ -31,7 +31,7 @@ from rich.table import Table
 from moleflow.assembly.builders import resolve_device
 from moleflow.data.inputs import LoadedImage, scan_inputs, try_load
 from moleflow.inference.detector import MoLEFlowDetector
-from moleflow.inference.exported_detector import ExportedDetector, is_exported_model
+from moleflow.inference.standalone_detector import ExportedDetector, is_exported_model
 from moleflow.inference.masks import mask_at_original, regions, save_mask
 from moleflow.inference.overlay import save_overlay
 from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN, Prediction
