@@ -8,8 +8,8 @@ for result in detector.predict(["part_001.png", "part_002.png"]):
 
 from moleflow.inference.detector import CalibratedCopyError, CalibrationDataError, MoLEFlowDetector
 from moleflow.inference.export import EXPORT_FORMATS, ExportableMoLEFlow, ExportError, load_exported
-from moleflow.inference.standalone_detector import ExportedDetector
 from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN, Prediction
+from moleflow.inference.standalone_detector import ExportedDetector
 from moleflow.thresholds.records import Calibration, TaskCalibration
 
 __all__ = [

@@ -31,10 +31,10 @@ from rich.table import Table
 from moleflow.assembly.builders import resolve_device
 from moleflow.data.inputs import LoadedImage, scan_inputs, try_load
 from moleflow.inference.detector import MoLEFlowDetector
-from moleflow.inference.standalone_detector import ExportedDetector, is_exported_model
 from moleflow.inference.masks import mask_at_original, regions, save_mask
 from moleflow.inference.overlay import save_overlay
 from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN, Prediction
+from moleflow.inference.standalone_detector import ExportedDetector, is_exported_model
 from moleflow.thresholds.records import Calibration, calibrated_path
 from moleflow.utils.files import atomic_write_text, json_safe
 from moleflow.utils.prefetch import map_threads, overlap_pays_off, prefetch
