@@ -50,7 +50,23 @@ from moleflow.config.flow import ROUTER_KINDS, vote_problem
 log = logging.getLogger(__name__)
 
 
-class PrototypeRouter(nn.Module):
+class _GlobalAverageRouter(nn.Module):
+    """What the routers that judge an image by its global feature average share: that input, and zero floors.
+
+    A subclass defines ``num_tasks``, the tasks it holds.
+    """
+
+    def summarize(self, features: torch.Tensor) -> torch.Tensor:
+        """Router input of patch features F (B, H, W, D): their global average (B, D)."""
+        return features.mean(dim=(1, 2))
+
+    def floors(self, num_tasks: int | None = None) -> torch.Tensor:
+        """Lower bound of each task's distances (T,): 0, squared distances are >= 0."""
+        t = self.num_tasks if num_tasks is None else num_tasks
+        return torch.zeros(t, dtype=torch.float64)
+
+
+class PrototypeRouter(_GlobalAverageRouter):
     """Holds (T, D) means and (T, D, D) precisions as buffers; ``route`` picks the nearest task."""
 
     kind = "prototype"
@@ -67,18 +83,9 @@ class PrototypeRouter(nn.Module):
     def num_tasks(self) -> int:
         return int(self.means.shape[0])
 
-    def summarize(self, features: torch.Tensor) -> torch.Tensor:
-        """Router input of patch features F (B, H, W, D): their global average (B, D)."""
-        return features.mean(dim=(1, 2))
-
     def empty_copy(self) -> PrototypeRouter:
         """A router of the same kind and settings with no tasks (cross-validated thresholds fit these)."""
         return PrototypeRouter(self.dim, ridge=self.ridge)
-
-    def floors(self, num_tasks: int | None = None) -> torch.Tensor:
-        """Lower bound of each task's distances (T,): 0, squared Mahalanobis distances are >= 0."""
-        t = self.num_tasks if num_tasks is None else num_tasks
-        return torch.zeros(t, dtype=torch.float64)
 
     def resize(self, num_tasks: int) -> None:
         """Make room for ``num_tasks`` prototypes (zeros), e.g. before loading a checkpoint's state."""
@@ -299,7 +306,7 @@ class PositionalRouter(nn.Module):
         return _routed(*self.decide(summaries, num_tasks))
 
 
-class NearestRouter(nn.Module):
+class NearestRouter(_GlobalAverageRouter):
     """Per-task banks of training router features; see the module docstring.
 
     Buffers: ``bank`` (T, N, D) float64, each task's rows first and zeros after (N: the largest task's count, so
@@ -322,17 +329,8 @@ class NearestRouter(nn.Module):
     def num_tasks(self) -> int:
         return int(self.bank.shape[0])
 
-    def summarize(self, features: torch.Tensor) -> torch.Tensor:
-        """Router input of patch features F (B, H, W, D): their global average (B, D), as the prototype router's."""
-        return features.mean(dim=(1, 2))
-
     def empty_copy(self) -> NearestRouter:
         return NearestRouter(self.dim, self.neighbors)
-
-    def floors(self, num_tasks: int | None = None) -> torch.Tensor:
-        """Lower bound of each task's distances (T,): 0, squared distances are >= 0."""
-        t = self.num_tasks if num_tasks is None else num_tasks
-        return torch.zeros(t, dtype=torch.float64)
 
     def _grow(self, num_tasks: int, capacity: int) -> None:
         """At least ``num_tasks`` banks of at least ``capacity`` rows; existing rows kept, new ones zero."""
