@@ -316,6 +316,17 @@ def run_from_config(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         raise ValueError(msg)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+
+    def judge(detector: MoLEFlowDetector | ExportedDetector) -> dict[str, Any]:  # predict with this run's settings
+        return predict_folder(
+            detector,
+            cfg.input,
+            out,
+            batch_size=int(cfg.batch_size),
+            overlays=str(cfg.overlays),
+            progress=bool(cfg.progress),
+        )
+
     if is_exported_model(cfg.ckpt):  # an exported model judges with its own runtime and baked-in thresholds
         if mode != "predict":
             msg = f"mode={mode} needs the training checkpoint; {cfg.ckpt} is an exported model (mode=predict only)."
@@ -323,15 +334,7 @@ def run_from_config(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         if any(cfg.get(k) is not None for k in ("threshold", "thresholds", "route_threshold", "route_thresholds")):
             msg = "An exported model's thresholds are baked into it: export again with the thresholds you want."
             raise ValueError(msg)
-        exported = ExportedDetector(cfg.ckpt, resolve_device(str(cfg.device)))
-        return predict_folder(
-            exported,
-            cfg.input,
-            out,
-            batch_size=int(cfg.batch_size),
-            overlays=str(cfg.overlays),
-            progress=bool(cfg.progress),
-        )
+        return judge(ExportedDetector(cfg.ckpt, resolve_device(str(cfg.device))))
     cal_cfg = cfg.calibration
     detector = MoLEFlowDetector.load(
         cfg.ckpt,
@@ -369,14 +372,7 @@ def run_from_config(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         path = detector.export(cfg.export.path, format=str(cfg.export.format))  # adds the format's suffix
         files = [str(path)] + ([str(path.with_suffix(".bin"))] if path.suffix == ".xml" else [])
         return {"exported": str(path), "files": files, "metadata": str(path) + ".json", **threshold_summary(detector)}
-    return predict_folder(
-        detector,
-        cfg.input,
-        out,
-        batch_size=int(cfg.batch_size),
-        overlays=str(cfg.overlays),
-        progress=bool(cfg.progress),
-    )
+    return judge(detector)
 
 
 def threshold_summary(detector: MoLEFlowDetector) -> dict[str, Any]:
