@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 class _GlobalAverageRouter(nn.Module):
     """What the routers that judge an image by its global feature average share: that input, and zero floors.
 
-    A subclass defines ``num_tasks``, the tasks it holds.
+    A subclass defines ``num_tasks``, the tasks it holds, and ``distances`` (B, T) of images to each task.
     """
 
     def summarize(self, features: torch.Tensor) -> torch.Tensor:
@@ -64,6 +64,17 @@ class _GlobalAverageRouter(nn.Module):
         """Lower bound of each task's distances (T,): 0, squared distances are >= 0."""
         t = self.num_tasks if num_tasks is None else num_tasks
         return torch.zeros(t, dtype=torch.float64)
+
+    @torch.no_grad()
+    def decide(self, features: torch.Tensor, num_tasks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distances (B, T) and the chosen (nearest) task (B,) int64: the first of equal nearest ones."""
+        d = self.distances(features, num_tasks)
+        return d, d.argmin(dim=1)
+
+    @torch.no_grad()
+    def route(self, features: torch.Tensor, num_tasks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routed task ids (B,) int64 and the distance to the chosen task (B,)."""
+        return _routed(*self.decide(features, num_tasks))
 
 
 class PrototypeRouter(_GlobalAverageRouter):
@@ -134,17 +145,6 @@ class PrototypeRouter(_GlobalAverageRouter):
         x = features.to(device=self.means.device, dtype=torch.float64)
         diff = x[:, None, :] - self.means[None, :t, :]  # (B, T, D)
         return torch.einsum("btd,tde,bte->bt", diff, self.precisions[:t], diff)
-
-    @torch.no_grad()
-    def decide(self, features: torch.Tensor, num_tasks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distances (B, T) and the chosen (nearest) task (B,) int64: the first of equal nearest ones."""
-        d = self.distances(features, num_tasks)
-        return d, d.argmin(dim=1)
-
-    @torch.no_grad()
-    def route(self, features: torch.Tensor, num_tasks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Routed task ids (B,) int64 and the distance to the chosen prototype (B,)."""
-        return _routed(*self.decide(features, num_tasks))
 
 
 class PositionalRouter(nn.Module):
@@ -393,17 +393,6 @@ class NearestRouter(_GlobalAverageRouter):
         used = torch.arange(k, device=x.device)[None, :] < per_task[:, None]  # (T, k)
         summed = torch.where(used[None], nearest, torch.zeros_like(nearest)).sum(-1)
         return summed / per_task.clamp(min=1).to(torch.float64)
-
-    @torch.no_grad()
-    def decide(self, features: torch.Tensor, num_tasks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distances (B, T) and the chosen (nearest) task (B,) int64: the first of equal nearest ones."""
-        d = self.distances(features, num_tasks)
-        return d, d.argmin(dim=1)
-
-    @torch.no_grad()
-    def route(self, features: torch.Tensor, num_tasks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Routed task ids (B,) int64 and the distance to the chosen task (B,)."""
-        return _routed(*self.decide(features, num_tasks))
 
 
 def _routed(dist: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
