@@ -24,7 +24,8 @@ from PIL import Image
 from moleflow.assembly.builders import build_extractor
 from moleflow.config.flow import MoLEFlowConfig
 from moleflow.inference import ExportError, MoLEFlowDetector, load_exported
-from moleflow.inference.export import TOLERANCES, Tolerance, export_path, exported_format, parity_report
+from moleflow.inference.export import export_path, exported_format
+from moleflow.inference.parity import TOLERANCES, Tolerance, parity_report
 from moleflow.inference.pipeline import OUTPUTS
 from moleflow.inference.runtimes import restore_infinities
 from moleflow.models.moleflow import MoLEFlowModel

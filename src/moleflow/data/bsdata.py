@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 
 from moleflow.data.derived import derived_folder, input_fingerprint
 from moleflow.data.folder import check_fraction, check_seed
-from moleflow.data.mvtec import check_category_names
+from moleflow.data.mvtec import one_task_name
 from moleflow.data.subsets import by_name, split_groups
 from moleflow.data.types import GOOD, CategorySplit, DatasetLayoutError, Sample
 
@@ -200,13 +200,9 @@ def bsdata_splits(
         DatasetLayoutError: The root, a folder or an image is missing, or an annotation is unreadable.
         ValueError: More than one task name or a bad option value.
     """
-    names = check_category_names(categories if categories is not None else [BSDATA_TASK])
-    if len(names) != 1:
-        msg = f"BSData is one product: give one task name (e.g. [{BSDATA_TASK}]), got {names}."
-        raise ValueError(msg)
+    task = one_task_name(categories, BSDATA_TASK, "BSData")
     fraction = check_fraction(test_group_fraction, "test_group_fraction")
     seed = check_seed(seed)
     normals, anomalous = read_bsdata(root, bool(include_kgt), bool(drop_late_unlabelled))
-    task = names[0]
     train, test = split_groups(task, normals, anomalous, _group_of, fraction, seed, f"bsdata/{task}")
     return [CategorySplit(category=task, train=train, test=test, has_masks=True)]

@@ -34,7 +34,7 @@ from PIL import Image
 
 from moleflow.data.derived import derived_folder, input_fingerprint
 from moleflow.data.folder import check_fraction, check_seed
-from moleflow.data.mvtec import check_category_names
+from moleflow.data.mvtec import one_task_name
 from moleflow.data.subsets import split_groups
 from moleflow.data.types import GOOD, CategorySplit, DatasetLayoutError, Sample
 
@@ -196,14 +196,10 @@ def crackforest_splits(
         DatasetLayoutError: The root, a folder or a photograph is missing, or an annotation is unreadable.
         ValueError: More than one task name or a bad option value.
     """
-    names = check_category_names(categories if categories is not None else [CRACKFOREST_TASK])
-    if len(names) != 1:
-        msg = f"CrackForest is one task: give one task name (e.g. [{CRACKFOREST_TASK}]), got {names}."
-        raise ValueError(msg)
+    task = one_task_name(categories, CRACKFOREST_TASK, "CrackForest")
     fraction = check_fraction(test_group_fraction, "test_group_fraction")
     seed = check_seed(seed)
     normals, cracks = read_crackforest(root, tile_size, margin, min_defect_pixels)
-    task = names[0]
     label = f"crackforest/{task}"
     train, test = split_groups(task, normals, cracks, crackforest_photograph, fraction, seed, label)
     return [CategorySplit(category=task, train=train, test=test, has_masks=True)]

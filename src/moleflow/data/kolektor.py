@@ -27,7 +27,7 @@ from pathlib import Path
 
 from moleflow.data.folder import check_fraction, check_seed
 from moleflow.data.images import mask_marks_pixels
-from moleflow.data.mvtec import check_category_names
+from moleflow.data.mvtec import one_task_name
 from moleflow.data.subsets import split_groups
 from moleflow.data.types import GOOD, CategorySplit, DatasetLayoutError, Sample
 
@@ -135,13 +135,9 @@ def kolektor_splits(
         DatasetLayoutError: The root, the part folders or a mask is missing, or a mask is unreadable or mis-sized.
         ValueError: More than one task name or a bad option value.
     """
-    names = check_category_names(categories if categories is not None else [KOLEKTOR_TASK])
-    if len(names) != 1:
-        msg = f"KolektorSDD is one product: give one task name (e.g. [{KOLEKTOR_TASK}]), got {names}."
-        raise ValueError(msg)
+    task = one_task_name(categories, KOLEKTOR_TASK, "KolektorSDD")
     fraction = check_fraction(test_group_fraction, "test_group_fraction")
     seed = check_seed(seed)
     normals, anomalous = read_kolektor(root)
-    task = names[0]
     train, test = split_groups(task, normals, anomalous, kolektor_part, fraction, seed, f"kolektor/{task}")
     return [CategorySplit(category=task, train=train, test=test, has_masks=True)]

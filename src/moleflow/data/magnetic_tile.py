@@ -25,7 +25,7 @@ from pathlib import Path
 
 from moleflow.data.folder import check_fraction, check_seed
 from moleflow.data.images import mask_marks_pixels
-from moleflow.data.mvtec import check_category_names
+from moleflow.data.mvtec import one_task_name
 from moleflow.data.subsets import by_name, split_pools
 from moleflow.data.types import GOOD, CategorySplit, DatasetLayoutError, Sample
 
@@ -121,13 +121,9 @@ def magnetic_tile_splits(
         DatasetLayoutError: The root, a folder or a mask is missing, or a mask is unreadable or mis-sized.
         ValueError: More than one task name, an unknown defect type or a bad option value.
     """
-    names = check_category_names(categories if categories is not None else [MT_TASK])
-    if len(names) != 1:
-        msg = f"Magnetic Tile is one product: give one task name (e.g. [{MT_TASK}]), got {names}."
-        raise ValueError(msg)
+    task = one_task_name(categories, MT_TASK, "Magnetic Tile")
     fraction = check_fraction(test_normal_fraction)
     seed = check_seed(seed)
     normals, anomalous = read_magnetic_tile(root, list(defects))
-    task = names[0]
     train, test = split_pools(task, normals, anomalous, fraction, seed, f"magnetic_tile/{task}")
     return [CategorySplit(category=task, train=train, test=test, has_masks=True)]

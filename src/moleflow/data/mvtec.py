@@ -223,6 +223,19 @@ def check_category_names(categories: Sequence[str]) -> list[str]:
     return names
 
 
+def one_task_name(categories: Sequence[str] | None, default: str, source: str) -> str:
+    """The single task name of a data set that is one product (None gives ``default``).
+
+    Raises:
+        ValueError: More than one name was given.
+    """
+    names = check_category_names(categories if categories is not None else [default])
+    if len(names) != 1:
+        msg = f"{source} is one product: give one task name (e.g. [{default}]), got {names}."
+        raise ValueError(msg)
+    return names[0]
+
+
 def scan_categories(root: Path | str, categories: Sequence[str]) -> list[CategorySplit]:
     """Scan several categories (the task sequence, in order) and validate all of them at once.
 

@@ -117,72 +117,73 @@ def save_confusion_matrix(
     return Path(path)
 
 
-def save_roc_curves(evaluations: Sequence[TaskEvaluation], path: str | Path) -> Path:
-    """Image-level ROC curve of every task (routed scores), AUROC in the legend."""
+def _save_curves(
+    lines: list[tuple[np.ndarray, np.ndarray, str]],
+    path: str | Path,
+    axes: tuple[str, str, str],
+    legend_loc: str,
+    chance: bool = False,
+    fpr_limit: float | None = None,
+) -> Path:
+    """One figure of per-task curves (x, y, legend label); ``axes`` = (x label, y label, title)."""
     fig, ax = plt.subplots(figsize=(6, 5))
-    for ev in evaluations:
-        labels = ev.labels.numpy()
-        if labels.min() == labels.max():
-            continue  # one class only: no curve
-        fpr, tpr, _ = roc_curve(labels, ev.routed_image_scores.numpy())
-        ax.plot(fpr, tpr, label=f"{ev.name} ({100 * ev.routed.image_auroc:.1f})")
-    ax.plot([0, 1], [0, 1], "k:", linewidth=1)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title("Image-level ROC per task (AUROC %)")
-    ax.legend(fontsize=7, loc="lower right")
+    for x, y, label in lines:
+        ax.plot(x, y, label=label)
+    if chance:
+        ax.plot([0, 1], [0, 1], "k:", linewidth=1)
+    if fpr_limit is not None:
+        ax.axvline(fpr_limit, color="k", linestyle=":", linewidth=1)
+        ax.set_xlim(0, 1)
+    if not chance:
+        ax.set_ylim(0, 1.02)
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
+    ax.set_title(axes[2])
+    ax.legend(fontsize=7, loc=legend_loc)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def _two_class(evaluations: Sequence[TaskEvaluation]) -> list[TaskEvaluation]:
+    """The tasks whose scored images hold both classes (a curve needs both)."""
+    return [ev for ev in evaluations if ev.labels.min() != ev.labels.max()]
+
+
+def save_roc_curves(evaluations: Sequence[TaskEvaluation], path: str | Path) -> Path:
+    """Image-level ROC curve of every task (routed scores), AUROC in the legend."""
+    lines = []
+    for ev in _two_class(evaluations):
+        fpr, tpr, _ = roc_curve(ev.labels.numpy(), ev.routed_image_scores.numpy())
+        lines.append((fpr, tpr, f"{ev.name} ({100 * ev.routed.image_auroc:.1f})"))
+    axes = ("false positive rate", "true positive rate", "Image-level ROC per task (AUROC %)")
+    return _save_curves(lines, path, axes, "lower right", chance=True)
 
 
 def save_pr_curves(evaluations: Sequence[TaskEvaluation], path: str | Path) -> Path:
     """Image-level precision-recall curve of every task (routed scores), AP and F1-max in the legend."""
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for ev in evaluations:
-        labels = ev.labels.numpy()
-        if labels.min() == labels.max():
-            continue
-        precision, recall, _ = precision_recall_curve(labels, ev.routed_image_scores.numpy())
+    lines = []
+    for ev in _two_class(evaluations):
+        precision, recall, _ = precision_recall_curve(ev.labels.numpy(), ev.routed_image_scores.numpy())
         label = f"{ev.name} (AP {100 * ev.routed.image_ap:.1f}, F1-max {100 * ev.routed.image_f1_max:.1f})"
-        ax.plot(recall, precision, label=label)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("Image-level precision-recall per task")
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+        lines.append((recall, precision, label))
+    return _save_curves(lines, path, ("recall", "precision", "Image-level precision-recall per task"), "lower left")
 
 
 def save_pro_curves(evaluations: Sequence[TaskEvaluation], masks: dict[int, Any], path: str | Path) -> Path | None:
     """Per-region overlap (PRO) curve of every task with masks (routed maps), AUPRO at 30 % FPR in the legend;
     None when no task has masks."""
-    curves = []
+    lines = []
     for ev in evaluations:
         if ev.has_masks and masks.get(ev.task) is not None:
             curve = pro_curve(ev.routed_pixel_maps, masks[ev.task])
             if curve is not None:
-                curves.append((ev, curve))
-    if not curves:
+                lines.append((curve[0], curve[1], f"{ev.name} (AUPRO@30% {100 * ev.routed.pixel_aupro:.1f})"))
+    if not lines:
         return None
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for ev, (fpr, pro) in curves:
-        ax.plot(fpr, pro, label=f"{ev.name} (AUPRO@30% {100 * ev.routed.pixel_aupro:.1f})")
-    ax.axvline(AUPRO_FPR_LIMIT, color="k", linestyle=":", linewidth=1)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("false positive rate (defect-free pixels)")
-    ax.set_ylabel("mean per-region overlap")
-    ax.set_title("Pixel-level PRO curve per task")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    axes = ("false positive rate (defect-free pixels)", "mean per-region overlap", "Pixel-level PRO curve per task")
+    return _save_curves(lines, path, axes, "lower right", fpr_limit=AUPRO_FPR_LIMIT)
 
 
 def write_figures(

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
-import socket
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -51,9 +49,10 @@ from moleflow.thresholds.held_out import holdout_split, new_calibration, thresho
 from moleflow.thresholds.records import SECTION as CALIBRATION_SECTION
 from moleflow.thresholds.records import Calibration, read_calibration
 from moleflow.training.feature_cache import FeatureCache
-from moleflow.training.module_checkpoints import module_from_checkpoint, save_checkpoint
-from moleflow.training.resume import ResumeMismatchError, check_compatible, check_same_config, resolve_resume
-from moleflow.training.task_fit import fit_task, loss_curve_summary
+from moleflow.training.module_checkpoints import save_checkpoint
+from moleflow.training.resume import check_finished_run, resolve_resume, restore_run
+from moleflow.training.run_record import run_payload
+from moleflow.training.task_fit import fit_task
 from moleflow.training.trainer_parts import build_loggers, build_module
 from moleflow.utils.allocator import keep_freed_memory
 
@@ -150,7 +149,7 @@ class ContinualRun:
 
     def make_payload(self) -> dict[str, Any]:
         """The metrics.json payload of the results so far (status "running")."""
-        payload = _payload(
+        payload = run_payload(
             self.cfg,
             self.overrides,
             self.tracker,
@@ -245,13 +244,13 @@ def open_run(cfg: JobConfig, output_dir: Path, overrides: list[str] | None) -> C
     if point is not None and point.run_dir != output_dir and (point.run_dir / "metrics.json").is_file():
         done = json.loads((point.run_dir / "metrics.json").read_text())
         if done.get("status") == "finished":
-            _check_finished_run(done, cfg, point.run_dir)
+            check_finished_run(done, cfg, point.run_dir)
             log.info("resume: %s already finished; nothing to do.", point.run_dir)
             return done
     share = cfg.training.calibration_share
     calibration = new_calibration(cfg.training.calibration_fpr, cfg.training.unknown_rate, cfg.model.score.top_k)
     if point is not None and resumed is not None:
-        module, start_task = _restore(resumed, point.checkpoint, cfg, names, tracker, timings, run_log)
+        module, start_task = restore_run(resumed, point.checkpoint, cfg, names, tracker, timings, run_log)
         stored = read_calibration(resumed["moleflow"])
         if stored is not None:  # thresholds of the finished tasks, made when each of them ended
             calibration = stored
@@ -510,99 +509,6 @@ def _threshold_payload(run: ContinualRun, evaluations: list) -> dict[str, Any]:
         loader = lambda t=ev.task: run.dm.test_dataloader_for(t)  # noqa: E731 - only used if not cached
         test_sets[ev.task] = run.cache.get(f"{ev.task:02d}_{ev.name}/test", loader, True)
     return threshold_report(run.module.model, test_sets, evaluations, run.calibration, run.names, run.calibration_share)
-
-
-def _check_finished_run(done: dict[str, Any], cfg: JobConfig, run_dir: Path) -> None:
-    """A finished run is returned by resume only if it was made with this configuration."""
-    try:
-        check_same_config(done.get("config"), cfg, run_dir, force=False)
-    except ResumeMismatchError as err:
-        msg = f"{err}\n{run_dir} has finished: resume_force cannot add tasks to it; start a new run instead."
-        raise ResumeMismatchError(msg) from None
-
-
-def _restore(
-    content: dict[str, Any],
-    checkpoint: Path,
-    cfg: JobConfig,
-    names: list[str],
-    tracker: ContinualTracker,
-    timings: dict[str, Any],
-    run_log: dict[str, Any],
-) -> tuple[Any, int]:
-    """A run's module and results after its last finished task, from its checked checkpoint ``content``
-    (:func:`read_checkpoint` of ``checkpoint``); returns (module, next task)."""
-    info = content["moleflow"]
-    if "tracker" not in info:
-        msg = f"{checkpoint} holds no results to resume from (made by an older moleflow); start a new run."
-        raise ValueError(msg)
-    module = module_from_checkpoint(content, checkpoint)
-    check_compatible(dict(module.hparams), info.get("run_config"), cfg)  # the model itself: never forced
-    force = cfg.resume_force
-    mismatches = check_same_config(info.get("run_config"), cfg, checkpoint, force)
-    if module.task_names != names[: len(module.task_names)]:
-        msg = f"{checkpoint} holds tasks {module.task_names}, but this run's task order is {names}."
-        raise ValueError(msg)
-    tracker.load_state_dict(info["tracker"])
-    timings.update(info.get("timings", {}))
-    run_log.update(info.get("run_log", {}))
-    start_task = len(module.task_names)
-    timings.setdefault("resumed_at_tasks", []).append(start_task)
-    if mismatches:
-        entry = {"at_task": start_task, "checkpoint": str(checkpoint), "differences": mismatches}
-        run_log.setdefault("forced_resumes", []).append(entry)
-    log.info("Resuming from %s after task %d (%s).", checkpoint, start_task, module.task_names[-1])
-    return module, start_task
-
-
-def _payload(
-    cfg: JobConfig,
-    overrides: list[str] | None,
-    tracker: ContinualTracker,
-    module: Any,
-    timings: dict[str, Any],
-    started: float,
-    output_dir: Path,
-    extractor_images: int = 0,
-) -> dict[str, Any]:
-    summary = tracker.summary()
-    counts = module.model.parameter_counts()
-    timings = dict(timings)
-    timings["total_s"] = time.time() - started
-    return {
-        "status": "running",
-        "run": {
-            "output_dir": str(output_dir),
-            # the job's identity; how it was (re)started is kept apart so tables group resumed runs correctly
-            "overrides": [o for o in overrides or [] if not o.lstrip("+~").startswith("resume=")],
-            "resume": cfg.resume,
-            "seed": cfg.seed,
-            "host": socket.gethostname(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),  # CPU results are bitwise repeatable for a given count
-            "device": str(resolve_device(str(cfg.trainer.get("accelerator", "auto")))),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        },
-        "config": settings_dict(cfg),
-        **summary,
-        "parameters": {
-            "total": counts["total"],
-            "shared": counts["shared"],
-            "per_task": dict(zip(tracker.task_names, counts["per_task"], strict=False)),
-        },
-        "health": {
-            "skipped_batches": dict(module.skipped_batches),
-            "attempted_batches": dict(module.attempted_batches),
-            "diverged": dict(tracker.diverged),
-        },
-        "work": {"backbone_images": extractor_images, "feature_cache": cfg.training.feature_cache},
-        "training": {
-            name: loss_curve_summary(module.loss_history.get(name, []))
-            for name in tracker.task_names[: tracker.last_task + 1]
-        },
-        "timings": timings,
-    }
 
 
 def _finish_loggers(loggers: list) -> None:

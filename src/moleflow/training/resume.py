@@ -24,6 +24,8 @@ from typing import Any
 
 from moleflow.config.schema import JobConfig
 from moleflow.config.typed import settings_dict
+from moleflow.evaluation.report import ContinualTracker
+from moleflow.training.module_checkpoints import module_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +202,46 @@ def check_compatible(checkpoint_hparams: dict[str, Any], run_config: dict[str, A
     if mismatches:
         msg = "The checkpoint was made with a different configuration:\n  " + "\n  ".join(mismatches)
         raise ValueError(msg)
+
+
+def check_finished_run(done: dict[str, Any], cfg: JobConfig, run_dir: Path) -> None:
+    """A finished run is returned by resume only if it was made with this configuration."""
+    try:
+        check_same_config(done.get("config"), cfg, run_dir, force=False)
+    except ResumeMismatchError as err:
+        msg = f"{err}\n{run_dir} has finished: resume_force cannot add tasks to it; start a new run instead."
+        raise ResumeMismatchError(msg) from None
+
+
+def restore_run(
+    content: dict[str, Any],
+    checkpoint: Path,
+    cfg: JobConfig,
+    names: list[str],
+    tracker: ContinualTracker,
+    timings: dict[str, Any],
+    run_log: dict[str, Any],
+) -> tuple[Any, int]:
+    """A run's module and results after its last finished task, from its checked checkpoint ``content``
+    (:func:`read_checkpoint` of ``checkpoint``); returns (module, next task)."""
+    info = content["moleflow"]
+    if "tracker" not in info:
+        msg = f"{checkpoint} holds no results to resume from (made by an older moleflow); start a new run."
+        raise ValueError(msg)
+    module = module_from_checkpoint(content, checkpoint)
+    check_compatible(dict(module.hparams), info.get("run_config"), cfg)  # the model itself: never forced
+    force = cfg.resume_force
+    mismatches = check_same_config(info.get("run_config"), cfg, checkpoint, force)
+    if module.task_names != names[: len(module.task_names)]:
+        msg = f"{checkpoint} holds tasks {module.task_names}, but this run's task order is {names}."
+        raise ValueError(msg)
+    tracker.load_state_dict(info["tracker"])
+    timings.update(info.get("timings", {}))
+    run_log.update(info.get("run_log", {}))
+    start_task = len(module.task_names)
+    timings.setdefault("resumed_at_tasks", []).append(start_task)
+    if mismatches:
+        entry = {"at_task": start_task, "checkpoint": str(checkpoint), "differences": mismatches}
+        run_log.setdefault("forced_resumes", []).append(entry)
+    log.info("Resuming from %s after task %d (%s).", checkpoint, start_task, module.task_names[-1])
+    return module, start_task
