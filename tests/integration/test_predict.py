@@ -491,7 +491,7 @@ def test_a_later_calibration_wins_over_thresholds_made_in_training(
     assert later.thresholds == detector.thresholds
     new = later.calibrate(normal_dir=normals, save=True, test_labels=False)
     assert new.tasks["dots"].score_threshold != detector.calibration.tasks["dots"].score_threshold
-    with caplog.at_level(logging.INFO, logger="moleflow.inference.detector"):
+    with caplog.at_level(logging.INFO, logger="moleflow.inference"):
         again = MoLEFlowDetector.load(trained, auto_calibrate=False)
     assert again.thresholds == {n: t.score_threshold for n, t in new.tasks.items()}
     assert any("not those made in training" in r.getMessage() for r in caplog.records)

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from moleflow.config.flow import MoLEFlowConfig
+from moleflow.models.cell_router import ranks
 from moleflow.models.moleflow import MoLEFlowModel
-from moleflow.models.router import PositionalRouter, PrototypeRouter, _ranks, build_router, next_up
+from moleflow.models.router import PositionalRouter, PrototypeRouter, build_router, next_up
 from moleflow.thresholds.fitting import cross_validated_distances, tail_threshold
 
 H = W = 14
@@ -170,7 +171,7 @@ def test_vote_picks_the_smallest_rank_sum_and_keeps_the_chosen_distance() -> Non
     assert (d[0, :2] > d[0, 2]).all() and (d[0, :2] >= local[0, :2]).all()  # the others raised above it
     # equal rank sums go to the local router's choice: global ranks (1, 2, 0) give sums 1, 4, 1 -> task 0
     router.global_router.means[0] = torch.tensor([0.0, 4.0], dtype=torch.float64)
-    assert _ranks(router.global_router.distances(x.mean(dim=(1, 2)))).tolist() == [[1, 2, 0]]
+    assert ranks(router.global_router.distances(x.mean(dim=(1, 2)))).tolist() == [[1, 2, 0]]
     assert router.distances(x).argmin(dim=1).item() == 0
     router.global_router.means[0] = torch.tensor([-9.0, -9.0], dtype=torch.float64)
     dist, chosen = router.decide(x)  # the choice is returned too (for float32 runtimes, see decide)
@@ -184,7 +185,7 @@ def test_ranks_and_next_up_are_the_sort_and_nextafter_they_replace() -> None:
         d = torch.randint(-2, 3, (200, t), generator=gen).double()  # many ties
         d[torch.rand(d.shape, generator=gen) < 0.1] = math.nan
         d[torch.rand(d.shape, generator=gen) < 0.05] = math.inf
-        assert torch.equal(_ranks(d), torch.argsort(torch.argsort(d, dim=1, stable=True), dim=1))
+        assert torch.equal(ranks(d), torch.argsort(torch.argsort(d, dim=1, stable=True), dim=1))
     powers = torch.tensor([2.0**k for k in range(-1074, 1024)], dtype=torch.float64)
     x = torch.cat(
         [

@@ -14,7 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
+
+from moleflow.evaluation.region_overlap import (
+    aupro_from_counts,
+    pro_curve_from_counts,
+    region_overlap_weights,
+)
 
 __all__ = [
     "METRIC_NAMES",
@@ -186,58 +191,6 @@ def _f1_max_from_counts(pos: np.ndarray, neg: np.ndarray, n_pos: int) -> float:
     return float(f1.max())
 
 
-def region_overlap_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
-    """Per-pixel AUPRO increments of binary masks (N, H, W): 1 / size of the pixel's defect region, 0 outside.
-
-    Regions are the 8-connected components of each image's mask (as anomalib's OpenCV labelling), so a
-    pixel's weight is its share of its region; summed over the pixels above a threshold and divided by
-    the number of regions, the weights give the mean per-region overlap. Returns (weights (N*H*W,)
-    float32, number of regions).
-    """
-    weights = np.zeros(masks.shape, dtype=np.float32)
-    regions = 0
-    structure = np.ones((3, 3), dtype=bool)
-    for i in range(masks.shape[0]):
-        labelled, count = ndimage.label(masks[i], structure=structure)
-        if count:
-            sizes = np.bincount(labelled.ravel())
-            inverse = np.zeros(count + 1, dtype=np.float32)
-            inverse[1:] = 1.0 / sizes[1:]
-            weights[i] = inverse[labelled]
-            regions += count
-    return weights.reshape(-1), regions
-
-
-def _pro_curve_from_counts(
-    neg: np.ndarray, overlap: np.ndarray, n_neg: int, regions: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The PRO curve (global FPR over defect-free pixels, mean per-region overlap) from per-threshold groups
-    (descending scores), starting at (0, 0); both clipped at 1."""
-    fpr = np.concatenate([[0.0], np.cumsum(neg, dtype=np.float64) / n_neg])
-    pro = np.concatenate([[0.0], np.cumsum(overlap) / regions])
-    np.minimum(fpr, 1.0, out=fpr)
-    np.minimum(pro, 1.0, out=pro)
-    return fpr, pro
-
-
-def _aupro_from_counts(neg: np.ndarray, overlap: np.ndarray, n_neg: int, regions: int, fpr_limit: float) -> float:
-    """Normalised area under the PRO curve up to ``fpr_limit`` from per-threshold groups (descending scores).
-
-    The curve is (global FPR over defect-free pixels, mean per-region overlap); the point at the limit
-    is interpolated linearly, the area is the trapezoidal one divided by the limit (1.0 = perfect), as
-    in MVTec's and anomalib's definition. Sums are kept in float64 (anomalib's float32 running sums are
-    exact only up to 2**24 counted pixels, about 330 images of 224 x 224).
-    """
-    fpr, pro = _pro_curve_from_counts(neg, overlap, n_neg, regions)
-    inside = int(np.searchsorted(fpr, fpr_limit, side="right"))  # points with fpr <= limit
-    x, y = fpr[:inside], pro[:inside]
-    if inside < len(fpr) and x[-1] < fpr_limit:
-        f1, f2, p1, p2 = fpr[inside - 1], fpr[inside], pro[inside - 1], pro[inside]
-        x = np.append(x, fpr_limit)
-        y = np.append(y, p1 + (p2 - p1) * (fpr_limit - f1) / (f2 - f1))
-    return float(_trapezoid(y, x) / x[-1]) if x[-1] > 0 else math.nan
-
-
 def pro_curve(pixel_scores: Any, pixel_masks: Any) -> tuple[np.ndarray, np.ndarray] | None:
     """The per-region overlap curve (FPR, PRO) of raw maps (N, H, W) against masks, for figures; None when a
     class or every region is missing. AUPRO is its normalised area up to 30 % FPR (:func:`pixel_metrics`)."""
@@ -247,12 +200,7 @@ def pro_curve(pixel_scores: Any, pixel_masks: Any) -> tuple[np.ndarray, np.ndarr
     if counts is None or not regions:
         return None
     _, neg, _, n_neg, overlap = counts
-    return _pro_curve_from_counts(neg, overlap, n_neg, regions)
-
-
-def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
-    """Trapezoidal area under y(x), written out: numpy names it ``trapz`` before 2.0 and ``trapezoid`` after."""
-    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) * 0.5))
+    return pro_curve_from_counts(neg, overlap, n_neg, regions)
 
 
 def binary_auroc(scores: Any, labels: Any) -> float:
@@ -411,6 +359,6 @@ def pixel_metrics(
     if counts is None:
         return math.nan, math.nan, math.nan, math.nan
     pos, neg, n_pos, n_neg, overlap = counts
-    aupro = _aupro_from_counts(neg, overlap, n_neg, regions, fpr_limit) if regions else math.nan
+    aupro = aupro_from_counts(neg, overlap, n_neg, regions, fpr_limit) if regions else math.nan
     auroc, ap = _auroc_from_counts(pos, neg, n_pos, n_neg), _ap_from_counts(pos, neg, n_pos)
     return auroc, ap, aupro, _f1_max_from_counts(pos, neg, n_pos)

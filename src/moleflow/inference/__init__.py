@@ -6,7 +6,8 @@ for result in detector.predict(["part_001.png", "part_002.png"]):
     print(result.source, result.verdict, result.task, result.score)
 """
 
-from moleflow.inference.detector import CalibratedCopyError, CalibrationDataError, MoLEFlowDetector
+from moleflow.inference.calibrated_copies import CalibratedCopyError
+from moleflow.inference.detector import CalibrationDataError, MoLEFlowDetector
 from moleflow.inference.export import EXPORT_FORMATS, ExportableMoLEFlow, ExportError, load_exported
 from moleflow.inference.prediction import VERDICT_DEFECTIVE, VERDICT_NORMAL, VERDICT_UNKNOWN, Prediction
 from moleflow.inference.standalone_detector import ExportedDetector

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from moleflow.assembly.builders import extractor_from_stored
-from moleflow.assembly.checkpoint_files import CheckpointError, read_checkpoint, read_checkpoint_info
-from moleflow.assembly.integrity import file_sha256
+from moleflow.assembly.checkpoint_files import read_checkpoint
 from moleflow.assembly.model_files import restore_model
 from moleflow.config.score import ScoreConfig
 from moleflow.data.inputs import LoadedImage, to_model_inputs
+from moleflow.inference.calibrated_copies import calibrated_copy_of, thresholds_in_use
 from moleflow.inference.export import ExportableMoLEFlow, export_metadata, write_export
 from moleflow.inference.pipeline import RoutedPipeline
 from moleflow.inference.prediction import Prediction, predictions_from_outputs
@@ -44,7 +44,7 @@ from moleflow.thresholds.calibrator import (
     CalibrationMixin,
     chunks,
 )
-from moleflow.thresholds.records import Calibration, calibrated_path, read_calibration
+from moleflow.thresholds.records import Calibration, read_calibration
 from moleflow.utils.prefetch import overlap_pays_off, prefetch
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class MoLEFlowDetector(CalibrationMixin):
         extractor = extractor_from_stored(
             backbone, int(run_config["model"]["flow"]["embed_dim"]), f"The run config of checkpoint {path}"
         )
-        calibration = _thresholds_in_use(path, read_calibration(info), _calibrated_copy_of(path, recalibrate))
+        calibration = thresholds_in_use(path, read_calibration(info), calibrated_copy_of(path, recalibrate))
         score = run_config["model"].get("score", {})
         detector = cls(
             extractor,
@@ -368,66 +368,3 @@ class MoLEFlowDetector(CalibrationMixin):
             ),
         )
         return write_export(module, path, metadata, self.run_batch, format=format, check_images=batch)
-
-
-def _thresholds_in_use(path: Path, own: Calibration | None, copy: Calibration | None) -> Calibration | None:
-    """The thresholds a loaded checkpoint judges with, said in the log.
-
-    A calibrated copy made for this very file (``mode=calibrate``, on purpose and later) wins over the thresholds
-    made in training that the checkpoint carries; either way one line says which are in use and where from.
-    """
-    chosen = copy if copy is not None else own
-    if chosen is None:
-        return None
-    sources = sorted({f"{t.score_source} ({t.score_images} images)" for t in chosen.tasks.values()})
-    if copy is not None and own is not None:
-        log.info(
-            "Using the thresholds of %s (calibrated %s: %s), not those made in training that %s carries.",
-            calibrated_path(path),
-            copy.created,
-            ", ".join(sources),
-            path.name,
-        )
-    elif copy is not None:
-        log.info(
-            "Using the thresholds of %s (calibrated %s: %s).", calibrated_path(path), copy.created, ", ".join(sources)
-        )
-    else:
-        log.info("Using the thresholds stored in %s (%s).", path, ", ".join(sources))
-    return chosen
-
-
-class CalibratedCopyError(RuntimeError):
-    """The calibrated copy next to a checkpoint cannot be used; the message names it and what to do."""
-
-
-def _calibrated_copy_of(path: Path, recalibrate: bool = False) -> Calibration | None:
-    """The calibration of ``<name>.calibrated.ckpt`` next to ``path`` if it was made from exactly this file.
-
-    A copy that is damaged or belongs to another checkpoint is an error unless ``recalibrate``: silently
-    calibrating again (in-sample) and saving over it would lose thresholds calibrated on held-out images.
-    """
-
-    copy = calibrated_path(path)
-    if copy == path or not copy.is_file():
-        return None
-    problem = None
-    try:
-        calibration = read_calibration(read_checkpoint_info(copy))
-    except (CheckpointError, ValueError, OSError) as err:
-        calibration, problem = None, f"it cannot be used: {err}"
-    if problem is None and calibration is None:
-        problem = "it holds no calibration"
-    if problem is None and calibration.source_sha256 != file_sha256(path):
-        problem = f"it was calibrated for a different version of {path.name} (content hash differs)"
-    if problem is None:
-        return calibration
-    if recalibrate:
-        log.warning("Ignoring %s (recalibrate=true): %s. A new calibration saved replaces it.", copy, problem)
-        return None
-    msg = (
-        f"Calibrated copy {copy} of {path}: {problem}. It may hold thresholds calibrated on held-out images, so it "
-        "is not replaced silently. Restore it from a backup, move it away, or calibrate again and replace it with "
-        "calibration.recalibrate=true (src/predict.py) or MoLEFlowDetector.load(..., recalibrate=True)."
-    )
-    raise CalibratedCopyError(msg)
