@@ -11,17 +11,16 @@
   4. :func:`fit_router`: task t's routing prototype;
   5. :func:`evaluate_seen_tasks`: tasks 0..t task-agnostically (and with oracle routing), the R matrices;
   6. :func:`report_round`, :func:`save_round`: loggers, a checkpoint and the metrics so far;
-* :func:`finish_run`: per-category breakdown, figures, warnings, the results table.
+* :func:`finish_run` (:mod:`moleflow.training.run_finish`): per-category breakdown, figures, warnings, the results
+  table. The shared state is :mod:`moleflow.training.run_state`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,22 +35,18 @@ from moleflow.config.schema import JobConfig
 from moleflow.config.typed import job_settings, settings_dict
 from moleflow.evaluation.evaluate import (
     EvaluationSpec,
-    category_breakdown,
     evaluate_task,
     router_inputs,
-    routing_by_defect_type,
 )
-from moleflow.evaluation.plots import write_figures
-from moleflow.evaluation.report import ContinualTracker, log_results_table, print_table, write_json_atomic
-from moleflow.evaluation.score_records import score_record, write_records
-from moleflow.models.feature_extractor import FeatureSet
-from moleflow.thresholds.held_out import holdout_split, new_calibration, threshold_report, thresholds_from_held_out
+from moleflow.evaluation.report import ContinualTracker, write_json_atomic
+from moleflow.thresholds.held_out import holdout_split, new_calibration, thresholds_from_held_out
 from moleflow.thresholds.records import SECTION as CALIBRATION_SECTION
-from moleflow.thresholds.records import Calibration, read_calibration
+from moleflow.thresholds.records import read_calibration
 from moleflow.training.feature_cache import FeatureCache
 from moleflow.training.module_checkpoints import save_checkpoint
 from moleflow.training.resume import check_finished_run, resolve_resume, restore_run
-from moleflow.training.run_record import run_payload
+from moleflow.training.run_finish import finish_loggers, finish_run
+from moleflow.training.run_state import ContinualRun, TaskRound
 from moleflow.training.task_fit import fit_task
 from moleflow.training.trainer_parts import build_loggers, build_module
 from moleflow.utils.allocator import keep_freed_memory
@@ -97,88 +92,6 @@ def _warn_diverged(newly: list[tuple[str, str]]) -> None:
         log.warning("Task %s DIVERGED: %s. It is left out of the means; the run goes on.", task, reason)
 
 
-def _collapse_warnings(summary: dict[str, Any], skipped: dict[str, int]) -> list[str]:
-    """Plain-language warnings for degenerate results (deep flows may collapse: report, don't hide)."""
-    warnings = []
-    for name, row in summary["per_task"].items():
-        if row.get("diverged"):
-            warnings.append(f"task {name} diverged and is left out of the means: {row['diverged']}")
-        if skipped.get(name):
-            warnings.append(f"task {name}: {skipped[name]} training batches skipped for unusable loss")
-    means = summary["means"]
-    if means["averaged"] < means["of"]:
-        warnings.append(f"the means average {means['averaged']} of {means['of']} tasks: {means['tasks']}")
-    for name, row in summary["per_task"].items():
-        if row["routed"]["image_auroc"] is None or not math.isfinite(row["routed"]["image_auroc"]):
-            warnings.append(f"task {name}: image AUROC undefined (its test set lacks normal or defective images)")
-    auc = summary["final"]["routed"]["image_auroc"]
-    if isinstance(auc, float) and math.isfinite(auc) and auc < 0.6:
-        warnings.append(f"mean image AUROC {auc:.3f} is near chance: the flow may have collapsed")
-    return warnings
-
-
-@dataclass
-class ContinualRun:
-    """What the steps of a run share: its parts, its results so far, and where it writes."""
-
-    cfg: JobConfig
-    output_dir: Path
-    overrides: list[str] | None
-    device: torch.device
-    dm: Any
-    extractor: Any
-    module: Any
-    names: list[str]
-    tracker: ContinualTracker
-    cache: FeatureCache
-    score_cfg: EvaluationSpec
-    loggers: list
-    amp_dtype: torch.dtype | None
-    started: float
-    timings: dict[str, Any]
-    run_log: dict[str, Any]
-    calibration: Calibration
-    calibration_share: float = 0.0
-    start_task: int = 0
-    payload: dict[str, Any] = field(default_factory=dict)
-    evaluations: list = field(default_factory=list)
-
-    @property
-    def runtime(self) -> Any:
-        return self.cfg.runtime
-
-    def make_payload(self) -> dict[str, Any]:
-        """The metrics.json payload of the results so far (status "running")."""
-        payload = run_payload(
-            self.cfg,
-            self.overrides,
-            self.tracker,
-            self.module,
-            self.timings,
-            self.started,
-            self.output_dir,
-            self.extractor.images_seen,
-        )
-        payload["run"].update(self.run_log)
-        if self.calibration.tasks and self.evaluations:
-            payload["thresholds"] = _threshold_payload(self, self.evaluations)
-        return payload
-
-
-@dataclass
-class TaskRound:
-    """One task's pass through the loop: its id, name, stage times, training features and training problems."""
-
-    t: int
-    name: str
-    times: dict[str, float] = field(default_factory=dict)
-    train_set: FeatureSet | None = None
-    untrainable: list[tuple[str, str]] = field(default_factory=list)
-    kept: torch.Tensor | None = None  # (N_kept,) indices of the training images the task learns from
-    held: torch.Tensor | None = None  # (N_held,) indices held out for its thresholds (empty: none)
-    router_in: torch.Tensor | None = None  # the router's inputs of every training image
-
-
 def run_continual(
     cfg: DictConfig | JobConfig, output_dir: str | Path, overrides: list[str] | None = None
 ) -> dict[str, Any]:
@@ -202,7 +115,7 @@ def run_continual(
             save_round(run, task)
         return finish_run(run)
     finally:
-        _finish_loggers(run.loggers)
+        finish_loggers(run.loggers)
 
 
 def open_run(cfg: JobConfig, output_dir: Path, overrides: list[str] | None) -> ContinualRun | dict[str, Any]:
@@ -425,65 +338,6 @@ def save_round(run: ContinualRun, task: TaskRound) -> None:
     run.module.model.cpu()
 
 
-def finish_run(run: ContinualRun) -> dict[str, Any]:
-    """After the last task: per-category breakdown, figures, warnings, the results table; status finished."""
-    cfg, dm, names, evaluations = run.cfg, run.dm, run.names, run.evaluations
-    tic = time.time()
-    payload = run.make_payload()
-    if evaluations:  # routing of the last round per defect type (the data set's test sub-folders / grades)
-        payload["routing"]["per_defect_type"] = {
-            ev.name: routing_by_defect_type(ev, [s.defect_type for s in dm.test_dataset(ev.task).samples])
-            for ev in evaluations
-        }
-    if any(len(dm.task_categories(i)) > 1 for i in range(len(names))) and evaluations:
-        payload["per_category"] = {}
-        for ev in evaluations:  # the last round: every task, after the last task
-            loader = lambda t=ev.task: dm.test_dataloader_for(t)  # noqa: E731 - only used if not cached
-            test_set = run.cache.get(f"{ev.task:02d}_{ev.name}/test", loader, with_masks=True)
-            payload["per_category"].update(category_breakdown(ev, dm.test_sample_categories(ev.task), test_set.masks))
-    if cfg.report.score_records and evaluations:
-        payload["score_records"] = _write_score_records(run)
-    if cfg.report.figures and evaluations:
-        payload["figures"] = write_figures(
-            run.output_dir,
-            dm,
-            evaluations,
-            names,
-            run.tracker.confusion,
-            cfg.report.overlays_per_task,
-            run.loggers,
-            run.tracker.confusion_by_label,
-            test_masks={ev.task: _test_masks(run, ev) for ev in evaluations if ev.has_masks},
-        )
-    run.timings["figures_s"] = time.time() - tic
-    payload["warnings"] = _collapse_warnings(payload, run.module.skipped_batches)
-    for w in payload["warnings"]:
-        log.warning(w)
-    log_results_table(run.loggers, payload)
-    table = print_table(payload, title=f"MoLE-Flow after {len(names)} tasks ({run.output_dir.name})")
-    (run.output_dir / "results_table.txt").write_text(table)
-    payload["status"] = "finished"
-    write_json_atomic(run.output_dir / "metrics.json", payload)
-    run.payload = payload
-    return payload
-
-
-def _test_masks(run: ContinualRun, ev: Any) -> torch.Tensor | None:
-    """The ground-truth masks (N, S, S) of a task's cached test set."""
-    return run.cache.get(f"{ev.task:02d}_{ev.name}/test", lambda t=ev.task: run.dm.test_dataloader_for(t), True).masks
-
-
-def _write_score_records(run: ContinualRun) -> dict[str, str]:
-    """The last round's per-image results of every task (routed), for intervals and side-by-side maps."""
-    records = {}
-    for ev in run.evaluations:
-        test_set = run.cache.get(f"{ev.task:02d}_{ev.name}/test", lambda t=ev.task: run.dm.test_dataloader_for(t), True)
-        maps = ev.routed_pixel_maps if ev.has_masks else None
-        masks = test_set.masks if ev.has_masks else None
-        records[ev.name] = score_record(ev.routed_image_scores, ev.labels, maps, masks)
-    return write_records(records, run.output_dir / "scores")
-
-
 def _task_thresholds(run: ContinualRun, task: TaskRound) -> Any:
     """Task t's thresholds from its held-out training images (:func:`held_out.thresholds_from_held_out`)."""
     cfg, held = run.cfg, task.held
@@ -500,25 +354,3 @@ def _task_thresholds(run: ContinualRun, task: TaskRound) -> Any:
         image_size=cfg.data["image_size"],
         pixel_sigma=cfg.model.score.pixel_sigma,
     )
-
-
-def _threshold_payload(run: ContinualRun, evaluations: list) -> dict[str, Any]:
-    """metrics.json's ``thresholds`` (:func:`held_out.threshold_report`) on every seen task's cached test set."""
-    test_sets = {}
-    for ev in evaluations:
-        loader = lambda t=ev.task: run.dm.test_dataloader_for(t)  # noqa: E731 - only used if not cached
-        test_sets[ev.task] = run.cache.get(f"{ev.task:02d}_{ev.name}/test", loader, True)
-    return threshold_report(run.module.model, test_sets, evaluations, run.calibration, run.names, run.calibration_share)
-
-
-def _finish_loggers(loggers: list) -> None:
-    """Close every logger; W&B needs an explicit finish or the next multirun job reuses this run."""
-    for lg in loggers:
-        try:
-            lg.finalize("success")
-        except Exception as err:  # noqa: BLE001 - closing must not mask the run's own error
-            log.warning("Closing logger %s failed: %s", type(lg).__name__, err)
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
-
-        wandb.finish()
