@@ -40,15 +40,13 @@ size is free.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import logging
 import math
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +54,13 @@ import torch
 from torch import Tensor, nn
 
 from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD
+from moleflow.inference.onnx_writers import batch_dim, write_onnx, write_openvino
 from moleflow.inference.parity import TOLERANCES, parity_report
 from moleflow.inference.pipeline import OUTPUTS, RoutedPipeline
 from moleflow.inference.runtimes import (
-    INPUT_NAME,
-    RT_INFO_SECTION,
+    ExportError,
     load_onnx,
     load_openvino,
-    metadata_entries,
     require_packages,
 )
 from moleflow.utils.files import atomic_write_text, json_safe, unique_temporary
@@ -73,10 +70,6 @@ log = logging.getLogger(__name__)
 EXPORT_SUFFIXES = {"torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx", "openvino": ".xml"}
 EXPORT_FORMATS = tuple(EXPORT_SUFFIXES)
 METADATA_NAME = "moleflow.json"
-
-
-class ExportError(RuntimeError):
-    """The model cannot be exported (unsupported format) or the export failed its parity check."""
 
 
 class ExportableMoLEFlow(nn.Module):
@@ -243,13 +236,13 @@ def write_export(
                 torch.jit.save(traced, str(tmp), _extra_files={METADATA_NAME: json.dumps(meta, indent=2)})
             elif fmt == "pt2":
                 module(example)  # fills the model's lazy caches (positional code) before export captures it
-                program = torch.export.export(module, (example,), dynamic_shapes={"images": _batch_dim()})
+                program = torch.export.export(module, (example,), dynamic_shapes={"images": batch_dim()})
                 torch.export.save(program, str(tmp), extra_files={METADATA_NAME: json.dumps(meta, indent=2)})
             elif fmt == "onnx":
-                _write_onnx(module, example, tmp, meta)
+                write_onnx(module, example, tmp, meta)
             else:
                 written.append(tmp.with_suffix(".bin"))
-                _write_openvino(module, example, tmp, meta)
+                write_openvino(module, example, tmp, meta)
         _check_parity(reference, tmp, fmt, check_images, module.route_thresholds)
         for part in reversed(written):  # OpenVINO: the weights first, then the .xml that names them
             part.replace(path.with_suffix(part.suffix))
@@ -266,64 +259,6 @@ def write_export(
     atomic_write_text(path.with_name(path.name + ".json"), json.dumps(meta, indent=2))
     log.info("Exported %d-task model to %s (%s).", len(meta["task_names"]), path, fmt)
     return path
-
-
-def _batch_dim() -> dict[int, Any]:
-    return {0: torch.export.Dim("batch", min=1)}
-
-
-def _onnx_program(module: ExportableMoLEFlow, example: Tensor, metadata: dict[str, Any]) -> Any:
-    """The module through ``torch.export`` and ``torch.onnx`` (dynamo), outputs named after OUTPUTS, metadata in."""
-    module(example)  # fills the model's lazy caches (positional code) before export captures it
-    with _quiet("onnxscript", "onnx_ir"):  # one INFO line per optimisation step otherwise
-        program = torch.onnx.export(
-            module,
-            (example,),
-            input_names=[INPUT_NAME],
-            output_names=list(OUTPUTS),
-            dynamo=True,  # the TorchScript-based exporter fails on a conv whose weight is built in forward
-            dynamic_shapes={INPUT_NAME: _batch_dim()},
-            verbose=False,
-        )
-    names = [value.name for value in program.model.graph.outputs]
-    if names != list(OUTPUTS):
-        msg = f"The ONNX graph's outputs are {names}, not OUTPUTS' {list(OUTPUTS)}."
-        raise ExportError(msg)
-    program.model.metadata_props.update(metadata_entries(metadata))
-    return program
-
-
-@contextlib.contextmanager
-def _quiet(*names: str) -> Iterator[None]:
-    """Raise the named loggers to WARNING for the block."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
-def _write_onnx(module: ExportableMoLEFlow, example: Tensor, target: Path, metadata: dict[str, Any]) -> None:
-    # one self-contained file (weights inside): an external data file would not follow the rename
-    _onnx_program(module, example, metadata).save(str(target), external_data=False)
-
-
-def _write_openvino(module: ExportableMoLEFlow, example: Tensor, target: Path, metadata: dict[str, Any]) -> None:
-    """OpenVINO IR (``target`` .xml + .bin, float32 weights) converted from the module's ONNX graph."""
-    ov = importlib.import_module("openvino")
-    onnx_file = target.with_suffix(".onnx")
-    try:
-        _write_onnx(module, example, onnx_file, metadata)
-        model = ov.convert_model(str(onnx_file))
-    finally:
-        onnx_file.unlink(missing_ok=True)
-    for key, value in metadata_entries(metadata).items():
-        model.set_rt_info(value, [RT_INFO_SECTION, key])
-    ov.save_model(model, str(target), compress_to_fp16=False)  # the default halves the weights
 
 
 def exported_format(path: Path) -> str:

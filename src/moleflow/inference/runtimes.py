@@ -42,6 +42,13 @@ def missing_packages(fmt: str, *, loading: bool = False) -> list[str]:
     return [name for name in needed if importlib.util.find_spec(name) is None]
 
 
+class ExportError(RuntimeError):
+    """The model cannot be exported (unsupported format) or the export failed its parity check.
+
+    Defined with the runtimes so that the writers (:mod:`moleflow.inference.onnx_writers`) raise it too.
+    """
+
+
 def require_packages(fmt: str, error: type[Exception], *, loading: bool = False) -> None:
     """Raise ``error`` naming the missing packages and the install command, if ``fmt`` needs any."""
     missing = missing_packages(fmt, loading=loading)
