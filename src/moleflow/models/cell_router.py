@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moleflow.models.global_routers import PrototypeRouter, routed
+from moleflow.models.global_routers import PrototypeRouter, routed, task_inputs
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,8 @@ class PositionalRouter(nn.Module):
         The variance floor is ``variance_floor`` times the task's own mean variance (its images only, so a
         later task never changes it); it keeps a channel that barely varies in training from deciding alone.
         """
-        if task > self.num_tasks:
-            msg = f"Tasks must be added in order: got task {task} with {self.num_tasks} known."
-            raise ValueError(msg)
+        x = task_inputs(self, task, summaries, self.means.device)
         self.resize(task + 1)
-        x = summaries.detach().to(device=self.means.device, dtype=torch.float64)
         n = x.shape[0]
         mean = x.mean(dim=0)
         if n >= 2:

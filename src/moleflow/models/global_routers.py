@@ -77,11 +77,8 @@ class PrototypeRouter(_GlobalAverageRouter):
     @torch.no_grad()
     def fit_task(self, task: int, features: torch.Tensor) -> None:
         """Set task's prototype from its training router features (N, D)."""
-        if task > self.num_tasks:
-            msg = f"Prototypes must be added in task order: got task {task} with {self.num_tasks} known."
-            raise ValueError(msg)
+        x = task_inputs(self, task, features, self.means.device)
         self.resize(task + 1)
-        x = features.detach().to(device=self.means.device, dtype=torch.float64)
         n = x.shape[0]
         mean = x.mean(dim=0)
         if n >= 2:
@@ -164,10 +161,7 @@ class NearestRouter(_GlobalAverageRouter):
     @torch.no_grad()
     def fit_task(self, task: int, features: torch.Tensor) -> None:
         """Store task's training router features (N, D) as its bank."""
-        if task > self.num_tasks:
-            msg = f"Tasks must be added in order: got task {task} with {self.num_tasks} known."
-            raise ValueError(msg)
-        x = features.detach().to(device=self.bank.device, dtype=torch.float64)
+        x = task_inputs(self, task, features, self.bank.device)
         if x.shape[0] < 1:
             msg = f"Task {task} has no training images to route by."
             raise ValueError(msg)
@@ -203,3 +197,11 @@ class NearestRouter(_GlobalAverageRouter):
 def routed(dist: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen task (B,), its distance (B,)) from :meth:`decide`'s distances (B, T) and choice (B,)."""
     return chosen, dist.gather(1, chosen[:, None]).squeeze(1)
+
+
+def task_inputs(router: nn.Module, task: int, inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A router's training inputs for ``task``, detached and float64 on ``device``; tasks must come in order."""
+    if task > router.num_tasks:
+        msg = f"Tasks must be added in order: got task {task} with {router.num_tasks} known."
+        raise ValueError(msg)
+    return inputs.detach().to(device=device, dtype=torch.float64)
