@@ -71,7 +71,7 @@ def _evaluate_seen(
     """Evaluate the test sets of tasks 0..t, task-agnostically (routing over t + 1 prototypes)."""
     evaluations = []
     for i in range(t + 1):
-        test_set = cache.get(f"{i:02d}_{names[i]}/test", lambda i=i: dm.test_dataloader_for(i), with_masks=True)
+        test_set = cache.test_set(dm, i, names[i])
         evaluations.append(evaluate_task(model, test_set, i, names[i], t + 1, score_cfg, device, dm.has_masks(i)))
     return evaluations
 

@@ -118,6 +118,10 @@ class FeatureCache:
             return self._memory[key]
         return fs
 
+    def test_set(self, dm: Any, task: int, name: str) -> FeatureSet:
+        """Task ``task``'s (named ``name``) test features with masks, from ``dm``'s test loader on first use."""
+        return self.get(f"{task:02d}_{name}/test", lambda: dm.test_dataloader_for(task), with_masks=True)
+
     def _stem(self, key: str, loader: DataLoader, with_masks: bool) -> str:
         """File-name stem of a set: its key, the run fingerprint, and a hash of the files it is made of."""
         return f"{key.replace('/', '__')}__{self.fingerprint}__{files_digest(loader, with_masks)}"

@@ -92,7 +92,7 @@ def rescore_checkpoint(
     merge = bool((run_cfg.get("runtime") or {}).get("merge_experts", False))  # score exactly as training did
     with model.merged_experts(merge):
         for i, name in enumerate(names):
-            test = cache.get(f"{i:02d}_{name}/test", lambda i=i: dm.test_dataloader_for(i), with_masks=True)
+            test = cache.test_set(dm, i, name)
             evaluations.append(evaluate_task(model, test, i, name, len(names), score, dev, dm.has_masks(i)))
     rows = [_row(evaluations, int(k), names) for k in top_ks]
     return {"checkpoint": str(ckpt_path), "tasks": names, "pixel_sigma": score.pixel_sigma, "rows": rows}

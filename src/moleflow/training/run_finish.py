@@ -34,8 +34,7 @@ def finish_run(run: ContinualRun) -> dict[str, Any]:
     if any(len(dm.task_categories(i)) > 1 for i in range(len(names))) and evaluations:
         payload["per_category"] = {}
         for ev in evaluations:  # the last round: every task, after the last task
-            loader = lambda t=ev.task: dm.test_dataloader_for(t)  # noqa: E731 - only used if not cached
-            test_set = run.cache.get(f"{ev.task:02d}_{ev.name}/test", loader, with_masks=True)
+            test_set = run.cache.test_set(run.dm, ev.task, ev.name)
             payload["per_category"].update(category_breakdown(ev, dm.test_sample_categories(ev.task), test_set.masks))
     if cfg.report.score_records and evaluations:
         payload["score_records"] = _write_score_records(run)
@@ -66,14 +65,14 @@ def finish_run(run: ContinualRun) -> dict[str, Any]:
 
 def _test_masks(run: ContinualRun, ev: Any) -> torch.Tensor | None:
     """The ground-truth masks (N, S, S) of a task's cached test set."""
-    return run.cache.get(f"{ev.task:02d}_{ev.name}/test", lambda t=ev.task: run.dm.test_dataloader_for(t), True).masks
+    return run.cache.test_set(run.dm, ev.task, ev.name).masks
 
 
 def _write_score_records(run: ContinualRun) -> dict[str, str]:
     """The last round's per-image results of every task (routed), for intervals and side-by-side maps."""
     records = {}
     for ev in run.evaluations:
-        test_set = run.cache.get(f"{ev.task:02d}_{ev.name}/test", lambda t=ev.task: run.dm.test_dataloader_for(t), True)
+        test_set = run.cache.test_set(run.dm, ev.task, ev.name)
         maps = ev.routed_pixel_maps if ev.has_masks else None
         masks = test_set.masks if ev.has_masks else None
         records[ev.name] = score_record(ev.routed_image_scores, ev.labels, maps, masks)

@@ -86,8 +86,5 @@ class TaskRound:
 
 def threshold_payload(run: ContinualRun, evaluations: list) -> dict[str, Any]:
     """metrics.json's ``thresholds`` (:func:`held_out.threshold_report`) on every seen task's cached test set."""
-    test_sets = {}
-    for ev in evaluations:
-        loader = lambda t=ev.task: run.dm.test_dataloader_for(t)  # noqa: E731 - only used if not cached
-        test_sets[ev.task] = run.cache.get(f"{ev.task:02d}_{ev.name}/test", loader, True)
+    test_sets = {ev.task: run.cache.test_set(run.dm, ev.task, ev.name) for ev in evaluations}
     return threshold_report(run.module.model, test_sets, evaluations, run.calibration, run.names, run.calibration_share)
