@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moleflow.models.global_routers import PrototypeRouter, routed, task_inputs
+from moleflow.models.global_routers import PrototypeRouter, routed, scored_tasks, task_inputs
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +117,7 @@ class PositionalRouter(nn.Module):
     @torch.no_grad()
     def cell_nll(self, summaries: torch.Tensor, num_tasks: int | None = None) -> torch.Tensor:
         """Gaussian NLL (without the 2 pi term) of every cell under every task: (B, G, G, D) -> (B, T, G * G)."""
-        t = self.num_tasks if num_tasks is None else num_tasks
-        if t < 1:
-            msg = "The router has no task statistics yet; train at least one task first."
-            raise RuntimeError(msg)
+        t = scored_tasks(self, num_tasks, "statistics")
         x = summaries.to(device=self.means.device, dtype=torch.float64)
         mu, var = self.means[:t], self.variances[:t]  # (T, G, G, D)
         out = []

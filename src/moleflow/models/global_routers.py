@@ -99,10 +99,7 @@ class PrototypeRouter(_GlobalAverageRouter):
     @torch.no_grad()
     def distances(self, features: torch.Tensor, num_tasks: int | None = None) -> torch.Tensor:
         """Squared Mahalanobis distances (B, T) of router features (B, D) to the first T prototypes."""
-        t = self.num_tasks if num_tasks is None else num_tasks
-        if t < 1:
-            msg = "The router has no task prototypes yet; train at least one task first."
-            raise RuntimeError(msg)
+        t = scored_tasks(self, num_tasks, "prototypes")
         x = features.to(device=self.means.device, dtype=torch.float64)
         diff = x[:, None, :] - self.means[None, :t, :]  # (B, T, D)
         return torch.einsum("btd,tde,bte->bt", diff, self.precisions[:t], diff)
@@ -176,10 +173,7 @@ class NearestRouter(_GlobalAverageRouter):
 
         A task with fewer images than ``neighbors`` averages over all of them.
         """
-        t = self.num_tasks if num_tasks is None else num_tasks
-        if t < 1:
-            msg = "The router has no task banks yet; train at least one task first."
-            raise RuntimeError(msg)
+        t = scored_tasks(self, num_tasks, "banks")
         x = features.to(device=self.bank.device, dtype=torch.float64)
         bank, counts = self.bank[:t], self.train_counts[:t]  # (T, N, D), (T,)
         # |x - b|^2 = |x|^2 - 2 x.b + |b|^2 without a (B, T, N, D) temporary
@@ -205,3 +199,12 @@ def task_inputs(router: nn.Module, task: int, inputs: torch.Tensor, device: torc
         msg = f"Tasks must be added in order: got task {task} with {router.num_tasks} known."
         raise ValueError(msg)
     return inputs.detach().to(device=device, dtype=torch.float64)
+
+
+def scored_tasks(router: nn.Module, num_tasks: int | None, held: str) -> int:
+    """How many tasks a distance call scores (all the router holds unless ``num_tasks``); at least one is needed."""
+    t = router.num_tasks if num_tasks is None else num_tasks
+    if t < 1:
+        msg = f"The router has no task {held} yet; train at least one task first."
+        raise RuntimeError(msg)
+    return t
