@@ -5,10 +5,13 @@ felt) made the CPU preset's scores light up the background: per-position standar
 spread of the training features at each position, and where every training image is the same black that
 spread is sensor noise. Such data is not among the development categories, so this builds it from one:
 every image (and its mask) is scaled by ``--scale`` and pasted, centred with a small seeded jitter, onto a
-canvas of grey level ``--level`` plus seeded Gaussian noise of ``--noise`` grey levels. The output is an
+canvas of grey level ``--level`` plus seeded Gaussian noise of ``--noise`` grey levels. ``--test-level`` and
+``--test-noise`` give the test images (and so the validation part) another background than the training
+images, as when the black is not the same black in test (another sensor gain, more noise). The output is an
 MVTec-layout tree that ``data=mvtec`` reads::
 
     python -m experiments.dark_frame data/mvtec_bottle bottle /tmp/dark_frame
+    python -m experiments.dark_frame data/mvtec_bottle bottle /tmp/dark_shift --level 0 --noise 0 --test-level 6
     python -m experiments.quality --data mvtec --set data.root=/tmp/dark_frame --set "data.categories=[bottle]" \\
         --split validation --skip-patchcore --row "floor=model.flow.standardize_floor=0.3"
 
@@ -56,8 +59,20 @@ def framed(
     return canvas
 
 
-def build(root: Path, category: str, out: Path, scale: float, level: float, noise: float, seed: int) -> int:
-    """Write the framed copy of ``root/category`` to ``out/category``; returns the number of files written."""
+def build(
+    root: Path,
+    category: str,
+    out: Path,
+    scale: float,
+    level: float,
+    noise: float,
+    seed: int,
+    test_level: float | None = None,
+    test_noise: float | None = None,
+) -> int:
+    """Write the framed copy of ``root/category`` to ``out/category``; returns the number of files written.
+
+    ``test_level`` / ``test_noise`` (None: as in training) are the background of the test images."""
     source = root / category
     if not (source / "train" / "good").is_dir():
         msg = f"{source} is not an MVTec-layout category (no train/good folder)."
@@ -69,10 +84,13 @@ def build(root: Path, category: str, out: Path, scale: float, level: float, nois
     for path in sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         rel = path.relative_to(source)
         is_mask = rel.parts[0] == "ground_truth"
+        is_test = rel.parts[0] == "test"
+        lvl = test_level if is_test and test_level is not None else level
+        sd = test_noise if is_test and test_noise is not None else noise
         with Image.open(path) as img:
             img.load()
             mode = img.mode if img.mode in ("L", "RGB") else ("L" if is_mask else "RGB")
-            result = framed(img.convert(mode), _rng(seed, rel), scale, level, noise, is_mask)
+            result = framed(img.convert(mode), _rng(seed, rel), scale, lvl, sd, is_mask)
         target = (out / category / rel).with_suffix(".png")  # lossless: the noise is part of the image
         target.parent.mkdir(parents=True, exist_ok=True)
         result.save(target)
@@ -88,9 +106,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=0.55, help="object size as a share of the frame")
     parser.add_argument("--level", type=float, default=6.0, help="background grey level (0-255)")
     parser.add_argument("--noise", type=float, default=1.5, help="background noise, grey levels (std)")
+    parser.add_argument("--test-level", type=float, default=None, help="test images' background level (default: --level)")
+    parser.add_argument("--test-noise", type=float, default=None, help="test images' background noise (default: --noise)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    n = build(args.root, args.category, args.out, args.scale, args.level, args.noise, args.seed)
+    n = build(
+        args.root, args.category, args.out, args.scale, args.level, args.noise, args.seed, args.test_level, args.test_noise
+    )
     print(f"Wrote {n} files to {args.out / args.category}")
 
 

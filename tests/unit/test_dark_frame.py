@@ -43,3 +43,19 @@ def test_masks_stay_on_their_defects_and_the_frame_is_near_black(tmp_path: Path)
     )
     with pytest.raises(FileNotFoundError, match="not an MVTec-layout category"):
         build(root, "missing", tmp_path / "x", scale=0.5, level=6.0, noise=1.5, seed=0)
+
+
+def test_the_test_images_can_get_another_background(tmp_path: Path) -> None:
+    """--test-level / --test-noise: training frames pure black, test frames (validation part too) grey and noisy."""
+    root = generate_synthetic_mvtec(
+        tmp_path / "src", categories=["dots"], num_train=2, num_test_good=1, num_test_defect=1
+    )
+    build(root, "dots", tmp_path / "out", scale=0.5, level=0.0, noise=0.0, seed=0, test_level=6.0, test_noise=1.5)
+    out = tmp_path / "out" / "dots"
+    train = np.asarray(Image.open(next((out / "train" / "good").glob("*.png"))), dtype=float)
+    assert train[:4, :4].max() == 0  # the training frame is exactly black
+    for path in (out / "test").rglob("*.png"):
+        corner = np.asarray(Image.open(path), dtype=float)[:4, :4]
+        assert 3 < corner.mean() < 9 and corner.std() > 0
+    for path in (out / "ground_truth").rglob("*.png"):
+        assert np.asarray(Image.open(path))[:4, :4].max() == 0  # masks keep a zero frame
