@@ -106,13 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=0.55, help="object size as a share of the frame")
     parser.add_argument("--level", type=float, default=6.0, help="background grey level (0-255)")
     parser.add_argument("--noise", type=float, default=1.5, help="background noise, grey levels (std)")
-    parser.add_argument("--test-level", type=float, default=None, help="test images' background level (default: --level)")
-    parser.add_argument("--test-noise", type=float, default=None, help="test images' background noise (default: --noise)")
+    parser.add_argument("--test-level", type=float, default=None, help="test images' level (default: --level)")
+    parser.add_argument("--test-noise", type=float, default=None, help="test images' noise (default: --noise)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    n = build(
-        args.root, args.category, args.out, args.scale, args.level, args.noise, args.seed, args.test_level, args.test_noise
-    )
+    frame = (args.scale, args.level, args.noise, args.seed, args.test_level, args.test_noise)
+    n = build(args.root, args.category, args.out, *frame)
     print(f"Wrote {n} files to {args.out / args.category}")
 
 
