@@ -1,19 +1,20 @@
 """A stress case for near-constant regions: one MVTec-layout category, each image shrunk onto a near-black frame.
 
 Objects photographed on a dark, featureless background that they do not fill (a rubber part on black
-felt) made the CPU preset's scores light up the background: per-position standardisation divides by the
-spread of the training features at each position, and where every training image is the same black that
-spread is sensor noise. Such data is not among the development categories, so this builds it from one:
-every image (and its mask) is scaled by ``--scale`` and pasted, centred with a small seeded jitter, onto a
-canvas of grey level ``--level`` plus seeded Gaussian noise of ``--noise`` grey levels. ``--test-level`` and
-``--test-noise`` give the test images (and so the validation part) another background than the training
-images, as when the black is not the same black in test (another sensor gain, more noise). The output is an
-MVTec-layout tree that ``data=mvtec`` reads::
+felt) made the CPU preset's scores light up the background (before its spread floor, docs/quality.md):
+per-position standardisation divides by the spread of the training features at each position, and where
+every training image is the same black that spread is sensor noise. Such data is not among the development
+categories, so this builds it from one: every image (and its mask) is scaled by ``--scale`` and pasted,
+centred with a small seeded jitter, onto a canvas of grey level ``--level`` plus seeded Gaussian noise of
+``--noise`` grey levels. ``--test-level`` and ``--test-noise`` give the test images (and so the validation
+part) another background than the training images, as when the black is not the same black in test
+(another sensor gain, more noise). The output is an MVTec-layout tree that ``data=mvtec`` reads::
 
     python -m experiments.dark_frame data/mvtec_bottle bottle /tmp/dark_frame
-    python -m experiments.dark_frame data/mvtec_bottle bottle /tmp/dark_shift --level 0 --noise 0 --test-level 6
-    python -m experiments.quality --data mvtec --set data.root=/tmp/dark_frame --set "data.categories=[bottle]" \\
-        --split validation --skip-patchcore --row "floor=model.flow.standardize_floor=0.3"
+    python -m experiments.dark_frame data/mvtec_bottle bottle /tmp/dark_shift --level 0 --noise 0 \\
+        --test-level 6 --test-noise 1.5
+    python -m experiments.quality --data mvtec --set data.root=/tmp/dark_shift --set "data.categories=[bottle]" \\
+        --split validation --skip-patchcore --row "floor0=model.flow.standardize_floor=0"
 
 It is a synthetic variant of real images for checking a mechanism, not a benchmark category: report it as such.
 """

@@ -60,23 +60,8 @@ def test_the_test_images_can_get_another_background(tmp_path: Path) -> None:
     for path in (out / "ground_truth").rglob("*.png"):
         assert np.asarray(Image.open(path))[:4, :4].max() == 0  # masks keep a zero frame
     cli = tmp_path / "cli"
-    main(
-        [
-            str(root),
-            "dots",
-            str(cli),
-            "--scale",
-            "0.5",
-            "--level",
-            "0",
-            "--noise",
-            "0",
-            "--test-level",
-            "6",
-            "--test-noise",
-            "1.5",
-        ]
-    )
+    flags = "--scale 0.5 --level 0 --noise 0 --test-level 6 --test-noise 1.5".split()
+    main([str(root), "dots", str(cli), *flags])
     main_test = next((cli / "dots" / "test" / "good").glob("*.png"))
     built = out / "test" / "good" / main_test.name
     assert np.array_equal(np.asarray(Image.open(main_test)), np.asarray(Image.open(built)))  # same flags, same files
