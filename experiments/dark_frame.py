@@ -111,8 +111,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-noise", type=float, default=None, help="test images' noise (default: --noise)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    frame = (args.scale, args.level, args.noise, args.seed, args.test_level, args.test_noise)
-    n = build(args.root, args.category, args.out, *frame)
+    n = build(
+        args.root,
+        args.category,
+        args.out,
+        scale=args.scale,
+        level=args.level,
+        noise=args.noise,
+        seed=args.seed,
+        test_level=args.test_level,
+        test_noise=args.test_noise,
+    )
     print(f"Wrote {n} files to {args.out / args.category}")
 
 
