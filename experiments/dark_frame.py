@@ -6,7 +6,8 @@ per-position standardisation divides by the spread of the training features at e
 every training image is the same black that spread is sensor noise. Such data is not among the development
 categories, so this builds it from one: every image (and its mask) is scaled by ``--scale`` and pasted,
 centred with a small seeded jitter, onto a canvas of grey level ``--level`` plus seeded Gaussian noise of
-``--noise`` grey levels. ``--test-level`` and ``--test-noise`` give the test images (and so the validation
+``--noise`` grey levels; ``--gain`` below 1 darkens the object itself (a dark, low-contrast part, its defects
+fainter with it). ``--test-level`` and ``--test-noise`` give the test images (and so the validation
 part) another background than the training images, as when the black is not the same black in test
 (another sensor gain, more noise). The output is an MVTec-layout tree that ``data=mvtec`` reads::
 
@@ -39,13 +40,23 @@ def _rng(seed: int, rel: Path) -> np.random.Generator:
 
 
 def framed(
-    img: Image.Image, rng: np.random.Generator, scale: float, level: float, noise: float, mask: bool
+    img: Image.Image,
+    rng: np.random.Generator,
+    scale: float,
+    level: float,
+    noise: float,
+    mask: bool,
+    gain: float = 1.0,
 ) -> Image.Image:
-    """``img`` scaled by ``scale`` on a canvas of its size: noisy near-black for an image, zero for a mask."""
+    """``img`` scaled by ``scale`` (its grey levels by ``gain``) on a canvas of its size: noisy near-black for an
+    image, zero for a mask."""
     w, h = img.size
     small = img.resize(
         (round(w * scale), round(h * scale)), Image.Resampling.NEAREST if mask else Image.Resampling.BILINEAR
     )
+    if not mask and gain != 1.0:
+        dark = np.clip(np.rint(np.asarray(small, dtype=np.float64) * gain), 0, 255).astype(np.uint8)
+        small = Image.fromarray(dark, mode=small.mode)
     jitter = max(1, round(0.02 * min(w, h)))
     dx, dy = (int(v) for v in rng.integers(-jitter, jitter + 1, size=2))
     noise_rng = np.random.default_rng(rng.integers(2**63))  # drawn after the offset, so masks stay aligned
@@ -70,16 +81,21 @@ def build(
     seed: int,
     test_level: float | None = None,
     test_noise: float | None = None,
+    gain: float = 1.0,
 ) -> int:
     """Write the framed copy of ``root/category`` to ``out/category``; returns the number of files written.
 
-    ``test_level`` / ``test_noise`` (None: as in training) are the background of the test images."""
+    ``test_level`` / ``test_noise`` (None: as in training) are the background of the test images; ``gain``
+    scales the object's grey levels in every image."""
     source = root / category
     if not (source / "train" / "good").is_dir():
         msg = f"{source} is not an MVTec-layout category (no train/good folder)."
         raise FileNotFoundError(msg)
     if not 0.1 <= scale <= 1.0:
         msg = f"--scale must be in [0.1, 1], got {scale}."
+        raise ValueError(msg)
+    if not 0.05 <= gain <= 1.0:
+        msg = f"--gain must be in [0.05, 1] (1 keeps the object's grey levels), got {gain}."
         raise ValueError(msg)
     written = 0
     for path in sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
@@ -91,7 +107,7 @@ def build(
         with Image.open(path) as img:
             img.load()
             mode = img.mode if img.mode in ("L", "RGB") else ("L" if is_mask else "RGB")
-            result = framed(img.convert(mode), _rng(seed, rel), scale, lvl, sd, is_mask)
+            result = framed(img.convert(mode), _rng(seed, rel), scale, lvl, sd, is_mask, gain)
         target = (out / category / rel).with_suffix(".png")  # lossless: the noise is part of the image
         target.parent.mkdir(parents=True, exist_ok=True)
         result.save(target)
@@ -109,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--noise", type=float, default=1.5, help="background noise, grey levels (std)")
     parser.add_argument("--test-level", type=float, default=None, help="test images' level (default: --level)")
     parser.add_argument("--test-noise", type=float, default=None, help="test images' noise (default: --noise)")
+    parser.add_argument("--gain", type=float, default=1.0, help="object grey levels times this (< 1: a dark part)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     n = build(
@@ -121,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         test_level=args.test_level,
         test_noise=args.test_noise,
+        gain=args.gain,
     )
     print(f"Wrote {n} files to {args.out / args.category}")
 

@@ -65,3 +65,25 @@ def test_the_test_images_can_get_another_background(tmp_path: Path) -> None:
     main_test = next((cli / "dots" / "test" / "good").glob("*.png"))
     built = out / "test" / "good" / main_test.name
     assert np.array_equal(np.asarray(Image.open(main_test)), np.asarray(Image.open(built)))  # same flags, same files
+
+
+def test_gain_darkens_the_object_and_not_the_frame_or_masks(tmp_path: Path) -> None:
+    """--gain 0.25: the object's grey levels a quarter, the frame and the masks as without it."""
+    root = generate_synthetic_mvtec(
+        tmp_path / "src", categories=["dots"], num_train=2, num_test_good=1, num_test_defect=1
+    )
+    main([str(root), "dots", str(tmp_path / "plain"), "--scale", "0.5"])
+    main([str(root), "dots", str(tmp_path / "dark"), "--scale", "0.5", "--gain", "0.25"])
+    for plain_path in (tmp_path / "plain" / "dots").rglob("*.png"):
+        rel = plain_path.relative_to(tmp_path / "plain" / "dots")
+        plain = np.asarray(Image.open(plain_path), dtype=float)
+        dark = np.asarray(Image.open(tmp_path / "dark" / "dots" / rel), dtype=float)
+        h, w = plain.shape[:2]
+        if rel.parts[0] == "ground_truth":
+            assert np.array_equal(plain, dark)
+            continue
+        assert np.array_equal(plain[:4, :4], dark[:4, :4])  # the same seeded frame
+        centre = (slice(h // 2 - 4, h // 2 + 4), slice(w // 2 - 4, w // 2 + 4))
+        assert abs(dark[centre].mean() - 0.25 * plain[centre].mean()) < 2  # the object a quarter as bright
+    with pytest.raises(ValueError, match="--gain must be in"):
+        build(root, "dots", tmp_path / "x", scale=0.5, level=6.0, noise=1.5, seed=0, gain=2.0)
