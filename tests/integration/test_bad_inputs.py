@@ -401,6 +401,9 @@ CAUGHT_BY_VALIDATE_CONFIG = {
     "floor_without_position": BadSetting(
         "model.flow.standardize_floor=0.3", r"standardize_floor=0.3 floors the per-position spread: it needs"
     ),
+    "floor_noise_without_floor": BadSetting(
+        "model.flow.standardize_floor_noise=true", r"standardize_floor_noise=true trains with noise .* it needs"
+    ),
     "adapt_lr_scale_zero": BadSetting(
         "model.scheduler.adapt_lr_scale=0", r"model\.scheduler\.adapt_lr_scale must be > 0 \(1 = MAIN\), got 0"
     ),

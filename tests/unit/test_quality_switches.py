@@ -142,3 +142,55 @@ def test_spread_floor_changes_the_model_keeps_forgetting_zero_and_needs_position
     assert torch.equal(floored.nll(x, 0)[0], before)  # an earlier task's statistics never change
     with pytest.raises(ValueError, match="needs model.flow.standardize=position"):
         MoLEFlowModel(MoLEFlowConfig(**SMALL, standardize="channel", standardize_floor=0.3))
+
+
+def test_floor_noise_gives_constant_positions_unit_spread_in_training_only() -> None:
+    """standardize_floor_noise: training features jittered by the floor's size; scoring deterministic."""
+    train = _dark_border(0, 400)
+    floored = TaskStandardizer(16, "position", floor=0.3)
+    noisy = TaskStandardizer(16, "position", floor=0.3, floor_noise=True)
+    floored.fit(train)
+    noisy.fit(train)
+    assert torch.equal(noisy.std, floored.std) and torch.equal(noisy.mean, floored.mean)
+    border = torch.ones(5, 5, dtype=torch.bool)
+    border[1:4, 1:4] = False
+    torch.manual_seed(123)  # not 0: _dark_border draws its data from seed 0
+    noisy.train()
+    z_train = noisy(train)
+    assert floored(train)[:, border].std(dim=0).max() < 0.05  # the floor alone: one point per position
+    spread = z_train.std(dim=0)  # (H, W, D): every position, border and centre, near unit spread
+    assert (spread - 1).abs().mean() < 0.05 and (spread - 1).abs().max() < 0.3
+    noisy.eval()
+    assert torch.equal(noisy(train), floored(train))  # no noise when scoring
+    with pytest.raises(ValueError, match="needs a spread floor"):
+        TaskStandardizer(16, "position", floor_noise=True)
+
+
+def test_floor_noise_changes_training_keeps_forgetting_zero_and_needs_a_floor() -> None:
+    assert MoLEFlowConfig().standardize_floor_noise is False
+    models = []
+    for noise in (False, True):
+        torch.manual_seed(0)
+        m = MoLEFlowModel(
+            MoLEFlowConfig(**SMALL, standardize="position", standardize_floor=0.3, standardize_floor_noise=noise)
+        )
+        m.add_task()
+        m.fit_task_statistics(0, _dark_border(2, 12))
+        models.append(m)
+    x = _dark_border(3, 2, noise=1e-2)
+    plain, noisy = models
+    assert torch.equal(plain.eval().nll(x, 0)[0], noisy.eval().nll(x, 0)[0])  # the same model when scoring
+    torch.manual_seed(1)
+    train_plain = plain.train().nll(x, 0)[0]
+    torch.manual_seed(1)
+    train_noisy = noisy.train().nll(x, 0)[0]
+    assert not torch.allclose(train_plain, train_noisy)  # what the flow is trained on differs
+    noisy.eval()
+    before = noisy.nll(x, 0)[0].clone()
+    noisy.add_task()
+    noisy.fit_task_statistics(1, 5.0 * _dark_border(4, 12))
+    noisy.train()
+    noisy.nll(_dark_border(5, 4), 1)  # a training pass of the new task draws noise
+    assert torch.equal(noisy.eval().nll(x, 0)[0], before)  # earlier task's scores bit-identical
+    with pytest.raises(ValueError, match="standardize_floor_noise=true trains with noise"):
+        MoLEFlowModel(MoLEFlowConfig(**SMALL, standardize="position", standardize_floor_noise=True))

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moleflow.config.flow import floor_problem, vote_problem
+from moleflow.config.flow import floor_noise_problem, floor_problem, vote_problem
 from moleflow.config.schema import JobConfig
 from moleflow.config.settings import Range, ranges, value_problem
 
@@ -134,6 +134,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(vote)
     floor = flow.get("standardize_floor", 0.0)
     if isinstance(floor, int | float) and (problem := floor_problem(str(flow.get("standardize", "none")), floor)):
+        problems.append(problem)
+    noise = flow.get("standardize_floor_noise", False)
+    if isinstance(floor, int | float) and (problem := floor_noise_problem(floor, bool(noise))):
         problems.append(problem)
     return problems
 

@@ -29,6 +29,16 @@ def floor_problem(standardize: str, floor: float) -> str | None:
     return None
 
 
+def floor_noise_problem(floor: float, noise: bool) -> str | None:
+    """Why ``model.flow.standardize_floor_noise`` cannot be used with ``floor``, or None when it can."""
+    if noise and not floor > 0:
+        return (
+            "model.flow.standardize_floor_noise=true trains with noise of the spread floor's size: it needs "
+            f"model.flow.standardize_floor > 0 (got {floor}); set it, or standardize_floor_noise=false."
+        )
+    return None
+
+
 def vote_problem(kind: str, global_vote: bool) -> str | None:
     """Why ``model.flow.router_global_vote`` cannot be used with router ``kind``, or None when it can."""
     if global_vote and kind != "positional":
@@ -75,6 +85,8 @@ class MoLEFlowConfig:
     standardize: str = setting("none", choices=STANDARDIZE_MODES)
     # spread floor of the per-position statistics, times the channel's spread (0 = none; docs/quality.md)
     standardize_floor: float = setting(0.0, ">= 0 (0 = no floor)", lambda v: v >= 0)
+    # training features get Gaussian noise of the floor's size, so the flow learns the spread the floor assumes
+    standardize_floor_noise: bool = False
     base_sharing: str = setting("frozen", choices=BASE_SHARING_MODES)
     router_ridge: float = setting(1e-5, "> 0", lambda v: v > 0)
     # prototype (MAIN: global mean, Mahalanobis) | positional (issue 14, docs/routing.md)
@@ -106,5 +118,7 @@ class MoLEFlowConfig:
             problems.append(vote)
         if (floor := floor_problem(self.standardize, self.standardize_floor)) is not None:
             problems.append(floor)
+        if (noise := floor_noise_problem(self.standardize_floor, self.standardize_floor_noise)) is not None:
+            problems.append(noise)
         if problems:
             raise ValueError(problems[0])

@@ -91,7 +91,9 @@ class MoLEFlowModel(nn.Module):
         if c.base_sharing == "separate":
             self._build_shared_parts(key)
         if c.standardize != "none":
-            self.standardizers[key] = TaskStandardizer(c.embed_dim, c.standardize, floor=c.standardize_floor)
+            self.standardizers[key] = TaskStandardizer(
+                c.embed_dim, c.standardize, floor=c.standardize_floor, floor_noise=c.standardize_floor_noise
+            )
         if c.adapter == "whitening":
             fresh = task == 0 or c.base_sharing == "separate"  # a separated task starts like task 0
             gate = c.adapter_gate_init_first if fresh else c.adapter_gate_init_later

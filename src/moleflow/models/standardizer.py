@@ -18,6 +18,14 @@ and the image score is decided there. With a floor the spread of a position is
 ``sqrt(std_hw ** 2 + (f * std_c) ** 2)``, with std_c the channel's spread over all training patches: a
 position can never be trusted more than f times the channel's whole spread allows, while positions that do
 vary keep their own statistics. f = 0 is the plain per-position standardisation.
+
+**Floor noise** (``floor_noise``, ``model.flow.standardize_floor_noise``). The floor only rescales: where every
+training image is the same, the standardised training features are still one point, the flow learns a
+density that narrow there, and a background that differs in test scores as an anomaly in every image.
+With floor noise the training features get Gaussian noise of the floor's size (std f * std_c, per channel)
+before they are standardised, so every position's standardised training features have unit variance and the
+flow learns the spread the floor assumes. Only while training (``self.training``): scoring stays
+deterministic and earlier tasks' outputs unchanged.
 """
 
 from __future__ import annotations
@@ -35,7 +43,9 @@ _CHUNK = 64  # images per pass when accumulating statistics (bounded float64 mem
 class TaskStandardizer(nn.Module):
     """x (B, H, W, D) -> (x - mean) / std with buffers mean, std of shape (D,) or (H, W, D)."""
 
-    def __init__(self, dim: int, mode: str = "channel", eps: float = 1e-6, floor: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, mode: str = "channel", eps: float = 1e-6, floor: float = 0.0, floor_noise: bool = False
+    ) -> None:
         super().__init__()
         if mode not in STANDARDIZE_MODES[1:]:
             msg = f"TaskStandardizer mode must be 'channel' or 'position', got {mode!r} (model.flow.standardize)."
@@ -43,12 +53,18 @@ class TaskStandardizer(nn.Module):
         if not floor >= 0 or (floor > 0 and mode != "position"):
             msg = f"The spread floor must be >= 0, and 0 unless mode='position' (standardize_floor), got {floor}."
             raise ValueError(msg)
+        if floor_noise and not floor > 0:
+            msg = "Floor noise needs a spread floor > 0 (standardize_floor_noise needs standardize_floor)."
+            raise ValueError(msg)
         self.dim = dim
         self.mode = mode
         self.eps = eps
         self.floor = float(floor)
+        self.floor_noise = bool(floor_noise)
         self.register_buffer("mean", torch.zeros(0))
         self.register_buffer("std", torch.zeros(0))
+        if self.floor_noise:  # only then: checkpoints without floor noise keep their keys
+            self.register_buffer("noise_std", torch.zeros(0))  # (D,): f * std_c
 
     @property
     def fitted(self) -> bool:
@@ -79,6 +95,8 @@ class TaskStandardizer(nn.Module):
             mean_c = s1.sum(dim=(0, 1)) / n_all
             var_c = (s2.sum(dim=(0, 1)) / n_all - mean_c.pow(2)).clamp_min(0) * n_all / (n_all - 1)
             var = var + self.floor**2 * var_c  # (H, W, D) + (D,): the floor of every position
+            if self.floor_noise:
+                self.noise_std = (self.floor * var_c.sqrt()).to(device=self.mean.device, dtype=torch.float32)
         device = self.mean.device
         self.mean = mean.to(device=device, dtype=torch.float32)
         self.std = var.sqrt().add(self.eps).to(device=device, dtype=torch.float32)
@@ -93,14 +111,18 @@ class TaskStandardizer(nn.Module):
                 f"have a {tuple(x.shape[1:3])} grid: use the training image size (data.image_size)."
             )
             raise ValueError(msg)
+        if self.floor_noise and self.training:
+            x = x + self.noise_std * torch.randn_like(x)
         return (x - self.mean) / self.std
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        for name in ("mean", "std"):  # fitted statistics come with their shape: make room before copying
+        names = ("mean", "std", "noise_std") if self.floor_noise else ("mean", "std")
+        for name in names:  # fitted statistics come with their shape: make room before copying
             key = prefix + name
             if key in state_dict and getattr(self, name).shape != state_dict[key].shape:
                 setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, mode={self.mode}, floor={self.floor}, fitted={self.fitted}"
+        noise = f", floor_noise={self.floor_noise}" if self.floor_noise else ""
+        return f"dim={self.dim}, mode={self.mode}, floor={self.floor}{noise}, fitted={self.fitted}"
