@@ -31,7 +31,7 @@ def test_quality_preset_needs_no_override_beyond_the_data(tmp_path: Path, synthe
     flow = cfg.model.flow
     assert cfg.model.backbone.name == "efficientnet_lite0" and cfg.model.backbone.embedding == "pool_concat"
     assert (flow.embed_dim, flow.standardize, flow.adapter) == (152, "position", "none")
-    assert flow.standardize_floor == 0.3  # the near-black fix (docs/quality.md, "Near-black backgrounds")
+    assert flow.standardize_floor == 0.3 and flow.standardize_floor_noise  # near-black fix (docs/quality.md)
     assert cfg.training.steps == 300
     assert (cfg.dia_blocks, cfg.model.scheduler.adapt_lr_scale) == (2, 10.0)  # docs/quality.md
 
