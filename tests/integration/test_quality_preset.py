@@ -97,3 +97,5 @@ def test_quality_script_writes_every_row_from_its_runs(tmp_path: Path, synthetic
         for key in ("image_auroc", "pixel_auroc", "image_ap", "pixel_ap", "pixel_aupro"):
             assert again["methods"][-1]["per_task"][task][key] == patchcore["per_task"][task][key]
     assert "2 of 2 tasks read from its cache" in (tmp_path / "again" / "quality.md").read_text()
+    cached_row = again["methods"][-1]  # its minutes are those measured when the cache was written
+    assert cached_row["wall_s"] == pytest.approx(sum(r["time_s"] for r in patchcore["per_task"].values()))
