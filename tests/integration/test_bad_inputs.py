@@ -404,6 +404,9 @@ CAUGHT_BY_VALIDATE_CONFIG = {
     "floor_noise_without_floor": BadSetting(
         "model.flow.standardize_floor_noise=true", r"standardize_floor_noise=true trains with noise .* it needs"
     ),
+    "photometric_copies_negative": BadSetting(
+        "training.photometric_copies=-1", r"training\.photometric_copies must be >= 0 \(0 = none\), got -1"
+    ),
     "adapt_lr_scale_zero": BadSetting(
         "model.scheduler.adapt_lr_scale=0", r"model\.scheduler\.adapt_lr_scale must be > 0 \(1 = MAIN\), got 0"
     ),

@@ -138,7 +138,22 @@ def config_problems(cfg: DictConfig) -> list[str]:
     noise = flow.get("standardize_floor_noise", False)
     if isinstance(floor, int | float) and (problem := floor_noise_problem(floor, bool(noise))):
         problems.append(problem)
+    if problem := photometric_problem(cfg.get("training", {}) or {}):
+        problems.append(problem)
     return problems
+
+
+def photometric_problem(training: Any) -> str | None:
+    """Why ``training.photometric_copies`` would add copies that are the images unchanged, or None."""
+    copies = training.get("photometric_copies", 0)
+    brightness, noise = training.get("photometric_brightness", 0.0), training.get("photometric_noise", 0.0)
+    numbers = all(isinstance(v, int | float) for v in (copies, brightness, noise))
+    if numbers and copies > 0 and brightness == 0 and noise == 0:
+        return (
+            f"training.photometric_copies={copies} with photometric_brightness=0 and photometric_noise=0 would add "
+            "copies of the unchanged images; set either above 0, or photometric_copies=0"
+        )
+    return None
 
 
 def validate_config(cfg: DictConfig) -> None:

@@ -48,7 +48,7 @@ class ModelConfig:
 
 @dataclass
 class TrainingConfig:
-    """``training``: how long each task trains, its feature cache and its held-out thresholds."""
+    """``training``: how long each task trains, on what (photometric copies), its feature cache and thresholds."""
 
     epochs: int = setting(60, ">= 1", lambda v: v >= 1)  # per task
     # optimizer steps per task instead of epochs (null = use epochs); the cosine then runs per step
@@ -61,6 +61,11 @@ class TrainingConfig:
     calibration_share: float = setting(0.0, "in [0, 1) (0 = no held-out thresholds)", lambda v: 0 <= v < 1)
     calibration_fpr: float = setting(0.01, "in (0, 1), e.g. 0.01", lambda v: 0 < v < 1)
     unknown_rate: float = setting(0.01, "in (0, 1), e.g. 0.01", lambda v: 0 < v < 1)
+    # changed copies of each training image (brightness offset, sensor noise) added to what the flow learns
+    # from (0 = MAIN: none; moleflow.data.photometric); in 0..1 pixel units
+    photometric_copies: int = setting(0, ">= 0 (0 = none)", lambda v: v >= 0)
+    photometric_brightness: float = setting(0.04, "in [0, 1] (0.04 = 10 grey levels)", lambda v: 0 <= v <= 1)
+    photometric_noise: float = setting(0.01, "in [0, 1] (pixel units, at the input size)", lambda v: 0 <= v <= 1)
 
 
 @dataclass

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from moleflow.data.datasets import SampleDataset
 from moleflow.data.folder import check_seed
 from moleflow.data.grouping import group_name, group_splits, parse_scenario
 from moleflow.data.mvtec import check_category_names
+from moleflow.data.photometric import PhotometricCopies
 from moleflow.data.sources import DATA_SOURCES, MULTI, check_options, read_source, read_sources
 from moleflow.data.subsets import check_limit, limit_split, split_validation
 from moleflow.data.synthetic import generate_synthetic_mvtec, generated_root
@@ -310,7 +311,7 @@ class ContinualDataModule(pl.LightningDataModule):
         return SampleDataset(split.test, self.image_size, with_masks=split.has_masks)
 
     # ------------------------------------------------------------------------------------ loaders
-    def _loader(self, dataset: SampleDataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -328,6 +329,11 @@ class ContinualDataModule(pl.LightningDataModule):
         features are shuffled by the caller.
         """
         return self._loader(self.train_dataset(self.current_task), self.train_batch_size, shuffle)
+
+    def photometric_copies_dataloader(self, copies: int, brightness: float, noise: float, seed: int) -> DataLoader:
+        """Changed copies of the current task's training images (:class:`PhotometricCopies`), in a fixed order."""
+        dataset = PhotometricCopies(self.train_dataset(self.current_task), copies, brightness, noise, seed)
+        return self._loader(dataset, self.train_batch_size, shuffle=False)
 
     def test_dataloader_for(self, task: int) -> DataLoader:
         """Test loader of one task seen so far (task <= current_task)."""

@@ -6,7 +6,8 @@
 * :func:`open_run`: data, backbone, model (new or resumed), feature cache, loggers;
 * per task t (docs/method.md 1 and 5):
   1. :func:`begin_task`: seed, add task t's expert/adapter and set what trains (before the optimizer is built);
-  2. :func:`extract_train_features`: extract (once) and cache task t's training features, fit its statistics;
+  2. :func:`extract_train_features`: extract (once) and cache task t's training features (and those of their
+     photometric copies, :func:`extract_photometric_copies`), fit its statistics;
   3. :func:`train_task`: fit with a fresh Trainer (AdamP, cosine + warm-up, clipping);
   4. :func:`fit_router`: task t's routing prototype;
   5. :func:`evaluate_seen_tasks`: tasks 0..t task-agnostically (and with oracle routing), the R matrices;
@@ -33,6 +34,7 @@ from moleflow.assembly.checkpoint_files import link_checkpoint, read_checkpoint
 from moleflow.assembly.probes import check_backbone_accepts, check_patch_grid_settings
 from moleflow.config.schema import JobConfig
 from moleflow.config.typed import job_settings, settings_dict
+from moleflow.data.photometric import copy_rows
 from moleflow.evaluation.evaluate import (
     EvaluationSpec,
     evaluate_task,
@@ -251,13 +253,44 @@ def extract_train_features(run: ContinualRun, task: TaskRound) -> None:
     task.train_set = run.cache.get(_train_key(task), run.dm.train_dataloader, with_masks=False)
     # a seeded share of the (defect-free) training images is held out for the thresholds (0: none)
     task.kept, task.held = holdout_split(len(task.train_set), run.calibration_share, run.cfg.seed + 1000 * (task.t + 1))
-    run.module.model.fit_task_statistics(task.t, _kept(task, task.train_set.features))
+    tic_copies = time.time()
+    task.copies = extract_photometric_copies(run, task)
+    task.times["photometric_copies_s"] = time.time() - tic_copies
+    run.module.model.fit_task_statistics(task.t, _learned(task, task.train_set.features))
     task.times["extract_train_s"] = time.time() - tic
+
+
+def extract_photometric_copies(run: ContinualRun, task: TaskRound) -> torch.Tensor | None:
+    """Features (copies * N_kept, H, W, D) of the changed copies of the images task t learns from, or None.
+
+    ``training.photometric_copies`` (:mod:`moleflow.data.photometric`); seeded by the run's seed and the task.
+    The copies of held-out images are left out, so the thresholds never see a copy of an image they are fitted on.
+    """
+    train = run.cfg.training
+    copies = train.photometric_copies
+    if copies == 0:
+        return None
+    seed, brightness, noise = run.cfg.seed + task.t, train.photometric_brightness, train.photometric_noise
+    key = f"{_train_key(task)}_photometric_c{copies}_b{brightness}_n{noise}_s{seed}"
+    copy_set = run.cache.get(
+        key, lambda: run.dm.photometric_copies_dataloader(copies, brightness, noise, seed), with_masks=False
+    )
+    n = len(task.train_set)
+    rows = torch.arange(n) if task.held is None or len(task.held) == 0 else task.kept
+    features = copy_set.features[copy_rows(n, copies, rows)]
+    run.cache.drop(key)  # used once: the copies are not kept in memory for the rest of the run
+    return features
 
 
 def _kept(task: TaskRound, values: torch.Tensor) -> torch.Tensor:
     """The rows of ``values`` (one per training image) the task learns from (all unless some are held out)."""
     return values if task.held is None or len(task.held) == 0 else values[task.kept]
+
+
+def _learned(task: TaskRound, features: torch.Tensor) -> torch.Tensor:
+    """What the flow of task t learns from: the kept training images' features and those of their copies."""
+    kept = _kept(task, features)
+    return kept if task.copies is None else torch.cat([kept, task.copies])
 
 
 def train_task(run: ContinualRun, task: TaskRound) -> None:
@@ -268,9 +301,9 @@ def train_task(run: ContinualRun, task: TaskRound) -> None:
     if cache.mode == "none":  # reference pipeline: the backbone runs again before every epoch
 
         def refresh(train_key: str = _train_key(task)) -> torch.Tensor:
-            return _kept(task, cache.get(train_key, dm.train_dataloader, with_masks=False).features)
+            return _learned(task, cache.get(train_key, dm.train_dataloader, with_masks=False).features)
 
-    features = _kept(task, task.train_set.features)
+    features = _learned(task, task.train_set.features)
     fit_task(run.cfg, run.module, features, task.t, task.name, run.loggers, run.output_dir, refresh)
     task.untrainable = _check_training(run.tracker, run.module, task.t, task.name)
     task.times["fit_s"] = time.time() - tic

@@ -1,6 +1,7 @@
 """Backbone features computed once per image and reused for every epoch and every evaluation.
 
-The backbone is frozen and there is no augmentation, so re-running it every epoch (as the
+The backbone is frozen and the only changes of the training images are fixed, seeded copies
+(:mod:`moleflow.data.photometric`, cached as a set of their own), so re-running it every epoch (as the
 reference implementation does) only costs time. A :class:`~moleflow.models.feature_extractor.FeatureSet`
 holds one split of one task: features F (N, H, W, D) float32, router features (N, D), labels (N,)
 and, for test splits, masks (N, S, S) uint8. ``mode="memory"`` keeps sets in RAM; ``mode="disk"``
@@ -117,6 +118,10 @@ class FeatureCache:
             self._memory[key] = self._load(stem)
             return self._memory[key]
         return fs
+
+    def drop(self, key: str) -> None:
+        """Forget ``key``'s set in memory (a set used once; on disk it stays for the next run)."""
+        self._memory.pop(key, None)
 
     def test_set(self, dm: Any, task: int, name: str) -> FeatureSet:
         """Task ``task``'s (named ``name``) test features with masks, from ``dm``'s test loader on first use."""

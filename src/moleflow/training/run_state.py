@@ -82,6 +82,7 @@ class TaskRound:
     kept: torch.Tensor | None = None  # (N_kept,) indices of the training images the task learns from
     held: torch.Tensor | None = None  # (N_held,) indices held out for its thresholds (empty: none)
     router_in: torch.Tensor | None = None  # the router's inputs of every training image
+    copies: torch.Tensor | None = None  # (copies * N_kept, H, W, D) photometric copies' features (None: none)
 
 
 def threshold_payload(run: ContinualRun, evaluations: list) -> dict[str, Any]:
