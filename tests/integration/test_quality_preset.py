@@ -33,6 +33,7 @@ def test_quality_preset_needs_no_override_beyond_the_data(tmp_path: Path, synthe
     assert (flow.embed_dim, flow.standardize, flow.adapter) == (152, "position", "none")
     assert flow.standardize_floor == 0.3 and flow.standardize_floor_noise  # near-black fix (docs/quality.md)
     assert cfg.training.steps == 300
+    assert cfg.training.photometric_copies == 1  # a frame that changes between training and test (docs/quality.md)
     assert (cfg.dia_blocks, cfg.model.scheduler.adapt_lr_scale) == (2, 10.0)  # docs/quality.md
 
     payload = train(compose_config([*data, *QUICK], tmp_path / "run"))  # the same, shortened to 2 steps a task
