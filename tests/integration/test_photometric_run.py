@@ -32,6 +32,7 @@ def test_copies_of_the_kept_images_join_the_statistics(tmp_path: Path, synthetic
     task = begin_task(run, 0)
     extract_train_features(run, task)
     n, kept = len(task.train_set), task.kept
+    assert "photometric_copies_s" in task.times  # its own time (absent without copies)
     assert len(task.held) == 3 and task.copies.shape == (2 * len(kept), *task.train_set.features.shape[1:])
 
     loader = run.dm.photometric_copies_dataloader(2, 0.05, 0.02, seed=cfg.seed)

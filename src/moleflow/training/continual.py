@@ -255,7 +255,8 @@ def extract_train_features(run: ContinualRun, task: TaskRound) -> None:
     task.kept, task.held = holdout_split(len(task.train_set), run.calibration_share, run.cfg.seed + 1000 * (task.t + 1))
     tic_copies = time.time()
     task.copies = extract_photometric_copies(run, task)
-    task.times["photometric_copies_s"] = time.time() - tic_copies
+    if task.copies is not None:
+        task.times["photometric_copies_s"] = time.time() - tic_copies
     run.module.model.fit_task_statistics(task.t, _learned(task, task.train_set.features))
     task.times["extract_train_s"] = time.time() - tic
 
