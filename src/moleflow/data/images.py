@@ -32,6 +32,16 @@ _DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, EOFError, ValueE
 _LOSSY_SUFFIXES = frozenset({".jpg", ".jpeg"})
 
 
+def from_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """(3, S, S) pixel values in 0..1 -> the ImageNet-normalised tensor the backbone reads."""
+    return (pixels - _MEAN) / _STD
+
+
+def to_pixels(image: torch.Tensor) -> torch.Tensor:
+    """(3, S, S) ImageNet-normalised tensor -> pixel values (0..1 for a loaded image; not clipped)."""
+    return image.cpu() * _STD + _MEAN
+
+
 class ImageReadError(ValueError):
     """An image or mask file exists but cannot be decoded (truncated, corrupt or not an image)."""
 
@@ -164,7 +174,7 @@ def load_rgb(path: Path | str, image_size: int) -> tuple[torch.Tensor, tuple[int
         rgb = rgb.resize((image_size, image_size), resample=Image.Resampling.BILINEAR)
     arr = np.asarray(rgb, dtype=np.uint8)
     tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
-    return (tensor - _MEAN) / _STD, original_hw
+    return from_pixels(tensor), original_hw
 
 
 def _mask_values(img: Image.Image) -> np.ndarray:

@@ -22,19 +22,15 @@ import torch
 from torch.utils.data import Dataset
 
 from moleflow.data.datasets import SampleDataset
-from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD
+from moleflow.data.images import from_pixels, to_pixels
 from moleflow.data.types import Sample
-
-_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
 
 
 def photometric_change(image: torch.Tensor, offset: float, noise_std: float, gen: torch.Generator) -> torch.Tensor:
     """``image`` (3, S, S), ImageNet-normalised, with ``offset`` added and luminance noise of ``noise_std``
     (both in 0..1 pixel units), clipped to the valid pixel range, and normalised again."""
-    pixels = image * _STD + _MEAN
     noise = torch.randn((1, *image.shape[1:]), generator=gen) * noise_std
-    return ((pixels + offset + noise).clamp(0.0, 1.0) - _MEAN) / _STD
+    return from_pixels((to_pixels(image) + offset + noise).clamp(0.0, 1.0))
 
 
 def _copy_generator(seed: int, copy: int, index: int) -> torch.Generator:

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 from moleflow.data.datamodule import ContinualDataModule  # noqa: E402
-from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from moleflow.data.images import to_pixels  # noqa: E402
 from moleflow.evaluation.evaluate import TaskEvaluation  # noqa: E402
 from moleflow.evaluation.metrics import AUPRO_FPR_LIMIT, pro_curve  # noqa: E402
 
@@ -29,9 +29,7 @@ log = logging.getLogger(__name__)
 
 def denormalise(image: torch.Tensor) -> np.ndarray:
     """(3, S, S) ImageNet-normalised tensor -> (S, S, 3) float in [0, 1] for display."""
-    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(IMAGENET_STD)[:, None, None]
-    return (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    return to_pixels(image).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
 def pick_samples(labels: torch.Tensor, count: int, seed: int = 0) -> list[int]:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.nn import functional as F
 
-from moleflow.data.images import IMAGENET_MEAN, IMAGENET_STD, _to_rgb
+from moleflow.data.images import _to_rgb, to_pixels
 from moleflow.inference.masks import mask_at_original, outline
 from moleflow.inference.prediction import Prediction
 
@@ -57,9 +57,7 @@ def _at_least(img: Image.Image) -> Image.Image:
 
 
 def _denormalise(tensor: torch.Tensor) -> Image.Image:
-    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(IMAGENET_STD)[:, None, None]
-    arr = ((tensor.cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    arr = (to_pixels(tensor).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(arr)
 
 
