@@ -277,8 +277,7 @@ def extract_photometric_copies(run: ContinualRun, task: TaskRound) -> torch.Tens
         key, lambda: run.dm.photometric_copies_dataloader(copies, brightness, noise, seed), with_masks=False
     )
     n = len(task.train_set)
-    rows = torch.arange(n) if task.held is None or len(task.held) == 0 else task.kept
-    features = copy_set.features[copy_rows(n, copies, rows)]
+    features = copy_set.features[copy_rows(n, copies, _kept(task, torch.arange(n)))]
     run.cache.drop(key)  # used once: the copies are not kept in memory for the rest of the run
     return features
 
